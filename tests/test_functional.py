@@ -1,0 +1,104 @@
+"""pointwise_conv2d: the from-scratch 1x1 convolution equals F.conv2d everywhere it is defined."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import PointwiseConv2d, pointwise_conv2d
+
+STRIDES = [1, 2, 3, (1, 2)]
+PADDINGS = [0, 1, (2, 0)]
+GROUPS = [1, 2, 4]
+GRID = list(itertools.product(STRIDES, PADDINGS, GROUPS, [True, False], [False, True]))
+
+
+def _inputs(groups: int, bias: bool, channels_last: bool, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 8, 9, 7, generator=g).to(dtype)
+    w = torch.randn(12, 8 // groups, 1, 1, generator=g).to(dtype)
+    b = torch.randn(12, generator=g).to(dtype) if bias else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, w, b
+
+
+@pytest.mark.parametrize(("stride", "padding", "groups", "bias", "channels_last"), GRID)
+def test_equals_conv2d_forward_and_backward(stride, padding, groups, bias, channels_last):
+    x, w, b = _inputs(groups, bias, channels_last)
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    ours = pointwise_conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
+    ref = F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(ref)
+    ours_grads = torch.autograd.grad(ours, leaves, upstream)
+    ref_grads = torch.autograd.grad(ref, leaves, upstream)
+    for got, want in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("stride", "padding", "groups"), list(itertools.product([1, 2], [0, 1], [1, 2])))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_equals_conv2d_bf16(stride, padding, groups, channels_last):
+    x, w, b = _inputs(groups, True, channels_last, dtype=torch.bfloat16)
+    ours = pointwise_conv2d(x, w, b, stride, padding, groups)
+    ref = F.conv2d(x.float(), w.float(), b.float(), stride, padding, 1, groups)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref, rtol=2e-2, atol=5e-2)
+
+
+def test_channels_last_in_channels_last_out():
+    x, w, b = _inputs(1, True, channels_last=True)
+    y = pointwise_conv2d(x, w, b)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert pointwise_conv2d(x.contiguous(), w, b).is_contiguous()
+
+
+def test_guide_failure_mode_keywords_accepted():
+    """The guide this project grew from: TypeError: pointwise_conv2d() got an unexpected keyword argument 'stride'."""
+    x, w, b = _inputs(2, True, False)
+    y = pointwise_conv2d(x=x, weight=w, bias=b, stride=2, padding=1, groups=2)
+    torch.testing.assert_close(y, F.conv2d(x, w, b, stride=2, padding=1, groups=2), rtol=1e-5, atol=1e-5)
+
+
+def test_is_a_per_pixel_linear_layer():
+    """y[n,k,i,j] = sum_c x[n,c,i,j] W[k,c] + b[k]: the same numbers as nn.Linear applied at every pixel."""
+    linear = nn.Linear(8, 5)
+    x = torch.randn(2, 8, 6, 4)
+    weight = linear.weight.detach().view(5, 8, 1, 1)
+    per_pixel = linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(pointwise_conv2d(x, weight, linear.bias.detach()), per_pixel.detach(), rtol=1e-5, atol=1e-5)
+    for impl in ("torch", "scratch"):
+        module = PointwiseConv2d(8, 5, impl=impl)
+        module.weight.data.copy_(weight)
+        module.bias.data.copy_(linear.bias.detach())
+        torch.testing.assert_close(module(x), per_pixel.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "groups", "needle"),
+    [
+        ((2, 8, 5, 5), (4, 8, 3, 3), 1, "(4, 8, 3, 3)"),  # not a 1x1 kernel
+        ((2, 8, 5, 5), (4, 6, 1, 1), 1, "(4, 6, 1, 1)"),  # in/groups mismatch
+        ((2, 8, 5, 5), (6, 2, 1, 1), 4, "(6, 2, 1, 1)"),  # out not divisible by groups
+        ((2, 8, 5, 5), (4, 3, 1, 1), 3, "groups=3"),  # channels not divisible by groups
+        ((8, 5, 5), (4, 8, 1, 1), 1, "(8, 5, 5)"),  # not a 4-d input
+    ],
+)
+def test_bad_shapes_raise_value_error_naming_them(x_shape, w_shape, groups, needle):
+    with pytest.raises(ValueError, match="pointwise_conv2d") as info:
+        pointwise_conv2d(torch.zeros(x_shape), torch.zeros(w_shape), groups=groups)
+    assert needle in str(info.value)
+
+
+def test_bad_stride_and_padding():
+    x, w, _ = _inputs(1, False, False)
+    with pytest.raises(ValueError, match="stride"):
+        pointwise_conv2d(x, w, stride=0)
+    with pytest.raises(ValueError, match="padding"):
+        pointwise_conv2d(x, w, padding=-1)

@@ -1,0 +1,55 @@
+"""scripts/profile.py through the real command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import assert_one_line_error, run_script
+
+
+def test_profile_paper_example_text():
+    proc = run_script("profile.py", "model=mobilenet_v1", "data=imagenet", "model.width=0.75", "data.image_size=192")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "input 1x3x192x192" in out and "2,585,560" in out
+    for kind in ("pointwise", "depthwise", "standard", "linear"):
+        assert kind in out
+    assert "MACs" in out and "fvcore flops" in out
+
+
+def test_profile_json_fields():
+    proc = run_script("profile.py", "model=mobilenet_v1", "data=imagenet", "format=json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)  # stdout is exactly one JSON object
+    for key in ("model", "input_shape", "params", "macs", "fvcore_flops", "by_layer_type", "unsupported_ops", "by_operator", "by_module"):
+        assert key in report
+    assert report["model"] == "mobilenet_v1" and report["input_shape"] == [1, 3, 224, 224]
+    assert round(report["macs"] / 1e6) == 569 and round(report["params"] / 1e6, 1) == 4.2
+    assert set(report["by_layer_type"]["pointwise"]) >= {"macs", "params"}
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["model=resnet19"], ["unknown model 'resnet19'", "mobilenet_v1", "separable"]),
+        (["data=mnist"], ["unknown data 'mnist'", "fashion_mnist"]),
+        (["model.widht=2"], ["unknown key 'model.widht'", "width"]),
+        (["model.width=7"], ["width=7", "0.0 < width <= 4.0"]),
+        (["model=inverted_residual", "model.expansion=0"], ["expansion=0", "1 <= expansion <= 16"]),
+        (["model.se_ratio=2"], ["se_ratio=2", "0.0 <= se_ratio <= 1.0"]),
+        (["model=depthwise", "model.widths=[48,64,128]"], ["cannot map 32 to 48 channels"]),
+        (["model=mobilenet_v1", "data.image_size=8"], ["image_size=8", "needs image_size >= 16"]),
+        (["format=xml"], ["format='xml'", "text, json"]),
+        (["model.act=gelu"], ["unknown activation 'gelu'", "relu6"]),
+    ],
+)
+def test_bad_input_one_line(args, needles):
+    assert_one_line_error(run_script("profile.py", *args), *needles)
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_one_line_error(run_script("profile.py", f"hydra.run.dir={blocker}/run"), "not writable", str(blocker))
