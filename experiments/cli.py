@@ -118,7 +118,7 @@ def _valid_keys(compose: Callable[..., DictConfig], config_name: str, overrides:
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     base = compose(config_name, overrides=[o for o in overrides if not o.lstrip("+~").startswith(key)])
     node = OmegaConf.select(base, parent) if parent else base
-    keys = ", ".join(str(k) for k in node.keys()) if isinstance(node, DictConfig) else ""
+    keys = ", ".join(str(k) for k in node) if isinstance(node, DictConfig) else ""
     return f"unknown key {key!r}; {parent or 'the config'} has: {keys}"
 
 

@@ -50,7 +50,7 @@ def _matmul_macs(inputs: list[Any], outputs: list[Any]) -> int:
     fvcore's own handle multiplies the first operand's size by N, which drops the batch when it
     sits on the second operand (``W @ x`` with W (K, C) and x (N, C, HW), as pointwise_conv2d does).
     """
-    a, b = (get_shape(v) for v in inputs)
+    a = get_shape(inputs[0])
     out = get_shape(outputs[0])
     inner = a[-1] if len(a) > 1 else a[0]
     return math.prod(out) * inner

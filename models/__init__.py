@@ -1,6 +1,6 @@
 """convlab models: convolution blocks, the networks built from them, and a registry.
 
-    from models import build_model, list_models, pointwise_conv2d
+from models import build_model, list_models, pointwise_conv2d
 """
 
 from . import zoo as _zoo  # noqa: F401  (registers the models)

@@ -49,7 +49,15 @@ class StandardBlock(nn.Module):
     """Full k x k convolution -> BN -> act: every output channel sees every input channel."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, stride: int = 1, *, kernel_size: int = 3, act: str = "relu", norm: str | None = "batchnorm", se_ratio: float = 0.0
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int = 1,
+        *,
+        kernel_size: int = 3,
+        act: str = "relu",
+        norm: str | None = "batchnorm",
+        se_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         self.conv = ConvNormAct(in_ch, out_ch, kernel_size, stride, norm=norm, act=act)
@@ -63,7 +71,15 @@ class DepthwiseBlock(nn.Module):
     """Depthwise k x k only (no channel mixing); ``out_ch = in_ch * multiplier``."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, stride: int = 1, *, kernel_size: int = 3, act: str = "relu", norm: str | None = "batchnorm", se_ratio: float = 0.0
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int = 1,
+        *,
+        kernel_size: int = 3,
+        act: str = "relu",
+        norm: str | None = "batchnorm",
+        se_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         if out_ch % in_ch:
@@ -100,7 +116,15 @@ class SeparableBlock(nn.Module):
     """
 
     def __init__(
-        self, in_ch: int, out_ch: int, stride: int = 1, *, kernel_size: int = 3, act: str = "relu", norm: str | None = "batchnorm", se_ratio: float = 0.0
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int = 1,
+        *,
+        kernel_size: int = 3,
+        act: str = "relu",
+        norm: str | None = "batchnorm",
+        se_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         self.conv_dw = ConvNormAct(in_ch, in_ch, kernel_size, stride, groups=in_ch, norm=norm, act=act)
@@ -132,7 +156,7 @@ class InvertedResidual(nn.Module):
     ) -> None:
         super().__init__()
         check_range("expansion", expansion, 1, 16)
-        mid_ch = int(round(in_ch * expansion))
+        mid_ch = round(in_ch * expansion)
         self.has_skip = stride == 1 and in_ch == out_ch
         self.conv_pw = ConvNormAct(in_ch, mid_ch, 1, norm=norm, act=act) if mid_ch != in_ch else nn.Identity()
         self.conv_dw = ConvNormAct(mid_ch, mid_ch, kernel_size, stride, groups=mid_ch, norm=norm, act=act)
@@ -187,7 +211,15 @@ class BasicBlock(nn.Module):
     """ResNet basic block (arXiv:1512.03385, Fig. 2): k x k -> k x k (no act) -> add shortcut -> act."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, stride: int = 1, *, kernel_size: int = 3, act: str = "relu", norm: str | None = "batchnorm", se_ratio: float = 0.0
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int = 1,
+        *,
+        kernel_size: int = 3,
+        act: str = "relu",
+        norm: str | None = "batchnorm",
+        se_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         self.conv1 = ConvNormAct(in_ch, out_ch, kernel_size, stride, norm=norm, act=act)

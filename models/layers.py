@@ -69,9 +69,7 @@ class PointwiseConv2d(nn.Conv2d):
     ``"scratch"`` runs convlab's :func:`models.pointwise_conv2d` (one matrix product).
     """
 
-    def __init__(
-        self, in_ch: int, out_ch: int, stride: int = 1, *, groups: int = 1, bias: bool = True, impl: str = "torch"
-    ) -> None:
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, *, groups: int = 1, bias: bool = True, impl: str = "torch") -> None:
         super().__init__(in_ch, out_ch, 1, stride=stride, padding=0, groups=groups, bias=bias)
         self.impl = impl
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from .blocks import BLOCKS, InvertedResidual, SeparableBlock, StandardBlock, check_range
 from .layers import ConvNormAct, make_divisible
 
-__all__ = ["BlockNet", "MobileNetV1", "MobileNetV2", "ResNet", "SMALL_INPUT_MAX", "block_options"]
+__all__ = ["SMALL_INPUT_MAX", "BlockNet", "MobileNetV1", "MobileNetV2", "ResNet", "block_options"]
 
 SMALL_INPUT_MAX = 64  # inputs up to this size (CIFAR 32, Fashion-MNIST 28) get the stride-1 stem
 STEMS = ("auto", "small", "large")
@@ -58,7 +58,9 @@ def _check_input_size(name: str, image_size: int, total_stride: int) -> None:
 
 def _head(in_ch: int, num_classes: int, dropout: float) -> nn.Sequential:
     check_range("dropout", dropout, 0.0, 1.0)
-    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Dropout(dropout) if dropout else nn.Identity(), nn.Linear(in_ch, num_classes))
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Dropout(dropout) if dropout else nn.Identity(), nn.Linear(in_ch, num_classes)
+    )
 
 
 def init_weights(model: nn.Module) -> nn.Module:
@@ -236,7 +238,13 @@ class MobileNetV2(_Network):
             for i in range(n):
                 layers.append(
                     InvertedResidual(
-                        in_ch, out, s if i == 0 else 1, expansion=expansion if t != 1 else 1, act=act, se_ratio=se_ratio, kernel_size=kernel_size
+                        in_ch,
+                        out,
+                        s if i == 0 else 1,
+                        expansion=expansion if t != 1 else 1,
+                        act=act,
+                        se_ratio=se_ratio,
+                        kernel_size=kernel_size,
                     )
                 )
                 in_ch = out

@@ -1,19 +1,20 @@
 """Count a model's parameters and multiply-adds on one input (fvcore); no data, no training.
 
-    python scripts/profile.py model=mobilenet_v1 data=imagenet model.width=0.75 data.image_size=192
-    python scripts/profile.py model=separable format=json
+python scripts/profile.py model=mobilenet_v1 data=imagenet model.width=0.75 data.image_size=192
+python scripts/profile.py model=separable format=json
 """
 
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The repo root replaces scripts/ on the path: scripts/profile.py must not shadow the stdlib's profile module.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig
 
-from experiments.cli import entry  # noqa: E402
-from experiments.cost import cost_report, format_cost  # noqa: E402
+from experiments.cli import entry
+from experiments.cost import cost_report, format_cost
 
 
 @entry("profile")

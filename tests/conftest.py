@@ -31,11 +31,19 @@ def compose_cfg():
     GlobalHydra.instance().clear()
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run scripts/<script> with the test interpreter, as a user would from the repo root."""
+def run_script(
+    script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run scripts/<script> with the test interpreter, as a user would from the repo root; ``env`` values of None unset."""
     full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None removes a variable
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

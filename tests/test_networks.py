@@ -39,7 +39,10 @@ def test_stem_follows_input_size():
     assert build_model("mobilenet_v1", image_size=224).stem.conv.stride == (2, 2)
 
 
-@pytest.mark.parametrize(("name", "documented_params", "documented_gmacs"), [("resnet18", 11_689_512, 1.81), ("resnet50", 25_557_032, 4.09), ("mobilenet_v2", 3_504_872, 0.30)])
+@pytest.mark.parametrize(
+    ("name", "documented_params", "documented_gmacs"),
+    [("resnet18", 11_689_512, 1.81), ("resnet50", 25_557_032, 4.09), ("mobilenet_v2", 3_504_872, 0.30)],
+)
 def test_matches_torchvision_exactly(name, documented_params, documented_gmacs):
     """Same parameter shapes and the same multiply-adds as torchvision's model, and its documented figures."""
     ours = build_model(name, num_classes=1000, image_size=224)

@@ -1,0 +1,131 @@
+"""Files a run leaves behind: results.json and checkpoints, written atomically; what produced them.
+
+Every write goes to a temporary file in the same folder, is flushed to disk, then renamed over
+the target, so a crash or a full disk leaves the previous file intact. Checkpoints keep the
+newest ``keep`` files; a truncated or corrupt one is reported in one line and the previous good
+one is used. Checkpoints hold only tensors and plain containers and load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import platform
+import re
+import socket
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["atomic_write", "env_info", "list_checkpoints", "load_checkpoint", "now", "read_json", "save_checkpoint", "write_json"]
+
+log = logging.getLogger("convlab")
+CHECKPOINT = re.compile(r"checkpoint-epoch(\d+)\.pt$")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename; on any error the old file stays."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    atomic_write(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints in ``run_dir``, newest epoch first."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-epoch*.pt") if (m := CHECKPOINT.search(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], epoch: int, keep: int = 2) -> Path:
+    """Save ``state`` as ``checkpoint-epoch{epoch:04d}.pt`` atomically, then keep only the newest ``keep``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path = Path(run_dir) / f"checkpoint-epoch{epoch:04d}.pt"
+    atomic_write(path, buffer.getvalue())
+    for old in list_checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(source: Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest loadable checkpoint in a run dir (or the file ``source``), with its path; None if there is none.
+
+    A checkpoint that fails to load (truncated, corrupt) is reported in one line and skipped.
+    """
+    source = Path(source)
+    candidates = [source] if source.is_file() else list_checkpoints(source)
+    for path in candidates:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        except Exception as ex:  # truncated zip, bad pickle, ...: all mean "unusable"
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, " ".join(str(ex).split())[:120])
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def env_info(device: torch.device, world_size: int = 1) -> dict[str, Any]:
+    """What produced a result: versions, device, threads, processes, git commit, host."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": name,
+        "threads": torch.get_num_threads(),
+        "world_size": world_size,
+        "git_commit": _git_commit(),
+        "hostname": socket.gethostname(),
+    }

@@ -1,0 +1,468 @@
+"""Training, straight-line: seed -> data -> model -> cost -> optimizer -> loop -> results.
+
+One call of :func:`train` is one run: it writes ``results.json`` (status ``running`` while it
+trains, ``completed`` or ``failed`` with a reason at the end), a checkpoint per epoch, and a wandb
+run. ``resume=auto`` continues from the newest good checkpoint in the run dir; a run dir that
+already holds a completed run with the same config is not trained again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from .config import input_shape, model_from_config, model_options
+from .cost import measure_cost
+from .data import load_data, make_loaders
+from .distributed import all_reduce_sum, broadcast_object, convert_sync_bn, init_distributed
+from .records import env_info, load_checkpoint, now, read_json, save_checkpoint, write_json
+from .tracking import Tracker, make_tracker
+
+__all__ = ["Divergence", "check_config", "lr_factor", "measure_latency", "resolve_device", "train"]
+
+log = logging.getLogger("convlab")
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "constant")
+# Keys that do not change what a run computes: a run dir may be resumed with other values.
+VOLATILE = ("resume", "format", "logger", "tags", "latency_batch_sizes", "device", "trainer.progress", "trainer.num_threads",
+            "data.root", "data.download")  # fmt: skip
+
+
+class Divergence(RuntimeError):
+    """The loss became non-finite."""
+
+
+# -------------------------------------------------------------------------------------- checks
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``; a device that is not there is a ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not valid; choose from: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is available here; use device=cpu or device=auto")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r} is not supported; choose from: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def _whole(key: str, value: Any, low: int = 1, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key}={value!r} must be a whole number >= {low}" + (" (or null)" if allow_none else ""))
+
+
+def _number(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{low} {'<' if low_open else '<='} {key.split('.')[-1]}" + (f" <= {high}" if high != math.inf else "")
+        raise ValueError(f"{key}={value!r} out of range; valid: {bound}")
+
+
+def check_config(cfg: DictConfig, device: torch.device) -> None:
+    """Everything about a run config that can be checked before data is loaded; ValueError naming the bad value."""
+    t, o, s = cfg.trainer, cfg.optim, cfg.sched
+    _whole("trainer.epochs", t.epochs)
+    _whole("trainer.batch_size", t.batch_size)
+    _whole("trainer.eval_batch_size", t.eval_batch_size)
+    _whole("trainer.max_steps", t.max_steps, allow_none=True)
+    _whole("trainer.eval_every", t.eval_every)
+    _whole("trainer.keep_checkpoints", t.keep_checkpoints)
+    _whole("trainer.num_threads", t.num_threads, allow_none=True)
+    if t.precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision={t.precision!r} is not valid; choose from: {', '.join(PRECISIONS)}")
+    if t.precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"trainer.precision=fp16 needs a CUDA device (gradient scaling); on {device.type} use bf16 or fp32")
+    if t.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"trainer.precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 or fp32")
+    _number("trainer.label_smoothing", t.label_smoothing, 0.0, 0.99)
+    if t.grad_clip is not None:
+        _number("trainer.grad_clip", t.grad_clip, 0.0, low_open=True)
+    if o.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={o.name!r} is not valid; choose from: {', '.join(OPTIMIZERS)}")
+    _number("optim.lr", o.lr, 0.0, low_open=True)
+    _number("optim.weight_decay", o.weight_decay, 0.0)
+    _number("optim.momentum", o.momentum, 0.0, 0.999999)
+    if s.name not in SCHEDULES:
+        raise ValueError(f"sched.name={s.name!r} is not valid; choose from: {', '.join(SCHEDULES)}")
+    _number("sched.warmup_epochs", s.warmup_epochs, 0.0)
+    _number("sched.min_lr_ratio", s.min_lr_ratio, 0.0, 1.0)
+    if cfg.format not in ("text", "json"):
+        raise ValueError(f"format={cfg.format!r} is not valid; choose from: text, json")
+    if t.progress not in ("auto", True, False):
+        raise ValueError(f"trainer.progress={t.progress!r} is not valid; choose from: auto, true, false")
+    if cfg.resume not in ("auto", "never") and not Path(str(cfg.resume)).exists():
+        raise ValueError(f"resume={cfg.resume!r}: no such run dir or checkpoint; use auto, never, or a path that exists")
+
+
+# ---------------------------------------------------------------------------------- ingredients
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, nesterov) or AdamW; weight decay only on weights with ndim > 1 (not norms, not biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.get("nesterov", False)) and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.get("beta2", 0.999)))
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, name: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if name == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if name == "onecycle":
+        return 1 - (1 - min_ratio) * progress
+    return 1.0
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, shape: tuple[int, ...], device: torch.device, channels_last: bool, budget_s: float = 1.0) -> float:
+    """Median fp32 inference latency (ms) of one batch of ``shape``, eval mode, after warm-up."""
+    was_training = model.training
+    model.eval()
+    x = torch.randn(shape, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    times: list[float] = []
+    for i in range(200):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:  # warm-up
+            times.append(time.perf_counter() - start)
+        if len(times) >= 5 and sum(times) > budget_s:
+            break
+    model.train(was_training)
+    return 1000 * float(np.median(times))
+
+
+class Progress:
+    """A one-line progress bar on stderr (loss, accuracy, images/s, ETA); silent when not a terminal."""
+
+    def __init__(self, enabled: bool | str, total: int, label: str) -> None:
+        self.enabled = sys.stderr.isatty() if enabled == "auto" else bool(enabled)
+        self.total, self.label, self.start, self.last = total, label, time.perf_counter(), 0.0
+
+    def update(self, step: int, sums: torch.Tensor, world_size: int = 1) -> None:
+        """``sums``: (loss sum, correct, count) so far; read (a device sync) only when the bar is drawn."""
+        now_ = time.perf_counter()
+        if not self.enabled or (now_ - self.last < 0.2 and step < self.total):
+            return
+        self.last = now_
+        loss_sum, correct, count = sums.tolist()
+        elapsed = now_ - self.start
+        eta = elapsed / max(step, 1) * (self.total - step)
+        bar = "#" * int(20 * step / self.total)
+        sys.stderr.write(f"\r{self.label} [{bar:<20}] {step}/{self.total} loss {loss_sum / count:.4f} acc {100 * correct / count:5.1f}% "
+                         f"{count * world_size / max(elapsed, 1e-9):7.0f} img/s ETA {int(eta) // 60}:{int(eta) % 60:02d} ")  # fmt: skip
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str) -> dict[str, float]:
+    """Accuracy and mean loss over a whole split, summed across ranks."""
+    model.eval()
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # correct, loss sum, count
+    for x, y in loader:
+        with _autocast(device, precision):
+            logits = model(x)
+        totals += torch.stack([(logits.argmax(1) == y).sum().double(), nn.functional.cross_entropy(logits.float(), y, reduction="sum").double(),
+                               torch.tensor(float(len(y)), device=device, dtype=torch.float64)])  # fmt: skip
+    all_reduce_sum(totals)
+    model.train()
+    return {"acc": (totals[0] / totals[2]).item(), "loss": (totals[1] / totals[2]).item()}
+
+
+def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first key (dotted) whose value differs, ignoring VOLATILE keys; None when equal."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+
+    a, b = (flat(d) for d in (old, new))
+    for key in sorted(set(a) | set(b)):
+        if any(key.startswith(v + ".") or key == v + "." for v in VOLATILE):
+            continue
+        if a.get(key) != b.get(key):
+            return f"{key.rstrip('.')}: {a.get(key)!r} there, {b.get(key)!r} now"
+    return None
+
+
+# ---------------------------------------------------------------------------------------- run
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train ``cfg`` in ``run_dir`` and return its results record (also written to results.json by rank 0).
+
+    Raises:
+        ValueError: bad input (config, data, device); the record says ``failed`` with the reason.
+        Divergence: the loss became non-finite; the record says ``failed`` and the last good
+            checkpoint is kept.
+    """
+    run_dir = Path(run_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    device = resolve_device(cfg.device)
+    dist_info = init_distributed(device)
+    if dist_info.enabled:
+        if device.type == "cuda":
+            device = torch.device("cuda", dist_info.local_rank)
+            torch.cuda.set_device(device)
+        run_dir = Path(broadcast_object(str(run_dir)))  # every rank uses rank 0's Hydra run dir
+    table = cfg.get("table")
+    record: dict[str, Any] = {
+        "schema": 1, "status": "running", "reason": None, "name": cfg.name, "model": cfg.model.name, "data": cfg.data.name,
+        "experiment": table.name if table else None, "row": cfg.get("row"), "seed": cfg.seed, "run_dir": str(run_dir.resolve()),
+        "started_at": now(), "finished_at": None, "config": config, "cost": None, "history": [], "final": None,
+        "env": env_info(device, dist_info.world_size), "wandb": None,
+    }  # fmt: skip
+    results_path = run_dir / "results.json"
+    main = dist_info.is_main
+
+    def save(rec: dict[str, Any]) -> None:
+        if main:
+            write_json(results_path, rec)
+
+    previous = read_json(results_path)
+    if cfg.resume == "auto" and previous and previous.get("status") == "completed":
+        difference = _config_difference(previous.get("config", {}), config)
+        if difference is None:
+            log.info("run dir %s already holds a completed run with this config; not training again", run_dir)
+            return previous
+        raise ValueError(
+            f"run dir {run_dir} holds a completed run with another config ({difference}); use another hydra.run.dir or resume=never"
+        )
+
+    tracker: Tracker = Tracker()
+    checkpoint_epoch = 0
+    try:
+        check_config(cfg, device)
+        if cfg.trainer.num_threads:
+            torch.set_num_threads(cfg.trainer.num_threads)
+        seed_everything(cfg.seed)
+
+        # data
+        data = load_data(cfg.data, seed=cfg.seed)
+        n_train = len(data.train)
+        if cfg.trainer.batch_size > n_train:
+            raise ValueError(
+                f"trainer.batch_size={cfg.trainer.batch_size} is larger than the {n_train} training examples; use at most {n_train}"
+            )
+        if cfg.trainer.batch_size % dist_info.world_size:
+            raise ValueError(f"trainer.batch_size={cfg.trainer.batch_size} must be divisible by the {dist_info.world_size} processes")
+        loaders = make_loaders(data, cfg, device, dist_info.rank, dist_info.world_size)
+
+        # model and cost
+        model = model_from_config(cfg)
+        log.info("model: %s %s", cfg.model.name, model_options(cfg.model))
+        if main:
+            record["cost"] = {"model": cfg.model.name, "data": cfg.data.name, **measure_cost(model, input_shape(cfg))}
+            log.info("cost: %.2f M params, %.1f M MACs", record["cost"]["params"] / 1e6, record["cost"]["macs"] / 1e6)
+        memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+        model = model.to(device=device, memory_format=memory_format)
+        if dist_info.enabled and cfg.trainer.sync_bn:
+            model = convert_sync_bn(model, device)
+        raw_model = model
+
+        # optimizer, schedule, precision
+        optimizer = build_optimizer(raw_model, cfg.optim)
+        steps_per_epoch = len(loaders["train"])
+        total_steps = cfg.trainer.epochs * steps_per_epoch
+        if cfg.trainer.max_steps:
+            total_steps = min(total_steps, cfg.trainer.max_steps)
+        warmup_steps = round(cfg.sched.warmup_epochs * steps_per_epoch)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16")
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
+
+        # resume
+        start_epoch, step, wandb_id = 0, 0, None
+        source = run_dir if cfg.resume == "auto" else None if cfg.resume == "never" else Path(str(cfg.resume))
+        loaded = load_checkpoint(source) if source is not None else None
+        if loaded is not None:
+            state, path = loaded
+            difference = _config_difference(state.get("config", {}), config)
+            if difference is not None:
+                raise ValueError(f"checkpoint {path} was written with another config ({difference}); use resume=never or another run dir")
+            raw_model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng_cpu"])
+            if device.type == "cuda" and state.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(state["rng_cuda"], device)
+            start_epoch, step, wandb_id = state["epoch"], state["step"], state.get("wandb_id")
+            record["history"] = state["history"]
+            checkpoint_epoch = start_epoch
+            log.info("resume: %s (epoch %d, step %d)", path, start_epoch, step)
+
+        if dist_info.enabled:
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.trainer.compile:
+            model = torch.compile(model)
+
+        if main:
+            tracker = make_tracker(cfg, run_dir, config, run_id=wandb_id)
+            record["wandb"] = {**tracker.info(), "project": cfg.logger.get("project"), "group": cfg.logger.get("group")}
+            cost = record["cost"]
+            tracker.summary({"cost/macs": cost["macs"], "cost/params": cost["params"], "cost/fvcore_flops": cost["fvcore_flops"]})
+            tracker.table("cost/by_layer_type", ["layer_type", "layers", "macs", "params", "macs_share"],
+                          [[k, v["layers"], v["macs"], v["params"], v["macs"] / max(cost["macs"], 1)] for k, v in cost["by_layer_type"].items()])  # fmt: skip
+        save(record)
+
+        # loop
+        log.info("train: %d epochs x %d steps, batch %d, %s, %s", cfg.trainer.epochs, steps_per_epoch, cfg.trainer.batch_size,
+                 cfg.trainer.precision, device)  # fmt: skip
+        wall_start = time.perf_counter()
+        model.train()
+        for epoch in range(start_epoch, cfg.trainer.epochs):
+            if step >= total_steps:
+                break
+            loader = loaders["train"]
+            loader.set_epoch(epoch)
+            progress = Progress(cfg.trainer.progress if main else False, steps_per_epoch, f"epoch {epoch + 1}/{cfg.trainer.epochs}")
+            sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count (local)
+            epoch_start = time.perf_counter()
+            for i, (x, y) in enumerate(loader):
+                factor = lr_factor(step, total_steps, warmup_steps, cfg.sched.name, cfg.sched.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.optim.lr * factor
+                with _autocast(device, cfg.trainer.precision):
+                    logits = model(x)
+                    loss = criterion(logits, y)
+                scaler.scale(loss).backward()
+                if cfg.trainer.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.trainer.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                     torch.tensor(float(len(y)), device=device, dtype=torch.float64)])  # fmt: skip
+                if step % 50 == 0 or i + 1 == steps_per_epoch or step >= total_steps:
+                    if not math.isfinite(float(all_reduce_sum(sums[:1].clone()).item())):
+                        raise Divergence(
+                            f"the training loss became non-finite at epoch {epoch + 1}, step {step} (optim.lr={cfg.optim.lr:g})"
+                        )
+                    tracker.log({"train/loss_step": loss.item(), "train/lr_step": cfg.optim.lr * factor}, step)
+                progress.update(i + 1, sums, dist_info.world_size)
+                if step >= total_steps:
+                    break
+            progress.close()
+            seconds = time.perf_counter() - epoch_start
+            all_reduce_sum(sums)
+            entry = {"epoch": epoch + 1, "train_loss": (sums[0] / sums[2]).item(), "train_acc": (sums[1] / sums[2]).item(),
+                     "val_acc": None, "test_acc": None, "lr": cfg.optim.lr * factor, "seconds": seconds,
+                     "img_per_s": sums[2].item() / seconds}  # fmt: skip
+            last = epoch + 1 == cfg.trainer.epochs or step >= total_steps
+            if last or (epoch + 1) % cfg.trainer.eval_every == 0:
+                if "val" in loaders:
+                    entry["val_acc"] = evaluate(raw_model, loaders["val"], device, cfg.trainer.precision)["acc"]
+                entry["test_acc"] = evaluate(raw_model, loaders["test"], device, cfg.trainer.precision)["acc"]
+            record["history"].append(entry)
+            log.info("epoch %d/%d: train loss %.4f acc %.2f%% | val %s | test %s | %.0f img/s | %.1f s | lr %.4g", epoch + 1,
+                     cfg.trainer.epochs, entry["train_loss"], 100 * entry["train_acc"], _pct(entry["val_acc"]), _pct(entry["test_acc"]),
+                     entry["img_per_s"], seconds, entry["lr"])  # fmt: skip
+            tracker.log({"epoch": epoch + 1, "train/loss": entry["train_loss"], "train/acc": entry["train_acc"], "lr": entry["lr"],
+                         "perf/img_per_s": entry["img_per_s"], "perf/epoch_seconds": seconds,
+                         **({"val/acc": entry["val_acc"]} if entry["val_acc"] is not None else {}),
+                         **({"test/acc": entry["test_acc"]} if entry["test_acc"] is not None else {})}, step)  # fmt: skip
+            if main:
+                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                         "epoch": epoch + 1, "step": step, "history": record["history"], "config": config, "wandb_id": tracker.run_id,
+                         "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}  # fmt: skip
+                save_checkpoint(run_dir, state, epoch + 1, cfg.trainer.keep_checkpoints)
+                checkpoint_epoch = epoch + 1
+                save(record)
+            if step >= total_steps:
+                break
+
+        # final record
+        history = record["history"]
+        best_by = "val" if history and history[-1]["val_acc"] is not None else "test"
+        scored = [h for h in history if h[f"{best_by}_acc"] is not None]
+        best = max(scored, key=lambda h: h[f"{best_by}_acc"]) if scored else None
+        final = {"test_acc": history[-1]["test_acc"], "train_loss": history[-1]["train_loss"],
+                 "wall_seconds": time.perf_counter() - wall_start + sum(h["seconds"] for h in history[: start_epoch]),
+                 "best_epoch": best["epoch"] if best else None, "best_by": best_by, "epochs": len(history)}  # fmt: skip
+        if main:
+            record["cost"]["latency_ms"] = {str(b): measure_latency(raw_model, input_shape(cfg, int(b)), device, cfg.trainer.channels_last)
+                                            for b in cfg.latency_batch_sizes}  # fmt: skip
+            record["cost"]["latency_device"] = str(device)
+        record.update(status="completed", final=final, finished_at=now())
+        tracker.summary({"test/acc": final["test_acc"], "final/test_acc": final["test_acc"], "final/train_loss": final["train_loss"],
+                         "final/wall_seconds": final["wall_seconds"], "final/best_epoch": final["best_epoch"],
+                         **{f"cost/latency_ms_b{b}": v for b, v in (record["cost"] or {}).get("latency_ms", {}).items()}})  # fmt: skip
+        save(record)
+        tracker.finish(failed=False)
+        log.info(
+            "done: test acc %s after %d epochs, %.0f s; results: %s",
+            _pct(final["test_acc"]),
+            len(history),
+            final["wall_seconds"],
+            results_path,
+        )
+        return record
+    except BaseException as ex:
+        reason = " ".join(str(ex).split()) or type(ex).__name__
+        if isinstance(ex, KeyboardInterrupt):
+            reason = "interrupted (KeyboardInterrupt)"
+        elif not isinstance(ex, (ValueError, Divergence)):
+            reason = f"{type(ex).__name__}: {reason}"
+        if isinstance(ex, Divergence) and checkpoint_epoch:
+            reason += f"; the last good checkpoint (epoch {checkpoint_epoch}) is kept"
+        record.update(status="failed", reason=reason, finished_at=now())
+        try:
+            save(record)
+        finally:
+            tracker.finish(failed=True)
+        raise
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"

@@ -1,0 +1,70 @@
+"""Train one model on one dataset and record accuracy next to cost (results.json, wandb).
+
+python scripts/run.py model=separable                      # CIFAR-10, the default recipe
+python scripts/run.py model=separable data=fashion_mnist trainer=quick
+python scripts/run.py -m model=standard,separable,inverted_residual
+torchrun --nproc_per_node=2 scripts/run.py model=separable hydra.run.dir=outputs/ddp
+"""
+
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# The repo root replaces scripts/ on the path: scripts/profile.py must not shadow the stdlib's profile module.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from experiments.cli import entry, fail, is_multirun
+from experiments.train import Divergence, train
+
+log = logging.getLogger("convlab")
+
+
+def _summary(record: dict) -> str:
+    final, cost = record["final"], record["cost"]
+    latency = cost.get("latency_ms", {}).get("1")
+    return (
+        f"{record['name']} (seed {record['seed']}): test acc {100 * final['test_acc']:.2f}% after {final['epochs']} epochs | "
+        f"{cost['params'] / 1e6:.2f} M params | {cost['macs'] / 1e6:.1f} M MACs"
+        + (f" | {latency:.2f} ms/image ({cost['latency_device']})" if latency is not None else "")
+        + f" | {record['run_dir']}/results.json"
+    )
+
+
+@entry("config")
+def main(cfg: DictConfig) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank:
+        logging.getLogger().setLevel(logging.WARNING)
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        record = train(cfg, hydra_dir)
+    except (ValueError, Divergence) as ex:
+        if is_multirun():  # the sweep goes on; SweepSummary reports the failure and exits non-zero
+            log.error("error: %s", " ".join(str(ex).split()))
+            return
+        fail(str(ex), code=2 if isinstance(ex, ValueError) else 1)
+    finally:
+        _cleanup_rank_dir(rank, hydra_dir)
+    if rank == 0:
+        print(json.dumps(record) if cfg.format == "json" else _summary(record), flush=True)
+
+
+def _cleanup_rank_dir(rank: int, hydra_dir: Path) -> None:
+    """Under torchrun every rank's Hydra made a run dir; ranks > 0 remove theirs when it holds no results."""
+    import torch.distributed as dist
+
+    if rank and not (hydra_dir / "results.json").exists() and not list(hydra_dir.glob("checkpoint-*")):
+        logging.shutdown()
+        shutil.rmtree(hydra_dir, ignore_errors=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Data: the real readers on files in the real formats, splits, and the batch loader."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from experiments.data import DEBIAN_FASHION_MNIST, Split, TensorLoader, load_data, read_cifar, read_idx
+
+from .helpers import write_cifar10
+
+
+def test_read_cifar_exact_format(tmp_path):
+    written = write_cifar10(tmp_path, per_batch=7, test=5)
+    train = read_cifar(tmp_path / "cifar-10-batches-py", train=True)
+    test = read_cifar(tmp_path / "cifar-10-batches-py", train=False)
+    assert train.images.shape == (35, 3, 32, 32) and train.images.dtype == torch.uint8 and len(test) == 5
+    # the first image's red plane is the first 1024 bytes of its row
+    np.testing.assert_array_equal(train.images[0, 0].numpy().ravel(), written["data_batch_1"][0, :1024])
+    np.testing.assert_array_equal(train.images[7].numpy().ravel(), written["data_batch_2"][0])
+
+
+def test_read_idx_plain_and_gzip(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = struct.pack(">HBB3I", 0, 8, 3, 2, 3, 4) + images.tobytes()
+    (tmp_path / "a-idx3-ubyte").write_bytes(raw)
+    (tmp_path / "a-idx3-ubyte.gz").write_bytes(gzip.compress(raw))
+    for name in ("a-idx3-ubyte", "a-idx3-ubyte.gz"):
+        np.testing.assert_array_equal(read_idx(tmp_path / name).numpy(), images)
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+def test_real_fashion_mnist(compose_cfg):
+    data = load_data(compose_cfg("data=fashion_mnist").data)
+    assert data.train.images.shape == (60000, 1, 28, 28) and data.test.images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(data.train.labels).tolist() == [6000] * 10
+
+
+def test_subset_and_val_split(compose_cfg, tmp_path):
+    write_cifar10(tmp_path, per_batch=40, test=20)
+    cfg = compose_cfg("data.download=false", f"data.root={tmp_path}", "data.val_split=0.25", "data.subset=50").data
+    a, b = load_data(cfg, seed=0), load_data(cfg, seed=1)
+    assert len(a.val) == 50 and len(a.train) == 50 and len(a.test) == 20
+    torch.testing.assert_close(a.val.images, b.val.images)  # the same validation split for every seed
+    val_rows = {tuple(x.flatten()[:16].tolist()) for x in a.val.images}
+    assert not any(tuple(x.flatten()[:16].tolist()) in val_rows for x in a.train.images)  # tuning never sees train twice
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.subset=1000"], "data.subset=1000 is larger than the 200-example cifar10 training split"),
+        (["data.subset=0"], "data.subset=0"),
+        (["data.val_split=1.5"], "data.val_split=1.5"),
+        (["data.val_split=200"], "must leave some"),
+    ],
+)
+def test_bad_data_options(compose_cfg, tmp_path, overrides, message):
+    write_cifar10(tmp_path)
+    cfg = compose_cfg("data.download=false", f"data.root={tmp_path}", *overrides).data
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        load_data(cfg)
+
+
+def test_missing_files_without_download_names_the_path(compose_cfg, tmp_path):
+    cfg = compose_cfg("data.download=false", f"data.root={tmp_path}").data
+    with pytest.raises(ValueError, match=str(tmp_path / "cifar-10-batches-py")):
+        load_data(cfg)
+
+
+def _loader(split, **kwargs):
+    options = {"device": torch.device("cpu"), "mean": [0.0] * 3, "std": [1 / 255] * 3, "image_size": 8, "seed": 3}
+    return TensorLoader(split, 4, **{**options, **kwargs})
+
+
+def test_loader_deterministic_per_seed_and_epoch():
+    split = Split(torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8), torch.arange(16))
+    a, b = _loader(split, train=True, crop_padding=2, flip=True), _loader(split, train=True, crop_padding=2, flip=True)
+    first = [y.tolist() for _, y in a]
+    assert first == [y.tolist() for _, y in b]
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b))
+    a.set_epoch(1)
+    assert [y.tolist() for _, y in a] != first
+    assert sorted(i for batch in first for i in batch) == list(range(16))  # every example once per epoch
+
+
+def test_crop_and_flip_match_a_reference():
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    loader = _loader(Split(images, torch.arange(16)), train=True, crop_padding=2, flip=True)
+    for x, y in loader:
+        for img, label in zip(x, y):
+            padded = torch.nn.functional.pad(images[label].float(), (2, 2, 2, 2))
+            candidates = [padded[:, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]
+            candidates += [c.flip(2) for c in candidates]
+            assert any(torch.equal(img, c) for c in candidates)
+    assert x.is_contiguous(memory_format=torch.channels_last) is False  # channels_last only when asked
+
+
+def test_rank_shards_make_the_global_batch():
+    split = Split(torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8), torch.arange(32))
+    whole = [(x, y) for x, y in _loader(split, train=True, crop_padding=2, flip=True)]
+    shards = [[(x, y) for x, y in _loader(split, train=True, crop_padding=2, flip=True, rank=r, world_size=2)] for r in range(2)]
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *shards):
+        torch.testing.assert_close(x[0::2], x0)
+        torch.testing.assert_close(x[1::2], x1)
+        assert y[0::2].tolist() == y0.tolist() and y[1::2].tolist() == y1.tolist()
+
+
+def test_normalisation_and_resize():
+    images = torch.full((4, 3, 8, 8), 255, dtype=torch.uint8)
+    loader = TensorLoader(Split(images, torch.zeros(4, dtype=torch.long)), 4, train=False, device=torch.device("cpu"), mean=[0.5] * 3,
+                          std=[0.25] * 3, image_size=16, channels_last=True)  # fmt: skip
+    x, _ = next(iter(loader))
+    assert x.shape == (4, 3, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, torch.full_like(x, 2.0))
+
+
+def test_synthetic_is_seeded(compose_cfg):
+    cfg = OmegaConf.merge(compose_cfg("data=synthetic").data, {"train_size": 64, "test_size": 16})
+    assert torch.equal(load_data(cfg, seed=1).train.images, load_data(cfg, seed=1).train.images)
+    assert not torch.equal(load_data(cfg, seed=1).train.images, load_data(cfg, seed=2).train.images)

@@ -1,0 +1,228 @@
+"""Training end to end through the real command line: records, wandb offline, resume, failures."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.data import DEBIAN_FASHION_MNIST
+from experiments.train import build_optimizer, lr_factor, train
+from models import build_model
+
+from .conftest import ROOT, assert_one_line_error, run_script
+from .helpers import read_wandb_records, wandb_summary, write_cifar10
+
+RESULT_KEYS = {"schema", "status", "reason", "name", "model", "data", "experiment", "row", "seed", "run_dir", "started_at", "finished_at",
+               "config", "cost", "history", "final", "env", "wandb"}  # fmt: skip
+HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds", "img_per_s"}
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10(root, per_batch=40, test=40)
+    return root
+
+
+def test_smoke_run_on_cifar_format_files_with_offline_wandb(cifar_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_script("run.py", f"data.root={cifar_root}", "data.download=false", "data.val_split=0.1", "trainer=smoke", "format=json",
+                      f"hydra.run.dir={run_dir}", env={"WANDB_API_KEY": None, "WANDB_MODE": None})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    record = json.loads((run_dir / "results.json").read_text())
+    assert printed == record
+    assert set(record) >= RESULT_KEYS and record["status"] == "completed" and record["reason"] is None
+    assert record["model"] == "separable" and record["data"] == "cifar10" and record["config"]["data"]["root"] == str(cifar_root)
+    assert set(record["history"][0]) == HISTORY_KEYS and record["history"][0]["val_acc"] is not None
+    assert set(record["final"]) >= {"test_acc", "train_loss", "wall_seconds", "best_epoch"} and record["final"]["best_by"] == "val"
+    assert 0.0 <= record["final"]["test_acc"] <= 1.0
+    assert record["cost"]["macs"] == 21_309_952 and "by_layer_type" in record["cost"] and record["cost"]["latency_ms"]["1"] > 0
+    assert set(record["env"]) >= {"torch", "device", "threads", "git_commit"} and record["env"]["torch"] == torch.__version__
+    # the offline wandb run, read back from its own file
+    assert record["wandb"]["mode"] == "offline"
+    files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / f"run-{record['wandb']['id']}.wandb"))
+    assert len(files) == 1
+    records = read_wandb_records(Path(files[0]))
+    summary = wandb_summary(records)
+    assert summary["test/acc"] == pytest.approx(record["final"]["test_acc"])
+    assert summary["cost/macs"] == record["cost"]["macs"] and summary["cost/params"] == record["cost"]["params"]
+    assert summary["cost/by_layer_type/_type"] == "table-file" and summary["cost/by_layer_type/nrows"] == 6
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.run_group == "separable" and {"separable", "cifar10"} <= set(run.tags) and run.job_type == "train"
+    config_keys = {item.key for r in records if r.WhichOneof("record_type") == "run" for item in r.run.config.update}
+    assert {"model", "data", "trainer", "optim"} <= config_keys
+    exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+    assert exits == [0]
+    assert "wandb sync" in proc.stderr
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+def test_smoke_run_on_real_fashion_mnist(tmp_path):
+    proc = run_script("run.py", "data=fashion_mnist", "data.subset=512", "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["status"] == "completed" and record["cost"]["input_shape"] == [1, 1, 28, 28]
+    assert "test acc" in proc.stdout
+
+
+def _resume_cmd(run_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "run.py"), "data=synthetic", "data.train_size=1024", "trainer=smoke", "trainer.max_steps=null",
+            "trainer.epochs=3", "trainer.num_threads=1", "data.augment.crop_padding=4", "model.dropout=0.2", "logger=none",
+            f"hydra.run.dir={run_dir}"]  # fmt: skip
+
+
+def test_kill_9_then_resume_gives_the_same_final_metrics(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    whole = subprocess.run(_resume_cmd(tmp_path / "whole"), env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(_resume_cmd(interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (interrupted / "checkpoint-epoch0001.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = json.loads((interrupted / "results.json").read_text())
+    assert partial["status"] == "running" and len(partial["history"]) < 3, "the run finished before it could be killed"
+    resumed = subprocess.run(_resume_cmd(interrupted), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resume:" in resumed.stderr
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    b = json.loads((interrupted / "results.json").read_text())
+    assert b["status"] == "completed" and len(b["history"]) == 3
+    assert b["final"]["test_acc"] == a["final"]["test_acc"]
+    assert b["final"]["train_loss"] == pytest.approx(a["final"]["train_loss"], rel=1e-6)
+    for ha, hb in zip(a["history"], b["history"]):
+        assert hb["train_loss"] == pytest.approx(ha["train_loss"], rel=1e-6) and hb["test_acc"] == ha["test_acc"]
+
+
+def test_completed_run_dir_is_not_trained_again(tmp_path):
+    args = ["data=synthetic", "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path}"]
+    assert run_script("run.py", *args).returncode == 0
+    first = (tmp_path / "results.json").read_text()
+    again = run_script("run.py", *args)
+    assert again.returncode == 0 and "not training again" in again.stderr
+    assert (tmp_path / "results.json").read_text() == first
+    other = run_script("run.py", *args, "model.width=0.5")
+    assert_one_line_error(other, "another config", "model.width")
+
+
+def test_diverging_run_fails_and_keeps_the_last_good_checkpoint(tmp_path):
+    proc = run_script("run.py", "data=synthetic", "trainer=smoke", "trainer.max_steps=null", "optim.lr=1e8", "model.norm=none",
+                      f"hydra.run.dir={tmp_path}", env={"WANDB_API_KEY": None, "WANDB_MODE": None})  # fmt: skip
+    assert_one_line_error(proc, "non-finite", "optim.lr=1e+08")
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["status"] == "failed" and "non-finite" in record["reason"] and record["final"] is None
+    files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    exits = [r.exit.exit_code for r in read_wandb_records(Path(files[0])) if r.WhichOneof("record_type") == "exit"]
+    assert exits and exits[-1] != 0  # the wandb run is marked failed
+
+
+def test_divergence_after_a_good_epoch_keeps_its_checkpoint(compose_cfg, tmp_path, monkeypatch):
+    cfg = compose_cfg("data=synthetic", "trainer=smoke", "trainer.max_steps=null", "trainer.epochs=3", "logger=none")
+    calls = {"n": 0}
+    real_forward = torch.nn.CrossEntropyLoss.forward
+
+    def nan_in_epoch_2(self, logits, target):
+        calls["n"] += 1
+        loss = real_forward(self, logits, target)
+        return loss * float("nan") if calls["n"] > 16 else loss  # 16 steps per epoch
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", nan_in_epoch_2)
+    with pytest.raises(Exception, match="non-finite at epoch 2"):
+        train(cfg, tmp_path)
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["status"] == "failed" and "last good checkpoint (epoch 1) is kept" in record["reason"]
+    assert len(record["history"]) == 1
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-epoch0001.pt"]
+    state = torch.load(tmp_path / "checkpoint-epoch0001.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["trainer.batch_size=0"], ["trainer.batch_size=0", ">= 1"]),
+        (["data.train_size=64", "trainer.batch_size=128"], ["trainer.batch_size=128", "64 training examples"]),
+        (["data.subset=5000"], ["data.subset=5000", "512-example"]),
+        (["trainer.precision=fp16"], ["trainer.precision=fp16", "bf16 or fp32"]),
+        (["trainer.precision=fp8"], ["trainer.precision='fp8'", "fp32, bf16, fp16"]),
+        (["device=cuda"], ["device='cuda'", "device=cpu"]),
+        (["optim.name=lamb"], ["optim.name='lamb'", "sgd, adamw"]),
+        (["optim=lamb"], ["unknown optim 'lamb'", "adamw, sgd"]),
+        (["logger=mlflow"], ["unknown logger 'mlflow'", "none, wandb"]),
+        (["hydra/launcher=ray"], ["unknown launcher 'ray'", "parallel", "slurm"]),
+        (["resume=/no/such/run"], ["resume='/no/such/run'", "auto, never"]),
+    ],
+)
+def test_bad_input_one_line_through_the_cli(tmp_path, args, needles):
+    proc = run_script("run.py", "data=synthetic", "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path}", *args)
+    assert_one_line_error(proc, *needles)
+    record_path = tmp_path / "results.json"
+    if record_path.exists():  # config errors inside the run are recorded as failures, never as results
+        assert json.loads(record_path.read_text())["status"] == "failed"
+
+
+def test_missing_dataset_without_download(tmp_path):
+    proc = run_script("run.py", f"data.root={tmp_path}", "data.download=false", "logger=none", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, str(tmp_path / "cifar-10-batches-py"), "data=fashion_mnist", "data=synthetic")
+
+
+def test_logger_none_never_imports_wandb(tmp_path):
+    code = (
+        "import sys; from hydra import compose, initialize_config_dir\n"
+        f"with initialize_config_dir(config_dir='{ROOT / 'conf'}', version_base='1.3'):\n"
+        "    cfg = compose('config', overrides=['data=synthetic', 'trainer=smoke', 'logger=none'])\n"
+        "from experiments.train import train\n"
+        f"assert train(cfg, __import__('pathlib').Path('{tmp_path}'))['status'] == 'completed'\n"
+        "assert 'wandb' not in sys.modules, 'wandb was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_wandb_failure_never_stops_training(compose_cfg, tmp_path, monkeypatch, caplog):
+    import wandb
+
+    def broken_init(*args, **kwargs):
+        raise ConnectionError("wandb server unreachable")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    cfg = compose_cfg("data=synthetic", "trainer=smoke", "logger.mode=online")
+    record = train(cfg, tmp_path)
+    assert record["status"] == "completed" and record["final"]["test_acc"] is not None
+    assert any("wandb: could not start" in r.getMessage() and "training continues" in r.getMessage() for r in caplog.records)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "completed" and "wandb server unreachable" in saved["wandb"]["error"]
+
+
+def test_lr_schedules():
+    total, warmup = 100, 10
+    assert lr_factor(0, total, warmup, "cosine", 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, total, warmup, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, total, warmup, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, total, warmup, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, total, warmup, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, total, warmup, "onecycle", 0.0) == pytest.approx(0.5)
+    assert lr_factor(50, total, 0, "constant", 1.0) == 1.0
+
+
+def test_weight_decay_skips_norms_and_biases(compose_cfg):
+    model = build_model("separable", image_size=32, norm="batchnorm")
+    optimizer = build_optimizer(model, compose_cfg().optim)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert norm_ids <= {id(p) for p in no_decay["params"]}
+    assert optimizer.defaults["nesterov"] is True
