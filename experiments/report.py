@@ -1,0 +1,1015 @@
+"""The local dashboard: results.json files (or a W&B project) -> one shareable page, figures and tables.
+
+``build_report(dirs, out)`` reads every ``results.json`` under ``dirs`` (docs/results_schema.md)
+and writes into ``out``:
+
+- ``index.html``: one self-contained page (inline SVG, CSS and JS; nothing fetched from the
+  network) with accuracy vs MACs, params and latency (Pareto front marked), training curves, a
+  sortable table of completed runs and, apart, the failed and unfinished runs with their reasons;
+- ``acc_vs_macs.png``, ``acc_vs_params.png``, ``acc_vs_latency.png`` (matplotlib, Agg);
+- ``runs.csv`` and ``runs.md``: the completed runs, for papers.
+
+Only completed runs enter results, plots and tables. Failed runs (``status: failed``) and
+unfinished ones (``status: running``, unreadable JSON, or a completed record without a test
+accuracy) are listed apart. Every string read from a run is HTML-escaped on the page.
+
+Units, stated once: accuracy in % of the test set, MACs (one multiply-add counts once) and
+params in millions, latency in ms for batch size 1, wall time in seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RunRow",
+    "build_report",
+    "find_results",
+    "format_summary",
+    "load_local_runs",
+    "load_wandb_runs",
+    "pareto_front",
+    "render_html",
+    "split_runs",
+    "to_row",
+    "write_figures",
+    "write_tables",
+]
+
+SOURCES = ("local", "wandb")
+# Okabe-Ito, then Tableau: distinguishable for colour-blind readers; cycled beyond ten models.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#8C564B", "#F0C400", "#7F7F7F", "#17BECF")
+# (RunRow field, what, unit, file stem, log x): the three accuracy-vs-cost plots; log None: log when the values span > 20x.
+SCATTERS = (
+    ("macs", "MACs", "M", "acc_vs_macs", True),
+    ("params", "Params", "M", "acc_vs_params", True),
+    ("latency_ms", "Latency at batch 1", "ms", "acc_vs_latency", None),
+)
+# W&B run.state -> results.json status.
+_WANDB_STATES = {"finished": "completed", "failed": "failed", "crashed": "failed", "killed": "failed", "running": "running"}
+
+
+@dataclass
+class RunRow:
+    """One run, flattened from a results.json record: what the tables and plots show.
+
+    ``test_acc`` is a fraction in [0, 1]; ``macs`` and ``params`` are counts; ``latency_ms`` is
+    for batch size 1; ``status`` is ``completed``, ``failed``, ``running``, ``unreadable`` or
+    ``incomplete`` (completed without a test accuracy).
+    """
+
+    name: str
+    model: str
+    data: str
+    status: str
+    path: str
+    experiment: str | None = None
+    row: str | None = None
+    seed: int | None = None
+    reason: str | None = None
+    test_acc: float | None = None
+    macs: float | None = None
+    params: float | None = None
+    latency_ms: float | None = None
+    latency_device: str | None = None
+    epochs: int | None = None
+    wall_seconds: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def find_results(dirs: Sequence[str | Path]) -> list[Path]:
+    """Every ``results.json`` under ``dirs`` (recursively), sorted and without duplicates.
+
+    Args:
+        dirs: run dirs, sweep dirs or any folder above them.
+
+    Returns:
+        The paths found; empty when there are none.
+
+    Raises:
+        ValueError: no dirs given, or one of them does not exist.
+    """
+    if not dirs:
+        raise ValueError("no runs dirs given; pass runs=DIR or runs=[DIR1,DIR2]")
+    found: dict[Path, None] = {}
+    for directory in map(Path, dirs):
+        if not directory.is_dir():
+            raise ValueError(
+                f"runs dir '{directory}' does not exist" if not directory.exists() else f"runs dir '{directory}' is not a directory"
+            )
+        for path in sorted(directory.rglob("results.json")):
+            if path.is_file():
+                found.setdefault(path.resolve(), None)
+    return sorted(found)
+
+
+def load_local_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Read the results.json records under ``dirs``, each with its ``path`` added.
+
+    A file that cannot be read or parsed becomes ``{"status": "unreadable", "reason": ...}``
+    so it is listed with the unfinished runs instead of stopping the report.
+
+    Args:
+        dirs: folders searched recursively.
+
+    Returns:
+        One record per results.json, in path order.
+
+    Raises:
+        ValueError: a dir does not exist, or no results.json was found under any of them.
+    """
+    paths = find_results(dirs)
+    if not paths:
+        raise ValueError(f"no results.json found under: {', '.join(str(d) for d in dirs)}")
+    records = []
+    for path in paths:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        except (OSError, UnicodeDecodeError, ValueError) as ex:  # json.JSONDecodeError is a ValueError
+            reason = " ".join(str(ex).split())
+            record = {"status": "unreadable", "reason": f"unreadable results.json: {reason}", "name": path.parent.name}
+        records.append({**record, "path": str(path)})
+    return records
+
+
+def _get(mapping: Any, dotted: str) -> Any:
+    """``mapping["a"]["b"]`` for ``"a.b"``, or the flat key ``"a.b"`` (W&B flattens some configs); None when absent."""
+    if not isinstance(mapping, dict):
+        return None
+    if dotted in mapping:
+        return mapping[dotted]
+    node: Any = mapping
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _wandb_value(summary: Any, key: str) -> Any:
+    """A summary metric: ``summary["cost/macs"]`` or its nested form ``summary["cost"]["macs"]``."""
+    try:
+        value = summary[key]  # a dict, or wandb's summary object (mapping-like, KeyError when missing)
+    except (KeyError, TypeError, IndexError):
+        value = None
+    return value if value is not None else _get(summary if isinstance(summary, dict) else {}, key.replace("/", "."))
+
+
+def _first(values: Iterable[Any]) -> Any:
+    """The first value that is not None (None when there is none)."""
+    return next((v for v in values if v is not None), None)
+
+
+def _config_name(config: dict[str, Any], group: str) -> Any:
+    """``config["model"]["name"]``, a flat ``config["model.name"]``, or ``config["model"]`` when it is a plain value."""
+    node = _get(config, group)
+    return _get(config, f"{group}.name") if isinstance(node, dict) or node is None else node
+
+
+def _wandb_history(run: Any) -> list[dict[str, Any]]:
+    """Per-epoch ``{"epoch", "test_acc", "train_loss"}`` from ``run.history()`` (a list of dicts or a DataFrame)."""
+    try:
+        rows = run.history(pandas=False)
+    except TypeError:  # an API object whose history() takes no pandas flag
+        rows = run.history()
+    if hasattr(rows, "to_dict"):
+        rows = rows.to_dict("records")
+    history = []
+    for step in rows or []:
+        epoch = _number(step.get("epoch"))
+        if epoch is None:
+            continue
+        history.append({"epoch": int(epoch), "test_acc": _number(step.get("test/acc")), "train_loss": _number(step.get("train/loss"))})
+    return history
+
+
+def wandb_record(run: Any, path: str) -> dict[str, Any]:
+    """Map one W&B run (``wandb.Api().runs()`` item) to a results.json-shaped record.
+
+    Args:
+        run: has ``name``, ``state``, ``config``, ``summary``, ``url`` and ``history()``.
+        path: ``entity/project`` or ``project``, recorded as the source.
+
+    Returns:
+        A record with name, model, data, experiment, row, seed, status, reason, final, cost and history.
+    """
+    config = dict(getattr(run, "config", None) or {})
+    summary = getattr(run, "summary", None) or {}
+    state = str(getattr(run, "state", "unknown"))
+    status = _WANDB_STATES.get(state, "running")
+    history = _wandb_history(run)
+    experiment = _get(config, "table.name") or _get(config, "experiment")  # scripts/run.py records the experiment's table
+    test_acc = _wandb_value(summary, "test/acc")
+    latency = _first(_wandb_value(summary, k) for k in ("cost/latency_ms_b1", "cost/latency_ms/1"))
+    return {
+        "schema": 1,
+        "status": status,
+        "reason": None if status in ("completed", "running") else f"W&B run state: {state}",
+        "name": _get(config, "name") or getattr(run, "name", None) or getattr(run, "id", "?"),
+        "model": _config_name(config, "model"),
+        "data": _config_name(config, "data"),
+        "experiment": experiment if isinstance(experiment, str) else None,
+        "row": _get(config, "row"),
+        "seed": _get(config, "seed"),
+        "run_dir": getattr(run, "url", None),
+        "config": config,
+        "cost": {
+            "macs": _wandb_value(summary, "cost/macs"),
+            "params": _wandb_value(summary, "cost/params"),
+            "latency_ms": {"1": latency} if latency is not None else {},
+        },
+        "history": history,
+        "final": None
+        if status != "completed"
+        else {
+            "test_acc": test_acc,
+            "train_loss": _first(_wandb_value(summary, k) for k in ("final/train_loss", "train/loss")),
+            "wall_seconds": _first(_wandb_value(summary, k) for k in ("final/wall_seconds", "_runtime")),
+            "epochs": len(history) or _wandb_value(summary, "epoch"),
+        },
+        "path": getattr(run, "url", None) or f"wandb:{path}/{getattr(run, 'id', '?')}",
+    }
+
+
+def load_wandb_runs(project: str | None, entity: str | None = None, api: Any = None) -> list[dict[str, Any]]:
+    """Read the runs of a W&B project as results.json-shaped records (see :func:`wandb_record`).
+
+    Summary keys read (as scripts/run.py logs them): ``test/acc``, ``cost/macs``, ``cost/params``,
+    ``cost/latency_ms_b1``, ``final/train_loss`` and ``final/wall_seconds`` (else ``train/loss``
+    and ``_runtime``); history keys: ``epoch``, ``test/acc``, ``train/loss``. The run's name,
+    model, data, seed, table and row come from its config (the resolved Hydra config).
+
+    Args:
+        project: the W&B project.
+        entity: team or user; None for the default entity of the API key.
+        api: an object with ``runs(path)`` (for tests); None builds ``wandb.Api()``.
+
+    Returns:
+        One record per run.
+
+    Raises:
+        ValueError: no project, W&B unreachable or not logged in, or the project has no runs.
+    """
+    if not project:
+        raise ValueError("source=wandb needs project=NAME (and entity=TEAM for a team project)")
+    path = f"{entity}/{project}" if entity else str(project)
+    try:
+        if api is None:
+            import wandb  # lazy: the local report needs no wandb
+
+            api = wandb.Api(timeout=15)
+        runs = list(api.runs(path))
+        records = [wandb_record(run, path) for run in runs]
+    except ValueError:
+        raise
+    except Exception as ex:  # wandb raises its own types (UsageError, CommError, ...) and requests' ones
+        message = " ".join(str(ex).split()) or type(ex).__name__
+        raise ValueError(f"cannot read W&B project '{path}': {message}") from None
+    if not records:
+        raise ValueError(f"W&B project '{path}' has no runs")
+    return records
+
+
+# ---------------------------------------------------------------- rows and groups
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for missing, non-numeric or NaN values."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def to_row(record: dict[str, Any]) -> RunRow:
+    """Flatten one results.json-shaped record into a :class:`RunRow`; the status says where it belongs."""
+    final = record.get("final") if isinstance(record.get("final"), dict) else {}
+    cost = record.get("cost") if isinstance(record.get("cost"), dict) else {}
+    latency = cost.get("latency_ms") if isinstance(cost.get("latency_ms"), dict) else {}
+    history = [h for h in record.get("history") or [] if isinstance(h, dict)]
+    path = str(record.get("path") or record.get("run_dir") or "?")
+    status = str(record.get("status") or "unknown")
+    reason = _text(record.get("reason"))
+    test_acc = _number(final.get("test_acc"))
+    if status == "completed" and test_acc is None:
+        status, reason = "incomplete", "status is completed but final.test_acc is missing"
+    elif status == "running":
+        started = record.get("started_at")
+        reason = (
+            f"still running, or stopped without a result (started {started})" if started else "still running, or stopped without a result"
+        )
+    elif status not in ("completed", "failed", "unreadable"):
+        reason = reason or f"unknown status '{status}'"
+    elif status == "failed" and not reason:
+        reason = "failed (no reason recorded)"
+    epochs = _number(final.get("epochs"))
+    seed = record.get("seed")
+    return RunRow(
+        name=str(record.get("name") or Path(path).parent.name),
+        model=str(record.get("model") or "?"),
+        data=str(record.get("data") or "?"),
+        status=status,
+        path=path,
+        experiment=_text(record.get("experiment")),
+        row=_text(record.get("row")),
+        seed=int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        reason=" ".join(reason.split()) if reason else None,
+        test_acc=test_acc,
+        macs=_number(cost.get("macs")),
+        params=_number(cost.get("params")),
+        latency_ms=_number(latency.get("1", latency.get(1))),
+        latency_device=_text(cost.get("latency_device")),
+        epochs=int(epochs) if epochs is not None else (len(history) or None),
+        wall_seconds=_number(final.get("wall_seconds")),
+        history=history,
+    )
+
+
+def split_runs(records: Iterable[dict[str, Any]]) -> tuple[list[RunRow], list[RunRow], list[RunRow]]:
+    """(completed, failed, unfinished) rows; unfinished holds running, unreadable, incomplete and unknown records.
+
+    Completed rows come sorted by test accuracy, best first; the others by path.
+    """
+    rows = [to_row(r) for r in records]
+    completed = sorted((r for r in rows if r.status == "completed"), key=lambda r: (-(r.test_acc or 0.0), r.name, r.path))
+    failed = sorted((r for r in rows if r.status == "failed"), key=lambda r: r.path)
+    unfinished = sorted((r for r in rows if r.status not in ("completed", "failed")), key=lambda r: r.path)
+    return completed, failed, unfinished
+
+
+def pareto_front(costs: Sequence[float], accs: Sequence[float]) -> list[int]:
+    """Indices of the points no other point dominates (lower or equal cost and higher or equal accuracy, one strictly).
+
+    Args:
+        costs: x values (MACs, params, latency); lower is better.
+        accs: y values; higher is better.
+
+    Returns:
+        The front's indices in order of increasing cost (and accuracy). Exact duplicates of a
+        front point are on the front too.
+    """
+    if len(costs) != len(accs):
+        raise ValueError(f"pareto_front needs as many costs as accuracies, got {len(costs)} and {len(accs)}")
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], -accs[i]))
+    front: list[int] = []
+    for i in order:
+        if not front or accs[i] > accs[front[-1]] or (accs[i] == accs[front[-1]] and costs[i] == costs[front[-1]]):
+            front.append(i)
+    return front
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 2, grouping: bool = True) -> str:
+    return "" if value is None else f"{value / scale:{',' if grouping else ''}.{digits}f}"
+
+
+def _fmt_int(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m {int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m"
+
+
+def _experiment_row(r: RunRow) -> str:
+    return " / ".join(x for x in (r.experiment, r.row) if x)
+
+
+# (header, sort value, shown text, numeric?) of the page's run table.
+_COLUMNS: tuple[tuple[str, Callable[[RunRow], Any], Callable[[RunRow], str], bool], ...] = (
+    ("Name", lambda r: r.name, lambda r: r.name, False),
+    ("Model", lambda r: r.model, lambda r: r.model, False),
+    ("Data", lambda r: r.data, lambda r: r.data, False),
+    ("Experiment / row", _experiment_row, _experiment_row, False),
+    ("Seed", lambda r: r.seed, lambda r: _fmt_int(r.seed), True),
+    ("Test acc (%)", lambda r: r.test_acc, lambda r: _fmt(r.test_acc, 0.01, 2), True),
+    ("MACs (M)", lambda r: r.macs, lambda r: _fmt(r.macs, 1e6, 1), True),
+    ("Params (M)", lambda r: r.params, lambda r: _fmt(r.params, 1e6, 2), True),
+    ("Latency (ms)", lambda r: r.latency_ms, lambda r: _fmt(r.latency_ms, 1, 2), True),
+    ("Epochs", lambda r: r.epochs, lambda r: _fmt_int(r.epochs), True),
+    ("Wall time", lambda r: r.wall_seconds, lambda r: _fmt_duration(r.wall_seconds), True),
+    ("Status", lambda r: r.status, lambda r: r.status, False),
+)
+
+
+def _paper_order(rows: Sequence[RunRow]) -> list[RunRow]:
+    """Tables for papers: grouped by experiment and row, then name and seed."""
+    return sorted(rows, key=lambda r: (r.experiment or "", r.row or "", r.name, r.seed if r.seed is not None else -1))
+
+
+def _md_cell(text: str) -> str:
+    """Markdown-safe cell: the table's pipe, HTML and code/emphasis markers escaped with a backslash."""
+    for char in ("\\", "|", "<", ">", "`", "*"):
+        text = text.replace(char, "\\" + char)
+    return " ".join(text.split())
+
+
+def write_tables(completed: Sequence[RunRow], out: Path) -> list[Path]:
+    """Write ``runs.csv`` and ``runs.md``: one row per completed run, grouped by experiment and row.
+
+    The CSV keeps exact ``macs`` and ``params`` counts beside the rounded columns.
+
+    Args:
+        completed: completed runs.
+        out: the output dir (exists).
+
+    Returns:
+        The two paths.
+    """
+    rows = _paper_order(completed)
+    csv_path, md_path = out / "runs.csv", out / "runs.md"
+    header = ["name", "model", "data", "experiment", "row", "seed", "test_acc_pct", "macs_m", "params_m", "latency_ms", "epochs", "wall_s"]
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([*header, "macs", "params", "status", "results"])
+        for r in rows:
+            numbers = [(r.test_acc, 0.01, 2), (r.macs, 1e6, 1), (r.params, 1e6, 2), (r.latency_ms, 1, 2)]
+            writer.writerow(
+                [r.name, r.model, r.data, r.experiment or "", r.row or "", _fmt_int(r.seed)]
+                + [_fmt(value, scale, digits, grouping=False) for value, scale, digits in numbers]
+                + [_fmt_int(r.epochs), _fmt(r.wall_seconds, 1, 0, grouping=False)]
+                + [_fmt(r.macs, 1, 0, grouping=False), _fmt(r.params, 1, 0, grouping=False), r.status, r.path]
+            )
+    columns = [c for c in _COLUMNS if c[0] != "Status"]  # every row is completed
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "|".join("---:" if c[3] else "---" for c in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_md_cell(shown(r)) for _, _, shown, _ in columns) + " |")
+    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [csv_path, md_path]
+
+
+def _model_colors(rows: Sequence[RunRow]) -> dict[str, str]:
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(sorted({r.model for r in rows}))}
+
+
+def _scatter_points(rows: Sequence[RunRow], key: str) -> list[tuple[float, float, RunRow]]:
+    """(x in plot units, accuracy in %, row) for the runs that have both values; MACs and params in millions."""
+    scale = 1.0 if key == "latency_ms" else 1e6
+    points = []
+    for r in rows:
+        x = getattr(r, key)
+        if x is not None and r.test_acc is not None and x > 0:
+            points.append((x / scale, r.test_acc * 100, r))
+    return points
+
+
+def _use_log(xs: Sequence[float], log: bool | None) -> bool:
+    if log is not None:
+        return log
+    return bool(xs) and min(xs) > 0 and max(xs) / min(xs) > 20
+
+
+# ---------------------------------------------------------------- PNG figures
+
+
+def write_figures(completed: Sequence[RunRow], out: Path) -> list[Path]:
+    """Write the three accuracy-vs-cost scatter plots as PNG (matplotlib, Agg), Pareto front as a step line.
+
+    A plot whose x value no run has (latency of runs that did not measure it) is not written.
+
+    Args:
+        completed: completed runs.
+        out: the output dir (exists).
+
+    Returns:
+        The paths written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font-cache chatter on a first run
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    colors = _model_colors(completed)
+    written = []
+    for key, what, unit, stem, log in SCATTERS:
+        points = _scatter_points(completed, key)
+        path = out / f"{stem}.png"
+        if not points:
+            path.unlink(missing_ok=True)  # no stale figure from an earlier report into the same dir
+            continue
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        log_x = _use_log(xs, log)
+        fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=150)
+        for model, color in colors.items():
+            mine = [p for p in points if p[2].model == model]
+            if mine:
+                ax.scatter(
+                    [p[0] for p in mine],
+                    [p[1] for p in mine],
+                    s=36,
+                    color=color,
+                    edgecolors="white",
+                    linewidths=0.6,
+                    label=_mpl_text(model),
+                    zorder=3,
+                )
+        front = pareto_front(xs, ys)
+        fx, fy = [xs[i] for i in front], [ys[i] for i in front]
+        ax.step(fx, fy, where="post", color="#333333", linestyle="--", linewidth=1.0, label="Pareto front", zorder=2)
+        ax.scatter(fx, fy, s=90, facecolors="none", edgecolors="#111111", linewidths=1.2, zorder=4)
+        for i in front:
+            ax.annotate(
+                _mpl_text(_short(points[i][2].name)),
+                (xs[i], ys[i]),
+                xytext=(6, 5),
+                textcoords="offset points",
+                fontsize=7,
+                color="#333333",
+            )
+        ax.margins(x=0.08, y=0.12)
+        if log_x:
+            ax.set_xscale("log")
+            lo, hi = ax.get_xlim()
+            ticks = _log_ticks(lo, hi)  # 1-2-5 ticks in plain numbers, as on the page (not 2x10^1)
+            ax.set_xticks(ticks, [_tick_label(t) for t in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(_axis_label(what, unit, log_x))
+        ax.set_ylabel("Test accuracy (%)")
+        ax.grid(True, which="major", color="#e5e5e5", linewidth=0.8)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(fontsize=7, frameon=False, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _axis_label(what: str, unit: str, log_x: bool) -> str:
+    return f"{what} ({unit}{', log scale' if log_x else ''})"
+
+
+def _mpl_text(text: str) -> str:
+    """Literal text for matplotlib: ``$`` would start mathtext (and fail on a stray one)."""
+    return text.replace("$", r"\$")
+
+
+def _short(text: str, limit: int = 28) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def _e(value: Any) -> str:
+    """HTML-escape anything that came from a config or a result (quotes too: it may land in an attribute)."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _json_for_script(value: Any) -> str:
+    """JSON safe inside ``<script>``: no ``</script>``, comment or entity can be formed from the data."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return (
+        text.replace("&", "\\u0026")
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
+
+
+def _nice_step(span: float, count: int) -> float:
+    raw = span / max(count, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+
+
+def _linear_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
+    step = _nice_step(hi - lo, count)
+    if integer:
+        step = max(1.0, round(step))
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    ticks = []
+    for exponent in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
+        ticks += [m * 10.0**exponent for m in (1, 2, 5)]
+    inside = [t for t in ticks if lo <= t <= hi]
+    decades = [t for t in inside if math.isclose(math.log10(t), round(math.log10(t)))]
+    if len(decades) >= 3:
+        return decades
+    if len(inside) >= 2:
+        return inside
+    # a narrow range (one run, or runs of similar cost): every integer mantissa, else the middle value
+    fine = [m * 10.0**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in range(1, 10)]
+    fine = [t for t in fine if lo <= t <= hi]
+    return fine if len(fine) >= 2 else [float(f"{math.sqrt(lo * hi):.3g}")]
+
+
+def _tick_label(value: float, step: float | None = None) -> str:
+    if step is not None and step < 1:
+        return f"{value:.{max(0, -math.floor(math.log10(step)))}f}"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:g}"
+
+
+class _Axes:
+    """Data -> SVG pixel coordinates for one chart, linear or log in x, linear in y."""
+
+    W, H, LEFT, RIGHT, TOP, BOTTOM = 480, 320, 58, 18, 14, 46
+
+    def __init__(self, xs: Sequence[float], ys: Sequence[float], log_x: bool, integer_x: bool = False) -> None:
+        self.log_x = log_x
+        if log_x:
+            lo, hi = min(xs), max(xs)
+            self.x0, self.x1 = math.log10(lo / 1.3), math.log10(hi * 1.3)
+        else:
+            lo, hi = min(xs), max(xs)
+            pad = (hi - lo) * 0.06 or max(abs(hi) * 0.1, 1.0)
+            self.x0, self.x1 = (lo - pad, hi + pad) if not integer_x else (min(lo, 1) - 0.3, hi + 0.3)
+        lo, hi = min(ys), max(ys)
+        pad = (hi - lo) * 0.08 or max(abs(hi) * 0.05, 1.0)
+        self.y0, self.y1 = lo - pad, hi + pad
+        self.integer_x = integer_x
+
+    def px(self, x: float) -> float:
+        value = math.log10(x) if self.log_x else x
+        return self.LEFT + (value - self.x0) / (self.x1 - self.x0) * (self.W - self.LEFT - self.RIGHT)
+
+    def py(self, y: float) -> float:
+        return self.H - self.BOTTOM - (y - self.y0) / (self.y1 - self.y0) * (self.H - self.TOP - self.BOTTOM)
+
+    def frame(self, x_label: str, y_label: str) -> list[str]:
+        """Grid, ticks and axis labels."""
+        left, right, top, bottom = self.LEFT, self.W - self.RIGHT, self.TOP, self.H - self.BOTTOM
+        parts = [f'<rect class="plot" x="{left}" y="{top}" width="{right - left}" height="{bottom - top}"/>']
+        if self.log_x:
+            x_ticks, x_step = _log_ticks(10**self.x0, 10**self.x1), None
+        else:
+            x_ticks = _linear_ticks(self.x0, self.x1, 6, self.integer_x)
+            x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else None
+        for t in x_ticks:
+            x = self.px(t)
+            parts.append(f'<line class="grid" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}"/>')
+            parts.append(f'<text class="tick" x="{x:.1f}" y="{bottom + 15}" text-anchor="middle">{_tick_label(t, x_step)}</text>')
+        y_ticks = _linear_ticks(self.y0, self.y1, 5)
+        y_step = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else None
+        for t in y_ticks:
+            y = self.py(t)
+            parts.append(f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}"/>')
+            parts.append(f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_tick_label(t, y_step)}</text>')
+        parts.append(f'<text class="label" x="{(left + right) / 2:.0f}" y="{self.H - 8}" text-anchor="middle">{_e(x_label)}</text>')
+        parts.append(
+            f'<text class="label" transform="translate(14 {(top + bottom) / 2:.0f}) rotate(-90)" text-anchor="middle">{_e(y_label)}</text>'
+        )
+        return parts
+
+
+def _svg(parts: list[str], title: str) -> str:
+    return f'<svg viewBox="0 0 {_Axes.W} {_Axes.H}" role="img" aria-label="{_e(title)}"><title>{_e(title)}</title>{"".join(parts)}</svg>'
+
+
+def _empty_svg(message: str) -> str:
+    return _svg([f'<text class="empty" x="{_Axes.W / 2}" y="{_Axes.H / 2}" text-anchor="middle">{_e(message)}</text>'], message)
+
+
+def _hover(r: RunRow, *lines: str) -> str:
+    details = [r.name, f"model {r.model} · data {r.data}" + ("" if r.seed is None else f" · seed {r.seed}"), *lines]
+    return _e("\n".join(line for line in details if line))
+
+
+def _scatter_svg(
+    rows: Sequence[RunRow], index: dict[int, int], scatter: tuple[str, str, str, str, bool | None], colors: dict[str, str]
+) -> str:
+    """Accuracy vs one cost with the Pareto front (a step line: the best accuracy reachable at each cost)."""
+    key, what, unit, _, log = scatter
+    points = _scatter_points(rows, key)
+    if not points:
+        return _empty_svg(f"no completed run has a {what.lower()} value")
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    log_x = _use_log(xs, log)
+    axes = _Axes(xs, ys, log_x)
+    parts = axes.frame(_axis_label(what, unit, log_x), "Test accuracy (%)")
+    front = pareto_front(xs, ys)
+    if len(front) > 1:
+        steps = [f"{axes.px(xs[front[0]]):.1f},{axes.py(ys[front[0]]):.1f}"]
+        for a, b in pairwise(front):
+            steps += [f"{axes.px(xs[b]):.1f},{axes.py(ys[a]):.1f}", f"{axes.px(xs[b]):.1f},{axes.py(ys[b]):.1f}"]
+        parts.append(
+            f'<polyline class="front" points="{" ".join(steps)}"><title>Pareto front: best accuracy at each cost</title></polyline>'
+        )
+    on_front = set(front)
+    for i, (x, y, r) in enumerate(points):
+        cls = "pt front-pt" if i in on_front else "pt"
+        tip = _hover(r, f"test acc {y:.2f} %", f"{what} {x:,.2f} {unit}", "on the Pareto front" if i in on_front else "")
+        parts.append(
+            f'<circle class="{cls}" data-i="{index[id(r)]}" cx="{axes.px(x):.1f}" cy="{axes.py(y):.1f}" r="{6 if i in on_front else 5}" '
+            f'fill="{colors[r.model]}"><title>{tip}</title></circle>'
+        )
+    for i in front:
+        x, y = axes.px(xs[i]), axes.py(ys[i])
+        anchor = "end" if x > axes.W * 0.7 else "start"
+        dx = -8 if anchor == "end" else 8
+        parts.append(
+            f'<text class="pt-label" x="{x + dx:.1f}" y="{y - 7:.1f}" text-anchor="{anchor}">{_e(_short(points[i][2].name, 24))}</text>'
+        )
+    return _svg(parts, f"Test accuracy vs {what}")
+
+
+def _curve_svg(rows: Sequence[RunRow], index: dict[int, int], metric: str, y_label: str, colors: dict[str, str]) -> str:
+    """One line per run over epochs (hover a line for its run)."""
+    scale = 100.0 if metric == "test_acc" else 1.0
+    series = []
+    for r in rows:
+        pairs = ((_number(h.get("epoch")), _number(h.get(metric))) for h in r.history)
+        pts = sorted((epoch, value * scale) for epoch, value in pairs if epoch is not None and value is not None)
+        if pts:
+            series.append((r, pts))
+    if not series:
+        return _empty_svg(f"no run recorded {metric} per epoch")
+    xs = [x for _, pts in series for x, _ in pts]
+    ys = [y for _, pts in series for _, y in pts]
+    axes = _Axes(xs, ys, log_x=False, integer_x=True)
+    parts = axes.frame("Epoch", y_label)
+    for r, pts in series:
+        coords = " ".join(f"{axes.px(x):.1f},{axes.py(y):.1f}" for x, y in pts)
+        epoch, last = pts[-1]
+        tip = _hover(r, f"{y_label.lower()} at epoch {epoch:g}: {last:.{2 if metric == 'test_acc' else 3}f}")
+        color = colors[r.model]
+        parts.append(f'<g class="curve" data-i="{index[id(r)]}"><title>{tip}</title><polyline points="{coords}" stroke="{color}"/>')
+        parts.append("".join(f'<circle cx="{axes.px(x):.1f}" cy="{axes.py(y):.1f}" r="2.2" fill="{color}"/>' for x, y in pts) + "</g>")
+    return _svg(parts, f"{y_label} per epoch")
+
+
+_CSS = """
+:root { --fg: #1d1d1f; --muted: #6b6b70; --line: #e3e3e8; --bg: #ffffff; --panel: #f7f7f9; --accent: #0072B2; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: var(--fg); background: var(--bg); }
+main { max-width: 1280px; margin: 0 auto; padding: 24px 28px 48px; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 32px 0 10px; border-bottom: 1px solid var(--line); padding-bottom: 6px; }
+.meta { color: var(--muted); margin: 0; } .meta code { font-size: 12px; }
+.counts { display: flex; gap: 12px; margin: 14px 0 4px; flex-wrap: wrap; }
+.count { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 8px 14px; }
+.count b { font-size: 20px; display: block; } .count.bad b { color: #B3261E; } .count.wait b { color: #8a6d00; }
+.grid3 { display: grid; grid-template-columns: repeat(auto-fit, minmax(360px, 1fr)); gap: 16px; }
+figure { margin: 0; background: var(--bg); border: 1px solid var(--line); border-radius: 8px; padding: 8px 8px 4px; }
+figcaption { font-weight: 600; font-size: 13px; padding: 2px 6px 4px; }
+svg { width: 100%; height: auto; display: block; font-size: 12px; }
+svg .plot { fill: #fcfcfd; stroke: #c9c9cf; } svg .grid { stroke: #ececf0; } svg .tick { fill: var(--muted); } svg .label { fill: var(--fg); font-size: 13px; }
+svg .empty { fill: var(--muted); font-size: 13px; } svg .front { fill: none; stroke: #333; stroke-width: 1.3; stroke-dasharray: 5 3; }
+svg .pt { stroke: #fff; stroke-width: 1; cursor: default; } svg .front-pt { stroke: #111; stroke-width: 1.8; }
+svg .pt-label { fill: #333; font-size: 11px; pointer-events: none; paint-order: stroke; stroke: #fcfcfd; stroke-width: 3px; }
+svg .curve polyline { fill: none; stroke-width: 1.6; opacity: 0.85; } svg .curve:hover polyline, svg .curve.hl polyline { stroke-width: 3.5; opacity: 1; }
+svg .pt:hover, svg .pt.hl { stroke: #111; stroke-width: 3; }
+.legend { display: flex; gap: 16px; flex-wrap: wrap; color: var(--muted); margin: 6px 0 12px; font-size: 13px; }
+.legend span::before { content: ""; display: inline-block; width: 10px; height: 10px; border-radius: 50%; background: var(--c); margin-right: 6px; }
+.legend .front-key::before { border-radius: 0; height: 0; width: 18px; border-top: 2px dashed #333; background: none; vertical-align: middle; }
+.note { color: var(--muted); font-size: 12.5px; margin: 6px 0; }
+.table-wrap { overflow-x: auto; border: 1px solid var(--line); border-radius: 8px; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; font-variant-numeric: tabular-nums; }
+th, td { padding: 6px 9px; border-bottom: 1px solid var(--line); text-align: left; white-space: nowrap; }
+td.num, th.num { text-align: right; } td.reason, td.path { white-space: normal; word-break: break-word; }
+td.path { color: var(--muted); font-size: 12px; }
+thead th { background: var(--panel); position: sticky; top: 0; font-weight: 600; }
+table.sortable th { cursor: pointer; user-select: none; } table.sortable th:hover { color: var(--accent); }
+th[aria-sort="ascending"]::after { content: " \\25B2"; font-size: 10px; } th[aria-sort="descending"]::after { content: " \\25BC"; font-size: 10px; }
+tbody tr:hover, tbody tr.hl { background: #eef5fb; }
+.status { font-size: 12px; padding: 1px 8px; border-radius: 10px; background: #e7f4ea; color: #1e6b34; }
+.status.failed { background: #fbe9e7; color: #B3261E; } .status.running, .status.unreadable, .status.incomplete, .status.unknown { background: #fff4d6; color: #8a6d00; }
+footer { color: var(--muted); font-size: 12px; margin-top: 36px; }
+"""
+
+# Sorts by each cell's data-v (numbers numerically), blanks last; hovering a row highlights its points and curves.
+_JS = """
+(function () {
+  document.querySelectorAll("table.sortable").forEach(function (table) {
+    var heads = Array.prototype.slice.call(table.tHead.rows[0].cells);
+    heads.forEach(function (th, col) {
+      th.addEventListener("click", function () {
+        var dir = th.getAttribute("aria-sort") === "ascending" ? "descending" : "ascending";
+        heads.forEach(function (h) { h.removeAttribute("aria-sort"); });
+        th.setAttribute("aria-sort", dir);
+        var numeric = th.classList.contains("num"), sign = dir === "ascending" ? 1 : -1;
+        var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+        rows.sort(function (a, b) {
+          var x = a.cells[col].getAttribute("data-v"), y = b.cells[col].getAttribute("data-v");
+          if (x === "" || y === "") { return (x === "") - (y === ""); }
+          if (numeric) { return sign * (parseFloat(x) - parseFloat(y)); }
+          return sign * x.localeCompare(y, undefined, {numeric: true, sensitivity: "base"});
+        });
+        rows.forEach(function (r) { body.appendChild(r); });
+      });
+    });
+  });
+  function mark(i, on) {
+    document.querySelectorAll('[data-i="' + i + '"]').forEach(function (el) { el.classList.toggle("hl", on); });
+  }
+  document.querySelectorAll("#runs tbody tr").forEach(function (tr) {
+    tr.addEventListener("mouseenter", function () { mark(tr.getAttribute("data-i"), true); });
+    tr.addEventListener("mouseleave", function () { mark(tr.getAttribute("data-i"), false); });
+  });
+})();
+"""
+
+
+def _runs_table(rows: Sequence[RunRow], index: dict[int, int]) -> str:
+    sorted_by = ' aria-sort="descending"'  # rows arrive best accuracy first
+    head = "".join(
+        f'<th scope="col" class="{"num" if numeric else ""}"{sorted_by if title.startswith("Test acc") else ""}>{_e(title)}</th>'
+        for title, _, _, numeric in _COLUMNS
+    )
+    body = []
+    for r in rows:
+        cells = []
+        for title, raw, shown, numeric in _COLUMNS:
+            value, text = raw(r), shown(r)
+            if title == "Status":
+                text_html = f'<span class="status {_e(r.status)}">{_e(text)}</span>'
+            elif title == "Name":
+                text_html = f'<span title="{_e(r.path)}">{_e(text)}</span>'
+            else:
+                text_html = _e(text)
+            cells.append(f'<td class="{"num" if numeric else ""}" data-v="{_e("" if value is None else value)}">{text_html}</td>')
+        body.append(f'<tr data-i="{index[id(r)]}">{"".join(cells)}</tr>')
+    return f'<div class="table-wrap"><table id="runs" class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _problems_table(rows: Sequence[RunRow]) -> str:
+    if not rows:
+        return '<p class="note">None: every run found completed.</p>'
+    head = "".join(f"<th>{t}</th>" for t in ("Name", "Status", "Reason", "Model", "Data", "Epochs done", "results.json"))
+    body = "".join(
+        f'<tr><td>{_e(r.name)}</td><td><span class="status {_e(r.status)}">{_e(r.status)}</span></td><td class="reason">{_e(r.reason)}</td>'
+        f'<td>{_e(r.model)}</td><td>{_e(r.data)}</td><td class="num">{len(r.history)}</td><td class="path">{_e(r.path)}</td></tr>'
+        for r in rows
+    )
+    return f'<div class="table-wrap"><table id="problems"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def render_html(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinished: Sequence[RunRow], sources: Sequence[str]) -> str:
+    """The whole dashboard as one self-contained HTML page.
+
+    Args:
+        completed: completed runs (plots and the sortable table).
+        failed: failed runs, listed apart with their reasons.
+        unfinished: running, unreadable or incomplete runs, listed apart.
+        sources: what was read (dirs or a W&B path), shown in the header.
+
+    Returns:
+        The page; every string from a run is HTML-escaped, the embedded JSON too.
+    """
+    index = {id(r): i for i, r in enumerate(completed)}
+    colors = _model_colors(completed)
+    scatters = "".join(
+        f"<figure><figcaption>Test accuracy vs {_e(scatter[1])}</figcaption>{_scatter_svg(completed, index, scatter, colors)}</figure>"
+        for scatter in SCATTERS
+    )
+    curves = (
+        f"<figure><figcaption>Test accuracy per epoch</figcaption>{_curve_svg(completed, index, 'test_acc', 'Test accuracy (%)', colors)}</figure>"
+        f"<figure><figcaption>Training loss per epoch</figcaption>{_curve_svg(completed, index, 'train_loss', 'Training loss', colors)}</figure>"
+    )
+    legend = (
+        "".join(f'<span style="--c:{c}">{_e(m)}</span>' for m, c in colors.items())
+        + '<span class="front-key">Pareto front (ringed points)</span>'
+    )
+    devices = sorted({r.latency_device for r in completed if r.latency_device and r.latency_ms is not None})
+    device_note = (
+        f'<p class="note">Latency measured on different devices ({_e(", ".join(devices))}): compare latencies within one device only.</p>'
+        if len(devices) > 1
+        else (f'<p class="note">Latency: median inference time at batch size 1 on {_e(devices[0])}.</p>' if devices else "")
+    )
+    data = [{k: v for k, v in asdict(r).items() if k != "history"} for r in completed]
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    total = len(completed) + len(failed) + len(unfinished)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>convlab report</title><style>{_CSS}</style></head>
+<body><main>
+<h1>convlab report</h1>
+<p class="meta">Generated {generated} from {", ".join(f"<code>{_e(s)}</code>" for s in sources)}</p>
+<div class="counts"><div class="count"><b>{total}</b>runs found</div><div class="count"><b>{len(completed)}</b>completed</div>
+<div class="count bad"><b>{len(failed)}</b>failed</div><div class="count wait"><b>{len(unfinished)}</b>unfinished</div></div>
+<h2>Accuracy vs cost</h2>
+<div class="legend">{legend}</div>
+<div class="grid3">{scatters}</div>
+<p class="note">Pareto front: runs no other run beats on both accuracy and cost; the dashed step is the best accuracy reachable at each cost.
+MACs: one multiply-add counts once (conv + linear, as the MobileNet papers count). Hover a point for its run.</p>{device_note}
+<h2>Training curves</h2>
+<div class="grid3">{curves}</div>
+<h2>Completed runs</h2>
+<p class="note">Click a column header to sort; hover a row to find its points above.</p>
+{_runs_table(completed, index)}
+<h2>Failed and unfinished runs</h2>
+<p class="note">Not in the plots or tables above.</p>
+{_problems_table([*failed, *unfinished])}
+<footer>convlab · accuracy on the test set, MACs and params in millions, wall time of the whole run.</footer>
+</main>
+<script type="application/json" id="runs-data">{_json_for_script(data)}</script>
+<script>{_JS}</script>
+</body></html>
+"""
+
+
+# ---------------------------------------------------------------- the whole report
+
+
+def _writable_dir(out: str | Path) -> Path:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as ex:
+        raise ValueError(f"out dir '{out}' is not writable ({ex.strerror or ex}); pass out=DIR with a writable path") from None
+    return path
+
+
+def build_report(
+    runs: Sequence[str | Path] | str | None,
+    out: str | Path = "report",
+    source: str = "local",
+    project: str | None = None,
+    entity: str | None = None,
+    api: Any = None,
+) -> dict[str, Any]:
+    """Read the runs, then write index.html, the PNG figures and runs.csv / runs.md into ``out``.
+
+    Args:
+        runs: dirs searched recursively for results.json (source local); a single dir may be a string.
+        out: output dir, created when missing.
+        source: ``local`` or ``wandb``.
+        project: W&B project (source wandb).
+        entity: W&B entity (source wandb).
+        api: injected W&B API object (tests); None builds ``wandb.Api()``.
+
+    Returns:
+        Summary: ``runs``, ``completed``, ``failed``, ``unfinished`` counts, ``index`` (path of
+        index.html), ``files`` written, and ``problems`` (name, status, reason, path per run left out).
+
+    Raises:
+        ValueError: unknown source, missing or empty runs dirs, unreadable W&B project, unwritable out.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r} is not valid; choose from: {', '.join(SOURCES)}")
+    if source == "local":
+        dirs = [runs] if isinstance(runs, (str, Path)) else list(runs or [])
+        records = load_local_runs([str(d) for d in dirs])
+        sources = [str(d) for d in dirs]
+    else:
+        records = load_wandb_runs(project, entity, api=api)
+        sources = [f"wandb:{entity}/{project}" if entity else f"wandb:{project}"]
+    out_dir = _writable_dir(out)
+    completed, failed, unfinished = split_runs(records)
+    files = write_tables(completed, out_dir) + write_figures(completed, out_dir)
+    index = out_dir / "index.html"
+    index.write_text(render_html(completed, failed, unfinished, sources), encoding="utf-8")
+    return {
+        "runs": len(records),
+        "completed": len(completed),
+        "failed": len(failed),
+        "unfinished": len(unfinished),
+        "sources": sources,
+        "index": str(index),
+        "files": [str(index), *(str(f) for f in files)],
+        "problems": [{"name": r.name, "status": r.status, "reason": r.reason, "path": r.path} for r in (*failed, *unfinished)],
+    }
+
+
+def format_summary(summary: dict[str, Any], limit: int = 10) -> str:
+    """A few lines for the terminal: counts, the runs left out (at most ``limit``) and where the page is."""
+    lines = [
+        f"{summary['runs']} runs from {', '.join(summary['sources'])}: "
+        f"{summary['completed']} completed, {summary['failed']} failed, {summary['unfinished']} unfinished"
+    ]
+    for problem in summary["problems"][:limit]:
+        lines.append(f"  {problem['status']}: {problem['name']}: {problem['reason']} ({problem['path']})")
+    if len(summary["problems"]) > limit:
+        lines.append(f"  ... and {len(summary['problems']) - limit} more (see the page)")
+    lines.append(f"report: {summary['index']}  (+ {len(summary['files']) - 1} files: tables and figures)")
+    return "\n".join(lines)

@@ -1,0 +1,298 @@
+"""experiments/report.py and scripts/report.py: the dashboard, figures and tables from results.json files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from experiments.report import build_report, load_local_runs, load_wandb_runs, pareto_front, split_runs
+
+from .conftest import assert_one_line_error, run_script
+
+HOSTILE = "<script>alert(1)</script>"
+HOSTILE_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+# name, model, MACs (M), params (M), test acc, latency (ms), subdir (a sweep job or a single run)
+COMPLETED = [
+    ("standard-cifar10", "standard", 40.0, 0.60, 0.920, 3.1, "outputs/standard-cifar10/2026-11-24_12-00-00"),
+    ("separable-cifar10", "separable", 21.3, 0.14, 0.910, 1.9, "multirun/2026-11-24/model=separable,seed=0"),
+    ("separable-cifar10-s1", "separable", 21.3, 0.14, 0.905, 2.0, "multirun/2026-11-24/model=separable,seed=1"),
+    ("depthwise-cifar10", "depthwise", 5.0, 0.05, 0.800, 1.2, "multirun/2026-11-24/model=depthwise,seed=0"),
+    ("pointwise-cifar10", "pointwise", 15.0, 0.09, 0.780, 1.5, "multirun/2026-11-24/model=pointwise,seed=0"),
+    (HOSTILE, "separable", 30.0, 0.20, 0.850, 2.5, "outputs/hostile/2026-11-24_13-00-00"),
+]
+FAILED_REASON = "loss is nan at epoch 3 (lr 0.4 too high?)"
+
+
+def _record(name: str, model: str, macs_m: float, params_m: float, acc: float, latency: float, seed: int = 0) -> dict:
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 2.0 / e,
+            "train_acc": acc * e / 4,
+            "val_acc": None,
+            "test_acc": acc * (0.7 + 0.1 * e),
+            "lr": 0.1,
+            "seconds": 30.0,
+        }
+        for e in (1, 2, 3)
+    ]
+    return {
+        "schema": 1,
+        "status": "completed",
+        "reason": None,
+        "name": name,
+        "model": model,
+        "data": "cifar10",
+        "experiment": "blocks",
+        "row": model,
+        "seed": seed,
+        "started_at": "2026-11-24T12:00:00+00:00",
+        "config": {"name": name},
+        "cost": {"params": int(params_m * 1e6), "macs": int(macs_m * 1e6), "latency_ms": {"1": latency}, "latency_device": "cpu"},
+        "history": history,
+        "final": {"test_acc": acc, "train_loss": 0.3, "wall_seconds": 95.0, "best_epoch": 3, "best_by": "test", "epochs": 3},
+    }
+
+
+def write_runs(root: Path) -> Path:
+    """A runs tree: six completed runs (one with a hostile name), one failed, one running, one corrupt file."""
+    for name, model, macs, params, acc, latency, sub in COMPLETED:
+        path = root / sub / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(_record(name, model, macs, params, acc, latency, seed=int(sub.endswith("seed=1")))))
+    failed = {**_record("diverged-run", "standard", 40.0, 0.6, 0.1, 3.0), "status": "failed", "reason": FAILED_REASON, "final": None}
+    running = {**_record("still-going", "separable", 21.3, 0.14, 0.5, 1.9), "status": "running", "final": None}
+    for sub, record in (("outputs/diverged/1", failed), ("outputs/running/1", running)):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "results.json").write_text(json.dumps(record))
+    (root / "multirun/2026-11-24/model=broken").mkdir(parents=True)
+    (root / "multirun/2026-11-24/model=broken/results.json").write_text('{"schema": 1, "status": "compl')
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """(runs root, out dir, summary) of one build_report call shared by the checks below."""
+    root = write_runs(tmp_path_factory.mktemp("runs"))
+    out = tmp_path_factory.mktemp("report") / "out"
+    return root, out, build_report([str(root)], out=out)
+
+
+def test_pareto_front_hand_made():
+    costs = [5.0, 15.0, 21.3, 21.3, 30.0, 40.0, 50.0]
+    accs = [0.80, 0.78, 0.91, 0.905, 0.85, 0.92, 0.92]
+    # 15 is beaten by 5 (cheaper, better); 21.3/0.905 by its twin; 30 by 21.3; 50 ties 40 on accuracy at a higher cost.
+    assert pareto_front(costs, accs) == [0, 2, 5]
+    assert pareto_front([3.0, 1.0, 2.0], [0.9, 0.5, 0.7]) == [1, 2, 0]  # all on the front, returned by cost
+    assert pareto_front([1.0, 1.0], [0.5, 0.5]) == [0, 1]  # exact duplicates dominate neither
+    assert pareto_front([], []) == []
+    with pytest.raises(ValueError, match="as many costs"):
+        pareto_front([1.0], [])
+
+
+def test_load_and_split_keeps_failed_and_unfinished_apart(tmp_path):
+    records = load_local_runs([write_runs(tmp_path)])
+    assert len(records) == 9
+    completed, failed, unfinished = split_runs(records)
+    assert sorted(r.name for r in completed) == sorted(c[0] for c in COMPLETED)
+    assert [r.test_acc for r in completed] == sorted((r.test_acc for r in completed), reverse=True)  # best first
+    assert [(r.name, r.reason) for r in failed] == [("diverged-run", FAILED_REASON)]
+    assert sorted(r.status for r in unfinished) == ["running", "unreadable"]
+    broken = next(r for r in unfinished if r.status == "unreadable")
+    assert "unreadable results.json" in broken.reason and broken.path.endswith("model=broken/results.json")
+    separable = next(r for r in completed if r.name == "separable-cifar10")
+    assert (separable.macs, separable.params, separable.latency_ms, separable.epochs) == (21.3e6, 140000, 1.9, 3)
+
+
+def test_html_lists_every_run_and_the_problems_apart(report):
+    _, out, summary = report
+    assert (summary["runs"], summary["completed"], summary["failed"], summary["unfinished"]) == (9, 6, 1, 2)
+    page = (out / "index.html").read_text()
+    for name, *_ in COMPLETED:
+        assert (HOSTILE_ESCAPED if name == HOSTILE else name) in page
+    runs_table = page.split('id="runs"')[1].split("</table>")[0]
+    problems = page.split('id="problems"')[1].split("</table>")[0]
+    assert "diverged-run" in problems and "still-going" in problems and "model=broken" in problems
+    assert "loss is nan at epoch 3 (lr 0.4 too high?)" in problems and "unreadable results.json" in problems
+    assert "diverged-run" not in runs_table and "still-going" not in runs_table
+    assert runs_table.count("<tr data-i=") == 6
+    # one point per completed run in each of the three scatters, and a curve per run in each of the two curve charts
+    assert page.count('<circle class="pt') == 3 * 6 and page.count('<g class="curve"') == 2 * 6
+    # the table's numbers: accuracy in %, MACs in M with 1 decimal, params in M with 2
+    assert ">91.00<" in runs_table and ">21.3<" in runs_table and ">0.14<" in runs_table and ">1m 35s<" in runs_table
+
+
+def test_html_marks_the_pareto_front(report):
+    page = (report[1] / "index.html").read_text()
+    macs_chart = page.split("<figcaption>Test accuracy vs MACs</figcaption>")[1].split("</svg>")[0]
+    front_titles = re.findall(r'<circle class="pt front-pt"[^>]*><title>([^<\n]*)', macs_chart)
+    assert sorted(front_titles) == ["depthwise-cifar10", "separable-cifar10", "standard-cifar10"]
+    assert '<polyline class="front"' in macs_chart
+
+
+def test_html_is_self_contained(report):
+    page = (report[1] / "index.html").read_text()
+    assert not re.search(r"\b(src|href)\s*=", page), "the page must load nothing"
+    assert "url(" not in page and "@import" not in page and "<link" not in page
+    assert page.count("<svg") == 5 and page.count("<script") == 2  # the data block and the sorting script
+
+
+def test_hostile_strings_are_escaped(tmp_path):
+    root = write_runs(tmp_path / "runs")
+    evil = {**_record("ok-run", "x", 1.0, 0.1, 0.5, 1.0), "model": '"><img src=x onerror=alert(2)>', "experiment": "</script><b>"}
+    (root / "evil").mkdir()
+    (root / "evil/results.json").write_text(json.dumps(evil))
+    failed = {**_record("f", "m", 1.0, 0.1, 0.5, 1.0), "status": "failed", "reason": HOSTILE, "final": None}
+    (root / "evil-failed").mkdir()
+    (root / "evil-failed/results.json").write_text(json.dumps(failed))
+    build_report([root], out=tmp_path / "out")
+    page = (tmp_path / "out/index.html").read_text()
+    assert HOSTILE not in page and "<img" not in page and "</script><b>" not in page
+    assert HOSTILE_ESCAPED in page and "&lt;img src=x onerror=alert(2)&gt;" in page
+    data = page.split('<script type="application/json" id="runs-data">')[1].split("</script>")[0]
+    assert "<" not in data and ">" not in data
+    names = {r["name"] for r in json.loads(data)}
+    assert HOSTILE in names and "ok-run" in names  # the \u003c escapes decode back to the literal name
+
+
+def test_tables_and_figures(report):
+    _, out, summary = report
+    with (out / "runs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["name"] for r in rows} == {c[0] for c in COMPLETED}
+    standard = next(r for r in rows if r["name"] == "standard-cifar10")
+    assert (standard["test_acc_pct"], standard["macs_m"], standard["params_m"], standard["macs"]) == ("92.00", "40.0", "0.60", "40000000")
+    lines = (out / "runs.md").read_text().splitlines()
+    assert lines[0].startswith("| Name | Model |") and set(lines[1]) <= set("|-:")
+    assert len(lines) == 2 + 6
+    assert any("\\<script\\>alert(1)\\</script\\>" in line for line in lines)  # literal text in a Markdown renderer
+    for stem in ("acc_vs_macs", "acc_vs_params", "acc_vs_latency"):
+        path = out / f"{stem}.png"
+        assert str(path) in summary["files"] and path.stat().st_size > 10_000
+        image = Image.open(path).convert("RGB")
+        assert image.size[0] > 500 and len(image.getcolors(maxcolors=1 << 20)) > 50  # drawn, not blank
+
+
+class _FakeRun(SimpleNamespace):
+    def history(self, pandas: bool = True) -> list[dict]:
+        assert pandas is False
+        return self.rows
+
+
+class _FakeApi:
+    def __init__(self, runs: list[_FakeRun]) -> None:
+        self._runs, self.paths = runs, []
+
+    def runs(self, path: str) -> list[_FakeRun]:
+        self.paths.append(path)
+        return self._runs
+
+
+def _fake_api() -> _FakeApi:
+    config = {
+        "name": "separable-cifar10",
+        "model": {"name": "separable"},
+        "data": {"name": "cifar10"},
+        "seed": 2,
+        "table": {"name": "blocks"},
+        "row": "sep",
+    }
+    done = _FakeRun(
+        name="separable-cifar10-s2",
+        id="abc",
+        state="finished",
+        url="https://wandb.ai/team/convlab/runs/abc",
+        config=config,
+        summary={"test/acc": 0.9, "cost/macs": 21_300_000, "cost/params": 140_000, "cost/latency_ms_b1": 1.9, "final/wall_seconds": 60.0},
+        rows=[
+            {"epoch": 1, "test/acc": 0.8, "train/loss": 1.0},
+            {"_step": 5, "train/loss_step": 0.9},
+            {"epoch": 2, "test/acc": 0.9, "train/loss": 0.5},
+        ],
+    )
+    crashed = _FakeRun(name="depthwise-s0", id="def", state="crashed", url=None, config={"model.name": "depthwise"}, summary={}, rows=[])
+    return _FakeApi([done, crashed])
+
+
+def test_wandb_source_with_a_fake_api(tmp_path):
+    api = _fake_api()
+    records = load_wandb_runs("convlab", entity="team", api=api)
+    assert api.paths == ["team/convlab"]
+    done, crashed = records
+    assert (done["name"], done["model"], done["data"], done["seed"], done["experiment"], done["row"]) == (
+        "separable-cifar10",
+        "separable",
+        "cifar10",
+        2,
+        "blocks",
+        "sep",
+    )
+    assert done["status"] == "completed" and done["final"]["test_acc"] == 0.9 and done["final"]["epochs"] == 2
+    assert done["cost"] == {"macs": 21_300_000, "params": 140_000, "latency_ms": {"1": 1.9}}
+    assert [h["epoch"] for h in done["history"]] == [1, 2] and done["history"][1]["train_loss"] == 0.5
+    assert (crashed["status"], crashed["model"], crashed["reason"]) == ("failed", "depthwise", "W&B run state: crashed")
+    summary = build_report(None, out=tmp_path / "out", source="wandb", project="convlab", entity="team", api=_fake_api())
+    assert (summary["completed"], summary["failed"], summary["sources"]) == (1, 1, ["wandb:team/convlab"])
+    page = (tmp_path / "out/index.html").read_text()
+    assert "separable-cifar10" in page and "W&amp;B run state: crashed" in page
+
+
+def test_wandb_errors_are_one_line_value_errors():
+    class Down:
+        def runs(self, path: str):
+            raise ConnectionError(f"cannot reach api.wandb.ai for {path}\nretrying")
+
+    with pytest.raises(ValueError, match=r"cannot read W&B project 'convlab': cannot reach api.wandb.ai for convlab retrying$"):
+        load_wandb_runs("convlab", api=Down())
+    with pytest.raises(ValueError, match="has no runs"):
+        load_wandb_runs("empty", api=_FakeApi([]))
+    with pytest.raises(ValueError, match="needs project=NAME"):
+        load_wandb_runs(None, api=_FakeApi([]))
+
+
+def test_cli_end_to_end(tmp_path):
+    root = write_runs(tmp_path / "runs")
+    out = tmp_path / "out"
+    proc = run_script("report.py", f"runs={root}", f"out={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "9 runs" in proc.stdout and "6 completed, 1 failed, 2 unfinished" in proc.stdout and FAILED_REASON in proc.stdout
+    assert str(out / "index.html") in proc.stdout and (out / "index.html").is_file()
+    # a list of dirs, and one JSON object on stdout
+    proc = run_script("report.py", f"runs=[{root}/outputs,{root}/multirun]", f"out={out}", "format=json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["runs"], summary["completed"], summary["failed"], summary["unfinished"]) == (9, 6, 1, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "runs"]  # nothing but out/ written
+
+
+def test_cli_wandb_offline_fails_in_one_line(tmp_path):
+    env = {"WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(tmp_path), "WANDB_DIR": str(tmp_path)}
+    proc = run_script("report.py", "source=wandb", "project=convlab-offline", f"out={tmp_path / 'out'}", env=env, timeout=60)
+    assert_one_line_error(proc, "W&B project 'convlab-offline'")
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["runs={tmp}/missing"], ["runs dir", "missing", "does not exist"]),
+        (["runs=[{tmp}/empty,{tmp}/empty2]"], ["no results.json found under", "empty", "empty2"]),
+        (["runs={tmp}/runs", "source=s3"], ["source='s3'", "local, wandb"]),
+        (["runs={tmp}/runs", "format=xml"], ["format='xml'", "text, json"]),
+        (["runs={tmp}/runs", "out={tmp}/blocker/out"], ["out dir", "blocker", "not writable"]),
+        (["source=wandb"], ["source=wandb needs project=NAME"]),
+        ([], ["no runs dirs given"]),
+    ],
+)
+def test_bad_input_one_line(tmp_path, args, needles):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty2").mkdir()
+    (tmp_path / "blocker").write_text("a file, not a dir")
+    write_runs(tmp_path / "runs")
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert_one_line_error(run_script("report.py", *args, cwd=tmp_path), *[n.format(tmp=tmp_path) for n in needles])
