@@ -1,0 +1,208 @@
+"""Reproduced tables: a ``conf/experiment`` table's rows, our figures beside the paper's, in
+Markdown, CSV and LaTeX.
+
+Cost columns come from the config alone (fvcore on the model the row builds); accuracy columns
+come only from the ``results.json`` files of trained runs, mean +- std over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .config import input_shape, model_from_config
+from .cost import measure_cost
+from .records import read_json
+from .train import measure_latency
+
+__all__ = ["Table", "build_table", "collect_runs", "format_table", "latex_table", "markdown_table", "row_costs"]
+
+Table = list[dict[str, Any]]
+
+
+def row_costs(table: DictConfig, compose: Any, overrides: list[str], latency: bool = True) -> list[dict[str, Any]]:
+    """Cost of every row: ``compose(overrides)`` -> config -> model -> fvcore, plus fp32 CPU latency (batch 1)."""
+    out = []
+    for row in table.rows:
+        cfg = compose([*overrides, *row.overrides])
+        try:
+            model = model_from_config(cfg)
+        except ValueError as ex:  # a row that cannot be built: listed with its reason, the others go on
+            out.append({"row": row, "cost": None, "data": cfg.data.name, "error": " ".join(str(ex).split())})
+            continue
+        cost = measure_cost(model, input_shape(cfg))
+        if latency:
+            cost["latency_ms"] = {"1": measure_latency(model, input_shape(cfg), torch.device("cpu"), channels_last=True, budget_s=0.3)}
+            cost["latency_device"] = "cpu"
+        out.append({"row": row, "cost": cost, "data": cfg.data.name})
+    return out
+
+
+def collect_runs(runs_dir: Path) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Completed run records by table row, and the failed or unfinished ones, from ``runs_dir/**/results.json``."""
+    done: dict[str, list[dict[str, Any]]] = {}
+    other: list[dict[str, Any]] = []
+    for path in sorted(Path(runs_dir).glob("**/results.json")):
+        record = read_json(path)
+        if record is None:
+            other.append({"row": None, "status": "unreadable", "reason": f"{path} is not valid JSON", "run_dir": str(path.parent)})
+        elif record.get("status") == "completed" and (record.get("final") or {}).get("test_acc") is not None:
+            done.setdefault(str(record.get("row")), []).append(record)
+        else:
+            other.append(record)
+    return done, other
+
+
+def _digits(value: float) -> int:
+    text = repr(value)
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def _diff(ours: float, paper: float) -> str:
+    """Ours minus the paper's, at the precision the paper printed: "0" means they agree."""
+    digits = _digits(paper)
+    delta = round(round(ours, digits) - paper, digits)
+    return "0" if delta == 0 else f"{delta:+.{digits}f}"
+
+
+def build_table(table: DictConfig, costs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]] | None) -> Table:
+    """One dict per row: setting, accuracy (ours and paper), MACs and params (ours, paper, difference), latency, note."""
+    out = []
+    for item in costs:
+        row, cost = item["row"], item["cost"] or {"macs": math.nan, "params": math.nan}
+        paper = OmegaConf.to_container(row.paper) if row.get("paper") else {}
+        records = (runs or {}).get(str(row.id), [])
+        accs = [100 * r["final"]["test_acc"] for r in records]
+        latency = cost.get("latency_ms", {}).get("1")
+        device = cost.get("latency_device")
+        measured = [r["cost"]["latency_ms"]["1"] for r in records if "1" in r["cost"].get("latency_ms", {})]
+        if measured:  # measured on the training device after training
+            latency = statistics.median(measured)
+            device = records[0]["cost"].get("latency_device")
+        macs_m, params_m = cost["macs"] / 1e6, cost["params"] / 1e6
+        out.append({
+            "id": str(row.id),
+            "setting": row.label,
+            "data": item["data"],
+            "acc": statistics.fmean(accs) if accs else None,
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else None,
+            "seeds": len(accs),
+            "paper_acc": paper.get("accuracy"),
+            "macs_m": macs_m,
+            "paper_macs_m": paper.get("macs_m"),
+            "macs_diff": _diff(macs_m, paper["macs_m"]) if "macs_m" in paper and item["cost"] else None,
+            "params_m": params_m,
+            "paper_params_m": paper.get("params_m"),
+            "params_diff": _diff(params_m, paper["params_m"]) if "params_m" in paper and item["cost"] else None,
+            "latency_ms": latency,
+            "latency_device": device,
+            "note": " ".join(str(row.get("note") or item.get("error") or "").split()) or None,
+        })  # fmt: skip
+    return out
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _acc(row: dict[str, Any]) -> str:
+    if row["acc"] is None:
+        return "—"
+    if row["acc_std"] is None:
+        return f"{row['acc']:.2f}" + (f" (n={row['seeds']})" if row["seeds"] > 1 else "")
+    return f"{row['acc']:.2f} ± {row['acc_std']:.2f} (n={row['seeds']})"
+
+
+def _columns(rows: Table, table: DictConfig) -> list[tuple[str, list[str]]]:
+    has_paper = any(r["paper_macs_m"] is not None or r["paper_acc"] is not None for r in rows)
+    data = rows[0]["data"] if rows else "?"
+    cols = [("setting", [r["setting"] for r in rows]), (f"acc % ({data})", [_acc(r) for r in rows])]
+    if has_paper:
+        cols.append(
+            (f"paper acc % ({table.get('paper_accuracy') or 'paper'})".replace(" (%)", ""), [_fmt(r["paper_acc"], "") for r in rows])
+        )
+    cols.append(("MACs (M)", [_fmt(r["macs_m"], ".1f") for r in rows]))
+    if has_paper:
+        cols += [("paper MACs (M)", [_fmt(r["paper_macs_m"], "") for r in rows]), ("Δ MACs", [r["macs_diff"] or "—" for r in rows])]
+    cols.append(("params (M)", [_fmt(r["params_m"], ".2f") for r in rows]))
+    if has_paper:
+        cols += [("paper params (M)", [_fmt(r["paper_params_m"], "") for r in rows]), ("Δ params", [r["params_diff"] or "—" for r in rows])]
+    devices = {r["latency_device"] for r in rows if r["latency_device"]}
+    cols.append((f"latency ms ({', '.join(sorted(devices)) or '—'}, batch 1)", [_fmt(r["latency_ms"], ".2f") for r in rows]))
+    return cols
+
+
+def markdown_table(rows: Table, table: DictConfig) -> str:
+    """The table in Markdown, with the source and each row's note as footnotes."""
+    cols = _columns(rows, table)
+    lines = [
+        "| " + " | ".join(name for name, _ in cols) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|",
+    ]
+    for i in range(len(rows)):
+        lines.append("| " + " | ".join(values[i].replace("|", r"\|") for _, values in cols) + " |")
+    notes = [f"- {r['setting']}: {r['note']}" for r in rows if r["note"]]
+    head = f"**{table.title}** ({table.source})"
+    delta = "Δ = ours rounded to the paper's printed digits minus the paper's figure; 0 means they agree."
+    extra = [delta] if any(r["macs_diff"] is not None for r in rows) else []
+    return "\n".join([head, "", *lines, "", *extra, *notes]).rstrip() + "\n"
+
+
+def csv_table(rows: Table, table: DictConfig) -> str:
+    """Every field of every row, machine-readable (exact MACs and params in millions)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["id"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _tex(text: str) -> str:
+    for a, b in (
+        ("\\", r"\textbackslash{}"),
+        ("&", r"\&"),
+        ("%", r"\%"),
+        ("_", r"\_"),
+        ("#", r"\#"),
+        ("$", r"\$"),
+        ("±", r"$\pm$"),
+        ("Δ", r"$\Delta$"),
+        ("—", "--"),
+    ):
+        text = text.replace(a, b)
+    return text
+
+
+def latex_table(rows: Table, table: DictConfig) -> str:
+    """A booktabs ``table`` environment ready to paste into a paper."""
+    cols = _columns(rows, table)
+    spec = "l" + "r" * (len(cols) - 1)
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(str(table.title))} ({_tex(str(table.source))})}}", rf"\begin{{tabular}}{{{spec}}}",
+             r"\toprule", " & ".join(_tex(name) for name, _ in cols) + r" \\", r"\midrule"]  # fmt: skip
+    for i in range(len(rows)):
+        lines.append(" & ".join(_tex(values[i]) for _, values in cols) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\label{{tab:{_tex(str(table.name))}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def format_table(rows: Table, table: DictConfig, failed: list[dict[str, Any]] | None = None) -> str:
+    """What reproduce.py prints: the Markdown table, then failed or unfinished runs apart."""
+    text = markdown_table(rows, table)
+    if failed:
+        text += "\nFailed or unfinished runs (not in the table):\n"
+        text += "".join(
+            f"- row {r.get('row')}: {r.get('status')}: {r.get('reason') or 'no reason recorded'} ({r.get('run_dir')})\n" for r in failed
+        )
+    return text
+
+
+def as_json(rows: Table, table: DictConfig, failed: list[dict[str, Any]]) -> str:
+    return json.dumps({"table": table.name, "title": table.title, "source": table.source, "rows": rows, "failed": failed}, default=str)

@@ -1,0 +1,79 @@
+"""Reproduce a table: run an experiment's sweep (or only count its cost) and print ours beside the paper's.
+
+    python scripts/reproduce.py table=mobilenet_t6 cost_only=true
+    python scripts/reproduce.py table=blocks data=fashion_mnist trainer=quick seeds=3
+
+Writes <out>/<table>.md, .csv and .tex; prints the Markdown table on stdout (format=json: one
+JSON object). Training goes through `scripts/run.py -m experiment=<table>` into <out>/runs, so
+an interrupted reproduction continues where it stopped and finished rows are not trained again.
+"""
+
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+# The repo root replaces scripts/ on the path: scripts/profile.py must not shadow the stdlib's profile module.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from experiments.cli import CONF_DIR, entry, fail
+from experiments.records import atomic_write
+from experiments.tables import as_json, build_table, collect_runs, csv_table, format_table, latex_table, row_costs
+
+log = logging.getLogger("convlab")
+OWN_KEYS = {"table", "cost_only", "seeds", "out", "format", "latency"}
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+@entry("reproduce")
+def main(cfg: DictConfig) -> None:
+    tables = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+    if cfg.table not in tables:
+        raise ValueError(f"unknown table {cfg.table!r}; choose from: {', '.join(tables)}")
+    if cfg.format not in ("text", "json"):
+        raise ValueError(f"format={cfg.format!r} is not valid; choose from: text, json")
+    if isinstance(cfg.seeds, bool) or not isinstance(cfg.seeds, int) or cfg.seeds < 1:
+        raise ValueError(f"seeds={cfg.seeds!r} must be a whole number >= 1")
+    overrides = HydraConfig.get().overrides
+    passthrough = [o for o in overrides.task if _key(o) not in OWN_KEYS]
+    launcher = [o for o in overrides.hydra if _key(o).startswith(("hydra/launcher", "hydra.launcher"))]
+
+    def compose_row(extra: list[str]) -> DictConfig:
+        return compose("config", overrides=[f"experiment={cfg.table}", *passthrough, *extra])
+
+    table = compose_row([]).table
+    slug = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", ",".join(sorted(passthrough))) or "default"
+    out = Path(cfg.out or Path("reproduce") / cfg.table / slug)
+    out.mkdir(parents=True, exist_ok=True)
+    costs = row_costs(table, compose_row, passthrough, latency=cfg.latency and cfg.cost_only)
+
+    runs, failed = None, []
+    if not cfg.cost_only:
+        command = [sys.executable, str(Path(__file__).with_name("run.py")), "-m", f"experiment={cfg.table}", f"hydra.sweep.dir={out / 'runs'}",
+                   f"hydra.sweeper.seeds={cfg.seeds}", *passthrough, *launcher]  # fmt: skip
+        log.info("training %d rows x %d seeds: %s", len(table.rows), cfg.seeds, " ".join(command[1:]))
+        subprocess.run(command, stdout=sys.stderr, check=False)  # failures are read back from results.json
+        runs, failed = collect_runs(out / "runs")
+        wanted = {str(r.id) for r in table.rows}
+        failed = [r for r in failed if str(r.get("row")) in wanted]
+
+    rows = build_table(table, costs, runs)
+    atomic_write(out / f"{cfg.table}.md", format_table(rows, table, failed).encode())
+    atomic_write(out / f"{cfg.table}.csv", csv_table(rows, table).encode())
+    atomic_write(out / f"{cfg.table}.tex", latex_table(rows, table).encode())
+    print(as_json(rows, table, failed) if cfg.format == "json" else format_table(rows, table, failed), flush=True)
+    log.info("wrote %s/%s.{md,csv,tex}", out, cfg.table)
+    if failed:
+        fail(f"{len(failed)} run(s) failed or did not finish; they are listed apart and left out of the table", code=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Reproduced tables: paper figures beside ours, the table sweeper, reuse of finished runs, failed rows apart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from .conftest import CONF, assert_one_line_error, run_script
+
+PAPER_TABLES = ["mobilenet_t4", "mobilenet_t5", "mobilenet_t6", "mobilenet_t7"]
+
+
+@pytest.mark.parametrize("table", PAPER_TABLES)
+def test_cost_only_tables_agree_with_the_paper(table, tmp_path):
+    proc = run_script("reproduce.py", f"table={table}", "cost_only=true", f"out={tmp_path}", "format=json", "latency=false")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    rows = result["rows"]
+    spec = OmegaConf.load(CONF / "experiment" / f"{table}.yaml").table
+    assert [r["setting"] for r in rows] == [row.label for row in spec.rows]
+    for row, want in zip(rows, spec.rows):
+        assert row["paper_macs_m"] == want.paper.macs_m and row["paper_params_m"] == want.paper.params_m
+        assert row["paper_acc"] == want.paper.accuracy
+        assert row["params_diff"] == "0", row
+        # every MACs figure agrees to the printed digits, except those whose note explains why not
+        assert row["macs_diff"] == "0" or (row["note"] and row["macs_diff"] in ("+1", "+1.0")), row
+    for suffix in ("md", "csv", "tex"):
+        assert (tmp_path / f"{table}.{suffix}").stat().st_size > 200
+    assert r"\begin{tabular}" in (tmp_path / f"{table}.tex").read_text()
+
+
+def test_cost_only_markdown_on_stdout(tmp_path):
+    proc = run_script("reproduce.py", "table=mobilenet_t6", "cost_only=true", f"out={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("**MobileNet width multiplier**")
+    row = next(line for line in lines if line.startswith("| 0.25 MobileNet-224"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:9] == ["50.6", "41.0", "41", "0", "0.47", "0.5", "0"]
+    assert float(cells[9]) > 0  # measured latency
+
+
+def test_train_rows_with_seeds_then_reuse(tmp_path):
+    args = [
+        "table=bottleneck",
+        "data=synthetic",
+        "data.image_size=16",
+        "trainer=smoke",
+        "logger=none",
+        "seeds=2",
+        f"out={tmp_path}",
+        "format=json",
+    ]
+    first = run_script("reproduce.py", *args)
+    assert first.returncode == 0, first.stderr
+    rows = json.loads(first.stdout)["rows"]
+    assert [r["id"] for r in rows] == ["standard", "standard_se", "depthwise", "depthwise_se"]
+    assert all(r["seeds"] == 2 and r["acc"] is not None and r["acc_std"] is not None for r in rows)
+    assert rows[2]["macs_m"] < rows[0]["macs_m"]  # depthwise 3x3 costs less
+    assert len(list((tmp_path / "runs").glob("*/results.json"))) == 8
+    again = run_script("reproduce.py", *args)
+    assert again.returncode == 0 and again.stderr.count("not training again") == 8
+    assert json.loads(again.stdout)["rows"] == rows
+
+
+def test_failed_row_is_listed_apart(tmp_path):
+    proc = run_script("reproduce.py", "table=blocks", "data=synthetic", "data.image_size=8", "trainer=smoke", "logger=none", "model.widths=[48,96,96]",
+                      f"out={tmp_path}")  # fmt: skip
+    assert proc.returncode == 1
+    assert "Failed or unfinished runs" in proc.stdout and "row depthwise: failed: depthwise block cannot map 32 to 48" in proc.stdout
+    table = proc.stdout.split("Failed or unfinished")[0]
+    depthwise = next(line for line in table.splitlines() if line.startswith("| depthwise 3x3 only"))
+    assert "| — |" in depthwise  # no accuracy for the failed row
+    separable = next(line for line in table.splitlines() if line.startswith("| depthwise separable"))
+    assert "| — |" not in separable.split("|", 3)[2]
+
+
+def test_bad_table_name():
+    assert_one_line_error(
+        run_script("reproduce.py", "table=mobilenet_t9", "cost_only=true"), "unknown table 'mobilenet_t9'", "mobilenet_t6", "blocks"
+    )
+
+
+def test_multirun_with_a_bad_job_keeps_the_good_jobs(tmp_path):
+    proc = run_script("run.py", "-m", "model=separable,depthwise", "model.widths=[48,96,96]", "data=synthetic", "data.image_size=8", "trainer=smoke",
+                      "logger=none", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    assert proc.returncode == 1
+    records = {json.loads(p.read_text())["model"]: json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")}
+    assert records["separable"]["status"] == "completed" and records["separable"]["final"]["test_acc"] is not None
+    assert records["depthwise"]["status"] == "failed" and "cannot map 32 to 48" in records["depthwise"]["reason"]
+    assert "error: job failed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_parallel_launcher_jobs_write_only_their_own_dirs(tmp_path):
+    proc = run_script("run.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "model=separable,pointwise", "data=synthetic",
+                      "data.image_size=8", "trainer=smoke", "trainer.num_threads=1", "logger=none", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    dirs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [d.name for d in dirs] == ["data.image_size=8,data=synthetic,model=pointwise,trainer.num_threads=1,trainer=smoke",
+                                      "data.image_size=8,data=synthetic,model=separable,trainer.num_threads=1,trainer=smoke"]  # fmt: skip
+    for d in dirs:
+        record = json.loads((d / "results.json").read_text())
+        assert record["status"] == "completed" and record["run_dir"] == str(d.resolve())
+        assert {p.name for p in d.iterdir()} <= {".hydra", "results.json", "run.log", "checkpoint-epoch0001.pt"}
+
+
+def test_table_sweeper_jobs(compose_cfg):
+    from hydra.core.plugins import Plugins
+
+    cfg = compose_cfg("experiment=mobilenet_t5", "hydra.sweeper.seeds=3", hydra_cfg=True)
+    assert cfg.hydra.sweeper._target_.endswith("TableSweeper")
+    assert "TableSweeper" in {c.__name__ for c in Plugins.instance().discover()}
