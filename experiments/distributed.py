@@ -60,31 +60,48 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum of every rank's gradient (each rank's loss uses the sum)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are the global batch's: sums all-reduced across ranks.
 
-    Differentiable (``torch.distributed.nn.functional.all_reduce``), so gradients see the global
-    mean and variance exactly as a single process with the whole batch would.
+    The reduction is differentiable, so gradients see the global mean and variance exactly as a
+    single process with the whole batch would.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
-        count = torch.full((1,), x.numel() / c, device=x.device, dtype=torch.float32)
-        xf = x.float()
-        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3)), count]))  # (2C + 1,)
+        # Sums in float64: var = E[x^2] - E[x]^2 loses digits in float32 when the mean is large.
+        xd = x.double()
+        count = torch.full((1,), x.numel() / c, device=x.device, dtype=torch.float64)
+        stats = _AllReduceSum.apply(torch.cat([xd.sum((0, 2, 3)), xd.square().sum((0, 2, 3)), count]))  # (2C + 1,)
         n = stats[-1]
         mean = stats[:c] / n
-        var = stats[c : 2 * c] / n - mean.square()
+        var = (stats[c : 2 * c] / n - mean.square()).clamp_min(0)
         with torch.no_grad():
             self.num_batches_tracked += 1
             factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.lerp_(mean.detach(), factor)
-            self.running_var.lerp_(var.detach() * n / (n - 1), factor)
-        y = (xf - mean.view(1, c, 1, 1)) * torch.rsqrt(var.view(1, c, 1, 1) + self.eps)
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+            self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), factor)
+        compute = torch.promote_types(x.dtype, torch.float32)  # normalise bf16/fp16 inputs in float32, as BatchNorm does
+        scale = torch.rsqrt(var + self.eps).to(compute)
+        y = (x.to(compute) - mean.to(compute).view(1, c, 1, 1)) * scale.view(1, c, 1, 1)
         if self.affine:
             y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
         return y.to(x.dtype)

@@ -106,7 +106,7 @@ class BlockNet(_Network):
         image_size: int = 32,
         width: float = 1.0,
         stem_width: int = 32,
-        widths: Sequence[int] = (64, 128, 256),
+        widths: Sequence[int] = (32, 64, 128),
         depths: Sequence[int] = (2, 2, 2),
         strides: Sequence[int] = (1, 2, 2),
         stem: str = "auto",
