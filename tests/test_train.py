@@ -5,10 +5,8 @@ from __future__ import annotations
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from experiments.train import build_optimizer, lr_factor, train
 from models import build_model
 
 from .conftest import ROOT, assert_one_line_error, run_script
-from .helpers import read_wandb_records, wandb_summary, write_cifar10
+from .helpers import kill_when, read_wandb_records, wandb_summary, write_cifar10
 
 RESULT_KEYS = {"schema", "status", "reason", "name", "model", "data", "experiment", "row", "seed", "run_dir", "started_at", "finished_at",
                "config", "cost", "history", "final", "env", "wandb"}  # fmt: skip
@@ -86,12 +84,7 @@ def test_kill_9_then_resume_gives_the_same_final_metrics(tmp_path):
     whole = subprocess.run(_resume_cmd(tmp_path / "whole"), env=env, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(_resume_cmd(interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (interrupted / "checkpoint-epoch0001.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(_resume_cmd(interrupted), interrupted / "checkpoint-epoch0001.pt")
     partial = json.loads((interrupted / "results.json").read_text())
     assert partial["status"] == "running" and len(partial["history"]) < 3, "the run finished before it could be killed"
     resumed = subprocess.run(_resume_cmd(interrupted), env=env, capture_output=True, text=True, timeout=300)
