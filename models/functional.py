@@ -2,11 +2,68 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["pointwise_conv2d"]
+
+# Below this many pixels per image (H*W), NCHW input is folded into one (K, C) @ (C, N*H*W) product.
+# Per-image products (K, C) @ (C, H*W) this thin leave the GEMM kernel repacking the weight for little
+# work: with N=8 on a 2-core AVX-512 CPU, MobileNet's 7x7 layers ran 1.2-1.3x faster folded (fp32,
+# one thread) and bf16 ones up to 2.5x, while 14x14 layers and larger ran as fast or faster unfolded.
+FOLD_MAX_PIXELS = 64
+
+
+class _BatchedPointwise(torch.autograd.Function):
+    """NCHW 1x1 convolution ``y[n] = W @ x[n] + b`` on ``x`` ``(N, C, P)``, ``W`` ``(K, C)``: one batched GEMM.
+
+    Forward fuses the bias: ``baddbmm`` writes the bias into the output and the GEMM accumulates
+    onto it, instead of a second pass over the output. Backward is the three products of a linear
+    layer, ``dx[n] = W^T @ dy[n]``, ``dW = sum_n dy[n] @ x[n]^T``, ``db = sum dy``: batched products
+    on views when images have at least as many pixels as channels (torch's ``matmul`` of a 2-d by a
+    3-d tensor, which autograd would otherwise run, copies its operands), else one product each with
+    the batch folded into the columns. Built from differentiable ops, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x3: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
+        n, c, p = x3.shape
+        k = w2d.shape[0]
+        w3 = w2d.expand(n, k, c)  # (N, K, C), stride 0 over N: no copy
+        # (N, K, C) @ (N, C, P) -> (N, K, P); baddbmm starts from the bias broadcast over (N, K, P).
+        out = torch.bmm(w3, x3) if bias is None else torch.baddbmm(bias.view(1, k, 1).expand(n, k, p), w3, x3)
+        ctx.save_for_backward(x3, w2d)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        grad = grad.contiguous()  # (N, K, P)
+        # Under autocast the forward ran in a lower precision than the saved tensors: follow grad's dtype.
+        x3, w2d = (t.to(grad.dtype) for t in ctx.saved_tensors)  # (N, C, P), (K, C)
+        n, k, p = grad.shape
+        c = x3.shape[1]
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = None
+        if p < c:
+            # More channels than pixels: the per-image products would be thin, and the (N, K, C)
+            # per-image weight gradients larger than grad itself. Fold the batch into the columns.
+            grad_cols = grad.transpose(0, 1).reshape(k, n * p)  # (K, N*P), a copy
+            if need_x:
+                grad_x = (w2d.t() @ grad_cols).view(c, n, p).transpose(0, 1).contiguous()  # (N, C, P)
+            if need_w:
+                grad_w = grad_cols @ x3.transpose(0, 1).reshape(c, n * p).t()  # (K, N*P) @ (N*P, C) -> (K, C)
+        else:
+            if need_x:
+                grad_x = torch.bmm(w2d.t().expand(n, c, k), grad)  # (N, C, K) @ (N, K, P) -> (N, C, P)
+            if need_w:
+                grad_w = torch.bmm(grad, x3.transpose(1, 2)).sum(0)  # (N, K, C) summed over images -> (K, C)
+        if ctx.has_bias and need_b:
+            grad_b = grad.sum((0, 2))  # (K,)
+        return grad_x, grad_w, grad_b
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -33,7 +90,10 @@ def pointwise_conv2d(
       and ``stride`` keeps every s-th pixel; both are applied to the input before the product;
     * channels_last input ``(N, H, W, C)`` in memory is already a ``(N*H*W, C)`` matrix: one GEMM
       with no copy, and the output stays channels_last, as ``F.conv2d`` keeps it;
-    * contiguous NCHW input is ``N`` matrices ``(C, H*W)``: one batched product ``W @ x[n]``;
+    * contiguous NCHW input is ``N`` matrices ``(C, H*W)``: one batched product ``W @ x[n]`` with
+      the bias fused into it, and a hand-written backward (see :class:`_BatchedPointwise`); images
+      smaller than ``FOLD_MAX_PIXELS`` pixels are instead folded into one product ``W @ (C, N*H*W)``
+      with a copy in and out (thin per-image products waste the GEMM kernel);
     * ``groups`` split channels into independent blocks: one batched product over groups.
 
     Args:
@@ -67,7 +127,9 @@ def pointwise_conv2d(
             f"with groups={groups}; expected (out, {c // groups}, 1, 1) with out divisible by {groups}"
         )
     if bias is not None and tuple(bias.shape) != (k,):
-        raise ValueError(f"pointwise_conv2d: bias shape {tuple(bias.shape)} does not match weight shape {tuple(weight.shape)}; expected ({k},)")
+        raise ValueError(
+            f"pointwise_conv2d: bias shape {tuple(bias.shape)} does not match weight shape {tuple(weight.shape)}; expected ({k},)"
+        )
 
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))  # zeros: the output there is the bias alone
@@ -82,11 +144,22 @@ def pointwise_conv2d(
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
         out = F.linear(rows, w2d, bias)  # (N*H*W, K)
         return out.view(n, h, w, k).permute(0, 3, 1, 2)  # channels_last (N, K, H, W)
-    if groups == 1:
-        # NCHW: N products (K, C) @ (C, H*W); the output is contiguous NCHW.
+    if groups == 1 and torch.jit.is_tracing():
+        # fvcore counts MACs on a jit trace, in which an autograd.Function is an opaque PythonOp: trace
+        # the plain product instead (the same numbers), whose aten::matmul the cost model counts.
         out = torch.matmul(w2d, x.reshape(n, c, h * w))  # (N, K, H*W)
         if bias is not None:
             out = out + bias.view(1, k, 1)
+        return out.view(n, k, h, w)
+    if groups == 1 and h * w < FOLD_MAX_PIXELS:
+        # Small images: one product over every pixel of the batch beats N thin ones. The two copies
+        # move whole (H*W) rows and scale with C + K, the product with C * K.
+        cols = x.reshape(n, c, h * w).transpose(0, 1).reshape(c, n * h * w)  # (N, C, HW) -> (C, N*HW), a copy
+        out = torch.mm(w2d, cols) if bias is None else torch.addmm(bias.view(k, 1), w2d, cols)  # (K, N*HW)
+        return out.view(k, n, h, w).transpose(0, 1).contiguous()  # (N, K, H, W) NCHW, a copy
+    if groups == 1:
+        # NCHW: N products (K, C) @ (C, H*W); the output is contiguous NCHW.
+        out = _BatchedPointwise.apply(x.reshape(n, c, h * w), w2d, bias)  # (N, K, H*W)
         return out.view(n, k, h, w)
     # Groups: (N, G, C/G, H*W) and (G, K/G, C/G) -> one batched product per (n, g).
     xg = x.reshape(n, groups, c // groups, h * w)

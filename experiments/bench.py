@@ -1,0 +1,952 @@
+"""Benchmarks: measured speed of convlab's ops and blocks next to torch's, and where they sit on a roofline.
+
+A suite is one function registered in :data:`SUITES` under a name (``@register_suite("pointwise")``);
+it takes a :class:`BenchContext` and returns a report whose ``results`` are one dict per measured
+case and whose ``tables`` become the Markdown summary. :func:`run_benchmarks` runs one suite or all
+of them, measures the machine once per run (matrix-multiply peak per dtype, copy bandwidth) and
+writes ``<out>/<suite>.json`` and ``<out>/<suite>.md``.
+
+Conventions, stated once:
+
+* **MACs** are multiply-adds (one multiply-add counts once, as :func:`experiments.cost.measure_cost`
+  counts them); **FLOPs = 2 x MACs**. A forward + backward pass counts ``3 x`` the forward FLOPs:
+  the input gradient and the weight gradient are each one product of the forward's size.
+* **Time** is wall-clock per call, ``time.perf_counter`` on CPU and CUDA events on a GPU, after
+  ``warmup`` untimed calls; contenders of one case run round-robin (call A, call B, call A, ...)
+  so that load from other processes falls on all of them alike. We report the **median**, the
+  minimum and the interquartile range (IQR) of the per-call times.
+* **Achieved GFLOP/s** = FLOPs / median time; **% of peak** = achieved / the median GFLOP/s of a
+  large square ``torch.matmul`` in the same dtype, measured in the same run.
+* **Bytes moved** (the roofline's x-axis denominator): every aten op reads each of its tensor
+  arguments once and writes each of its outputs once, nothing stays in cache between ops; views
+  move nothing. A conv reads its input and weight and writes its output, a BatchNorm reads its
+  input and its four per-channel vectors and writes its output, an in-place ReLU reads and writes
+  its tensor, a residual add reads two tensors and writes one. Bytes = elements x dtype size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from models import BLOCKS, pointwise_conv2d
+
+from .cost import measure_cost
+from .records import env_info, now, write_json
+
+__all__ = [
+    "DTYPES",
+    "SIZES",
+    "SUITES",
+    "BenchContext",
+    "BenchOptions",
+    "bytes_moved",
+    "markdown_report",
+    "measure_bandwidth",
+    "measure_matmul_peak",
+    "options_from_config",
+    "register_suite",
+    "run_benchmarks",
+    "summarize_times",
+    "time_interleaved",
+]
+
+log = logging.getLogger("convlab")
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIZES = ("full", "tiny")
+MALLOC_MODES = ("steady", "default")
+DEVICES = ("auto", "cpu", "cuda")
+# fwd + bwd = forward + input gradient + weight gradient, each a product of the forward's size.
+FLOPS_PER_MAC = {"fwd": 2, "fwd+bwd": 6}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How to run the benchmarks; the fields of ``conf/benchmark.yaml`` less ``suite``, ``format`` and ``out``.
+
+    ``size="tiny"`` is a smoke test: the smallest shapes, at most 3 timed calls, one warm-up, no
+    ``min_time_s``; its numbers mean nothing.
+    """
+
+    device: str = "auto"
+    threads: int | None = None
+    repeats: int = 30
+    warmup: int = 5
+    min_time_s: float = 0.2
+    size: str = "full"
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    malloc: str = "steady"
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; choose from: {', '.join(DEVICES)}")
+        if self.size not in SIZES:
+            raise ValueError(f"unknown size {self.size!r}; choose from: {', '.join(SIZES)}")
+        if self.malloc not in MALLOC_MODES:
+            raise ValueError(f"unknown malloc {self.malloc!r}; choose from: {', '.join(MALLOC_MODES)}")
+        if not self.dtypes:
+            raise ValueError(f"dtypes={list(self.dtypes)} is empty; choose from: {', '.join(DTYPES)}")
+        for name in self.dtypes:
+            if name not in DTYPES:
+                raise ValueError(f"unknown dtype {name!r}; choose from: {', '.join(DTYPES)}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads={self.threads!r} must be null or an int >= 1")
+        if self.repeats < 1 or self.warmup < 0 or self.min_time_s < 0:
+            raise ValueError(f"need repeats >= 1, warmup >= 0, min_time_s >= 0; got {self.repeats}, {self.warmup}, {self.min_time_s}")
+
+    def timing(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`time_interleaved` for this size."""
+        if self.size == "tiny":
+            return {"repeats": min(self.repeats, 3), "warmup": min(self.warmup, 1), "min_time_s": 0.0}
+        return {"repeats": self.repeats, "warmup": self.warmup, "min_time_s": self.min_time_s}
+
+
+@dataclass
+class BenchContext:
+    """What a suite gets: the options, the resolved device, the machine's measured limits and the output dir."""
+
+    options: BenchOptions
+    device: torch.device
+    env: dict[str, Any]
+    peak: dict[str, dict[str, Any]]  # dtype name -> matmul peak (gflops, ...)
+    bandwidth: dict[str, Any]  # copy bandwidth (gb_per_s, ...)
+    out: Path
+    files: list[str] = field(default_factory=list)  # extra files a suite wrote (plots)
+
+    def time(self, fns: dict[str, Callable[[], object]]) -> dict[str, dict[str, float]]:
+        """:func:`time_interleaved` with this run's device and timing options."""
+        return time_interleaved(fns, device=self.device, **self.options.timing())
+
+    def record(self, dtype: str) -> dict[str, Any]:
+        """The fields every result carries: what produced it."""
+        keys = ("device", "device_name", "threads", "torch")
+        return {**{k: self.env[k] for k in keys}, "dtype": dtype}
+
+
+SuiteFn = Callable[[BenchContext], dict[str, Any]]
+SUITES: dict[str, SuiteFn] = {}
+
+
+def register_suite(name: str) -> Callable[[SuiteFn], SuiteFn]:
+    """Decorator: register a suite function under ``name``; a duplicate name raises."""
+
+    def add(fn: SuiteFn) -> SuiteFn:
+        if name in SUITES:
+            raise ValueError(f"benchmark suite {name!r} is already registered")
+        SUITES[name] = fn
+        return fn
+
+    return add
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and the machine's limits
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """A function that calls ``fn`` once and returns its wall time in seconds."""
+    if device.type == "cuda":
+
+        def cuda_time(fn: Callable[[], object]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3  # ms -> s
+
+        return cuda_time
+
+    def cpu_time(fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return cpu_time
+
+
+def summarize_times(seconds: Iterable[float]) -> dict[str, float]:
+    """Median, minimum, quartiles and IQR (milliseconds) of per-call times given in seconds."""
+    ms = sorted(s * 1e3 for s in seconds)
+    if not ms:
+        raise ValueError("summarize_times: no times to summarize")
+    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0], ms[0], ms[0])
+    return {"median_ms": statistics.median(ms), "min_ms": ms[0], "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "repeats": len(ms)}
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    device: torch.device | str = "cpu",
+    repeats: int = 30,
+    warmup: int = 5,
+    min_time_s: float = 0.0,
+    max_repeats: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Time several contenders round-robin and summarize each (see :func:`summarize_times`).
+
+    Each round calls every contender once, so a burst of load from another process hits all of
+    them; rounds go on until there are ``repeats`` of them and each contender has run for
+    ``min_time_s`` in total, or ``max_repeats`` rounds (default ``10 * repeats``). The garbage
+    collector is off while timing, as ``timeit`` does.
+
+    Args:
+        fns: name -> zero-argument callable doing one unit of work.
+        device: where the work runs; on CUDA each call is timed with CUDA events.
+        repeats: the least number of timed calls per contender.
+        warmup: untimed calls per contender first.
+        min_time_s: the least total timed seconds per contender.
+        max_repeats: the most timed calls per contender.
+
+    Returns:
+        name -> ``{median_ms, min_ms, q1_ms, q3_ms, iqr_ms, repeats}``.
+    """
+    device = torch.device(device)
+    timer = _timer(device)
+    max_repeats = max(repeats, max_repeats or 10 * repeats)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    faults = dict.fromkeys(fns, 0)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        rounds = 0
+        while rounds < max_repeats:
+            for name, fn in fns.items():
+                before = _minor_faults()
+                times[name].append(timer(fn))
+                faults[name] += _minor_faults() - before
+            rounds += 1
+            if rounds >= repeats and min(sum(t) for t in times.values()) >= min_time_s:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    # Page faults per call (this process, all threads): non-zero means the call paid for fresh memory.
+    return {name: {**summarize_times(t), "page_faults_per_call": faults[name] / len(t)} for name, t in times.items()}
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def gflops(flops: float, ms: float) -> float:
+    """GFLOP/s of ``flops`` done in ``ms`` milliseconds."""
+    return flops / (ms / 1e3) / 1e9
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, *, repeats: int = 10, warmup: int = 2) -> dict[str, Any]:
+    """The machine's practical matrix-multiply peak: median GFLOP/s of ``(n, n) @ (n, n)`` into a preallocated output.
+
+    FLOPs = ``2 n^3`` (n^3 multiply-adds). ``best_gflops`` is from the fastest call.
+    """
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)  # (n, n)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)  # (n, n)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    stats = time_interleaved({"matmul": lambda: torch.matmul(a, b, out=out)}, device=device, repeats=repeats, warmup=warmup)["matmul"]
+    flops = 2 * n**3
+    return {"n": n, "flops": flops, **stats, "gflops": gflops(flops, stats["median_ms"]), "best_gflops": gflops(flops, stats["min_ms"])}
+
+
+def measure_bandwidth(device: torch.device, mbytes: int = 256, *, repeats: int = 10, warmup: int = 2) -> dict[str, Any]:
+    """Memory bandwidth from copying a large fp32 tensor: (bytes read + bytes written) / median time.
+
+    A copy of ``B`` bytes counts ``2 B`` moved, as STREAM's "copy" counts it; the source and
+    destination are far larger than any cache for the default 256 MB.
+    """
+    numel = mbytes * 2**20 // 4
+    src = torch.ones(numel, device=device)  # touched, so no page faults inside the timing
+    dst = torch.zeros(numel, device=device)
+    stats = time_interleaved({"copy": lambda: dst.copy_(src)}, device=device, repeats=repeats, warmup=warmup)["copy"]
+    moved = 2 * numel * 4
+    return {
+        "bytes": moved,
+        **stats,
+        "gb_per_s": moved / (stats["median_ms"] / 1e3) / 1e9,
+        "best_gb_per_s": moved / (stats["min_ms"] / 1e3) / 1e9,
+    }
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+def set_malloc(mode: str) -> str:
+    """``steady``: make glibc keep freed memory, so a repeated call does not page-fault its output in again.
+
+    By default glibc serves allocations above a threshold (adapting up to 32 MB) with fresh ``mmap``
+    pages and hands freed heap tops back to the OS, so an op whose output is tens of MB pays
+    thousands of page faults on some calls and none on others, depending on what was freed before
+    it: timings then measure the allocator, not the kernel (we saw the same 1x1 convolution take
+    7.7 ms or 15.3 ms). ``M_MMAP_MAX=0`` serves every allocation from the heap and a 2 GiB
+    ``M_TRIM_THRESHOLD`` keeps it, as a caching allocator (jemalloc, tcmalloc, CUDA's) does.
+    ``default`` restores glibc's documented defaults. Returns what is in effect, for the record.
+    """
+    if mode not in MALLOC_MODES:
+        raise ValueError(f"unknown malloc {mode!r}; choose from: {', '.join(MALLOC_MODES)}")
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return "default (mallopt unavailable: not glibc)"
+    settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1} if mode == "steady" else _GLIBC_DEFAULTS
+    if not all(mallopt(param, value) for param, value in settings.items()):
+        return "default (mallopt refused)"
+    return "steady (glibc mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB)" if mode == "steady" else "default (glibc)"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU raises ``ValueError``."""
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; choose from: {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but torch sees no CUDA GPU; use device=cpu or device=auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU features that decide matmul speed (AVX-512, its bf16 dot products, AMX), as /proc/cpuinfo names them."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in flags]
+    except OSError:
+        pass
+    return []
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes moved
+
+
+class _ByteCounter(TorchDispatchMode):
+    """Counts, per aten op, the bytes of its tensor arguments (read) and of its outputs (written)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = 0
+        self.written = 0
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:  # a view moves no data
+            return out
+        read = sum(t.numel() * t.element_size() for t in _tensors((args, kwargs)))
+        written = sum(t.numel() * t.element_size() for t in _tensors(out))
+        self.read += read
+        self.written += written
+        if read + written:  # allocations (empty) move nothing
+            name = str(func.overloadpacket.__name__)
+            self.ops[name] = self.ops.get(name, 0) + read + written
+        return out
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors in a nest of tuples/lists/dicts, each storage once (``x * x`` reads ``x`` once)."""
+    found, seen, stack = [], set(), [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            key = (item.untyped_storage().data_ptr(), item.storage_offset(), item.shape, item.stride())
+            if key not in seen:
+                seen.add(key)
+                found.append(item)
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return found
+
+
+def bytes_moved(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Bytes a forward pass moves under the model in this module's docstring (each op reads its inputs, writes its outputs once).
+
+    Runs ``model(x)`` once in eval mode without autograd, restoring the mode afterwards.
+
+    Returns:
+        ``{"bytes", "read", "written", "by_op": {aten op: bytes}}``.
+    """
+    was_training = model.training
+    model.eval()
+    counter = _ByteCounter()
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return {"bytes": counter.read + counter.written, "read": counter.read, "written": counter.written, "by_op": counter.ops}
+
+
+# ---------------------------------------------------------------------------------------------
+# Suite: pointwise
+
+
+# (group, label, N, C_in, C_out, H=W). MobileNet v1 at 224: every distinct 1x1 layer, batch 8.
+POINTWISE_SHAPES: dict[str, list[tuple[str, str, int, int, int, int]]] = {
+    "full": [
+        ("small output", "32->64 @56", 8, 32, 64, 56),
+        ("large output", "32->256 @56", 8, 32, 256, 56),
+        ("large output", "32->512 @56", 8, 32, 512, 56),
+        *(
+            ("mobilenet_v1", f"{c_in}->{c_out} @{hw}", 8, c_in, c_out, hw)
+            for c_in, c_out, hw in [
+                (32, 64, 112),
+                (64, 128, 56),
+                (128, 128, 56),
+                (128, 256, 28),
+                (256, 256, 28),
+                (256, 512, 14),
+                (512, 512, 14),
+                (512, 1024, 7),
+                (1024, 1024, 7),
+            ]
+        ),
+    ],
+    "tiny": [("small output", "8->16 @6", 2, 8, 16, 6), ("large output", "16->48 @4", 2, 16, 48, 4)],
+}
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+LARGE_GROUPS = ("large output",)
+
+
+def _pointwise_fns(conv: nn.Conv2d, x: torch.Tensor, backward: bool) -> dict[str, Callable[[], object]]:
+    """The three 1x1 formulations on the same weights, as zero-argument calls (forward, or forward + backward)."""
+    weight, bias = conv.weight, conv.bias  # (K, C, 1, 1), (K,)
+    k, c = weight.shape[:2]
+
+    def ours() -> torch.Tensor:
+        return pointwise_conv2d(x, weight, bias)
+
+    def torch_conv() -> torch.Tensor:
+        return conv(x)
+
+    def linear() -> torch.Tensor:
+        # (N, C, H, W) -> (N, H, W, C) @ W^T -> (N, H, W, K) -> (N, K, H, W) view; a copy first when x is NCHW.
+        return F.linear(x.permute(0, 2, 3, 1), weight.view(k, c), bias).permute(0, 3, 1, 2)
+
+    fns = {"ours": ours, "torch": torch_conv, "linear": linear}
+    if not backward:
+        return {name: torch.no_grad()(fn) for name, fn in fns.items()}
+    leaves = (x, weight, bias)
+
+    def with_backward(fn: Callable[[], torch.Tensor]) -> Callable[[], object]:
+        grad_out = torch.randn_like(fn().detach())  # the layout of this contender's own output
+
+        def step() -> object:
+            return torch.autograd.grad(fn(), leaves, grad_out)
+
+        return step
+
+    return {name: with_backward(fn) for name, fn in fns.items()}
+
+
+@register_suite("pointwise")
+def pointwise_suite(ctx: BenchContext) -> dict[str, Any]:
+    """convlab's ``pointwise_conv2d`` vs ``nn.Conv2d(kernel_size=1)`` vs ``F.linear`` over channels.
+
+    Every shape in :data:`POINTWISE_SHAPES`, each dtype, NCHW and channels_last input (all three
+    contenders get the same tensor), forward (no grad) and forward + backward (gradients of input,
+    weight and bias).
+    """
+    device, rows = ctx.device, []
+    for group, label, n, c_in, c_out, hw in POINTWISE_SHAPES[ctx.options.size]:
+        for dtype_name in ctx.options.dtypes:
+            dtype = DTYPES[dtype_name]
+            torch.manual_seed(0)
+            conv = nn.Conv2d(c_in, c_out, 1).to(device, dtype)
+            for fmt, memory_format in MEMORY_FORMATS.items():
+                x = torch.randn(n, c_in, hw, hw, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+                with torch.no_grad():
+                    max_diff = (pointwise_conv2d(x, conv.weight, conv.bias).float() - conv(x).float()).abs().max().item()
+                for pass_name, backward in (("fwd", False), ("fwd+bwd", True)):
+                    xin = x.detach().requires_grad_(backward)
+                    timings = ctx.time(_pointwise_fns(conv, xin, backward))
+                    macs = n * c_in * c_out * hw * hw
+                    row = _rate_row(ctx, dtype_name, macs, pass_name, timings)
+                    row.update(
+                        group=group, layer=label, n=n, c_in=c_in, c_out=c_out, h=hw, w=hw, memory_format=fmt, max_abs_diff_vs_torch=max_diff
+                    )
+                    row["speed_ratio_ours_vs_torch"] = timings["torch"]["median_ms"] / timings["ours"]["median_ms"]
+                    row["speed_ratio_linear_vs_torch"] = timings["torch"]["median_ms"] / timings["linear"]["median_ms"]
+                    row["speed_ratio_ours_vs_torch_min"] = timings["torch"]["min_ms"] / timings["ours"]["min_ms"]
+                    rows.append(row)
+                    t = row["timings"]
+                    log.info(
+                        "pointwise %-13s %-14s %s %-13s %-7s ours %.3f ms  torch %.3f ms  linear %.3f ms  ours/torch speed %.2fx  ours %.0f%% of peak",
+                        group, label, dtype_name, fmt, pass_name, t["ours"]["median_ms"], t["torch"]["median_ms"], t["linear"]["median_ms"],
+                        row["speed_ratio_ours_vs_torch"], t["ours"]["pct_peak"],
+                    )  # fmt: skip
+    summary = _pointwise_summary(rows)
+    return {"results": rows, "summary": summary, "tables": [_summary_table(summary), *_pointwise_tables(rows)], "notes": POINTWISE_NOTES}
+
+
+def _rate_row(ctx: BenchContext, dtype: str, macs: int, pass_name: str, timings: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """One result: MACs, FLOPs, and per contender its times, GFLOP/s and % of the dtype's matmul peak."""
+    flops = FLOPS_PER_MAC[pass_name] * macs
+    peak = ctx.peak[dtype]["gflops"]
+    for stats in timings.values():
+        stats["gflops"] = gflops(flops, stats["median_ms"])
+        stats["pct_peak"] = 100 * stats["gflops"] / peak
+        stats["rel_iqr"] = stats["iqr_ms"] / stats["median_ms"]
+    return {**ctx.record(dtype), "pass": pass_name, "macs": macs, "flops": flops, "peak_gflops": peak, "timings": timings}
+
+
+def _is_large(row: dict[str, Any]) -> bool:
+    """The shapes the %-of-peak goal is about: the large-output group and MobileNet's 512- and 1024-channel layers."""
+    return row["group"] in LARGE_GROUPS or row["c_in"] >= 512
+
+
+def _pointwise_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (dtype, memory format, pass): the ours/torch speed ratios (worst, median, by min times) and ours' % of peak on the large shapes."""
+    summary: dict[str, Any] = {}
+    for key in dict.fromkeys(f"{r['dtype']} {r['memory_format']} {r['pass']}" for r in rows):
+        chosen = [r for r in rows if f"{r['dtype']} {r['memory_format']} {r['pass']}" == key]
+        ratios = [r["speed_ratio_ours_vs_torch"] for r in chosen]
+        worst = min(chosen, key=lambda r: r["speed_ratio_ours_vs_torch"])
+        summary[key] = {
+            "shapes": len(chosen),
+            "shapes_at_least_0.95x": sum(r >= 0.95 for r in ratios),
+            "min_speed_ratio_ours_vs_torch": worst["speed_ratio_ours_vs_torch"],
+            "min_at": worst["layer"],
+            "median_speed_ratio_ours_vs_torch": statistics.median(ratios),
+            "min_speed_ratio_ours_vs_torch_by_min_times": min(r["speed_ratio_ours_vs_torch_min"] for r in chosen),
+            "ours_pct_peak_large": {r["layer"]: round(r["timings"]["ours"]["pct_peak"], 1) for r in chosen if _is_large(r)},
+        }
+    return summary
+
+
+def _summary_table(summary: dict[str, Any]) -> dict[str, Any]:
+    columns = [
+        "dtype, format, pass",
+        "shapes >= 0.95x",
+        "worst ours/torch (at)",
+        "median ours/torch",
+        "worst by min times",
+        "ours % peak, large shapes",
+    ]
+    rows = [
+        [
+            key,
+            f"{e['shapes_at_least_0.95x']}/{e['shapes']}",
+            f"{e['min_speed_ratio_ours_vs_torch']:.2f}x ({e['min_at']})",
+            f"{e['median_speed_ratio_ours_vs_torch']:.2f}x",
+            f"{e['min_speed_ratio_ours_vs_torch_by_min_times']:.2f}x",
+            ", ".join(f"{layer}: {pct:.0f}%" for layer, pct in e["ours_pct_peak_large"].items()),
+        ]
+        for key, e in summary.items()
+    ]
+    return {"title": "Summary: speed of ours relative to torch (torch median time / ours median time)", "columns": columns, "rows": rows}
+
+
+def _pointwise_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    columns = [
+        "group", "layer (C_in->C_out @H=W)", "format", "MACs (M)", "torch ms", "ours ms", "linear ms",
+        "speed ours/torch", "speed linear/torch", "ours GFLOP/s", "torch GFLOP/s", "ours % peak", "torch % peak", "rel. IQR ours/torch",
+    ]  # fmt: skip
+    tables = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        for pass_name in FLOPS_PER_MAC:
+            chosen = [r for r in rows if r["dtype"] == dtype and r["pass"] == pass_name]
+            if not chosen:
+                continue
+            body = []
+            for r in chosen:
+                t = r["timings"]
+                body.append([
+                    r["group"], r["layer"], r["memory_format"], f"{r['macs'] / 1e6:.1f}",
+                    f"{t['torch']['median_ms']:.3f}", f"{t['ours']['median_ms']:.3f}", f"{t['linear']['median_ms']:.3f}",
+                    f"{r['speed_ratio_ours_vs_torch']:.2f}x", f"{r['speed_ratio_linear_vs_torch']:.2f}x",
+                    f"{t['ours']['gflops']:.1f}", f"{t['torch']['gflops']:.1f}", f"{t['ours']['pct_peak']:.0f}%", f"{t['torch']['pct_peak']:.0f}%",
+                    f"{t['ours']['rel_iqr']:.0%} / {t['torch']['rel_iqr']:.0%}",
+                ])  # fmt: skip
+            peak = chosen[0]["peak_gflops"]
+            title = f"{dtype}, {pass_name} (N=8; GFLOP/s = {FLOPS_PER_MAC[pass_name]} x MACs / median time; peak {peak:.1f} GFLOP/s)"
+            tables.append({"title": title, "columns": columns, "rows": body})
+    return tables
+
+
+POINTWISE_NOTES = [
+    "ours: models.pointwise_conv2d (a matrix product over channels); torch: nn.Conv2d(kernel_size=1) (oneDNN on CPU, cuDNN on GPU); "
+    "linear: F.linear on the (N, H, W, C) view of the input, the 'per-pixel linear layer' (a transposing copy first when the input is NCHW).",
+    "All three get the same input tensor in the stated memory format and the same weights. Times are medians of round-robin calls.",
+    "speed ours/torch = torch median time / ours median time: above 1 means ours is faster.",
+    "FLOPs = 2 x MACs for a forward pass and 6 x MACs for forward + backward (input gradient + weight gradient); "
+    "% peak = achieved GFLOP/s / this run's median square-matmul GFLOP/s in the same dtype x 100.",
+    "Large shapes: the 'large output' group and the MobileNet layers with C_in >= 512. 'worst by min times' uses each contender's "
+    "fastest call instead of its median, a view less sensitive to other processes' load.",
+    "The peak is torch.matmul's square product (MKL for fp32 on CPU); oneDNN's convolution kernels can run faster than it, "
+    "so a % of peak above 100 is a measurement, not an error.",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Suite: blocks
+
+
+# (stage, N, C_in, C_out, H=W)
+BLOCK_SHAPES: dict[str, list[tuple[str, int, int, int, int]]] = {
+    "full": [("cifar", 32, 64, 64, 32), ("cifar", 32, 128, 128, 16), ("imagenet", 8, 128, 128, 56)],
+    "tiny": [("tiny", 2, 8, 8, 6)],
+}
+
+
+def _block_fns(models: dict[str, nn.Module], x: torch.Tensor, backward: bool) -> dict[str, Callable[[], object]]:
+    """Per block one zero-argument call: eval forward without grad, or train-mode forward + backward."""
+    fns: dict[str, Callable[[], object]] = {}
+    for name, model in models.items():
+        if not backward:
+            model.eval()
+
+            @torch.no_grad()
+            def forward(model: nn.Module = model) -> object:
+                return model(x)
+
+            fns[name] = forward
+            continue
+        model.train()
+        xin = x.detach().requires_grad_()  # a block inside a network passes a gradient to its input
+        params = [xin, *model.parameters()]
+        grad_out = torch.randn_like(model(xin).detach())
+
+        def step(model: nn.Module = model, xin: torch.Tensor = xin, params: list = params, grad_out: torch.Tensor = grad_out) -> object:
+            return torch.autograd.grad(model(xin), params, grad_out)
+
+        fns[name] = step
+    return fns
+
+
+@register_suite("blocks")
+def blocks_suite(ctx: BenchContext) -> dict[str, Any]:
+    """Every block in ``models.BLOCKS`` at CIFAR and ImageNet stage shapes: a roofline table and plot.
+
+    Per block and shape: MACs (fvcore), bytes moved and arithmetic intensity of the forward pass,
+    eval-mode forward time and train-mode forward + backward time, GFLOP/s and % of peak, and
+    the roofline's attainable GFLOP/s ``min(peak, intensity x bandwidth)``. The blocks of one
+    shape are timed round-robin.
+    """
+    device, rows = ctx.device, []
+    bandwidth = ctx.bandwidth["gb_per_s"]
+    for stage, n, c_in, c_out, hw in BLOCK_SHAPES[ctx.options.size]:
+        torch.manual_seed(0)
+        models = {name: block(c_in, c_out, 1) for name, block in BLOCKS.items()}
+        costs = {name: measure_cost(model, (n, c_in, hw, hw)) for name, model in models.items()}
+        for dtype_name in ctx.options.dtypes:
+            dtype = DTYPES[dtype_name]
+            models = {name: model.to(device, dtype) for name, model in models.items()}
+            x = torch.randn(n, c_in, hw, hw, device=device, dtype=dtype)
+            moved = {name: bytes_moved(model, x) for name, model in models.items()}
+            timed = {pass_name: ctx.time(_block_fns(models, x, pass_name == "fwd+bwd")) for pass_name in FLOPS_PER_MAC}
+            peak = ctx.peak[dtype_name]["gflops"]
+            for name in models:
+                macs = costs[name]["macs"]
+                flops = 2 * macs
+                intensity = flops / moved[name]["bytes"]
+                attainable = min(peak, intensity * bandwidth)
+                row: dict[str, Any] = {
+                    **ctx.record(dtype_name),
+                    "block": name, "stage": stage, "n": n, "c_in": c_in, "c_out": c_out, "h": hw, "w": hw,
+                    "params": costs[name]["params"], "macs": macs, "flops": flops,
+                    "bytes": moved[name]["bytes"], "bytes_read": moved[name]["read"], "bytes_written": moved[name]["written"],
+                    "bytes_by_op": moved[name]["by_op"], "intensity": intensity,
+                    "peak_gflops": peak, "bandwidth_gb_per_s": bandwidth, "attainable_gflops": attainable,
+                }  # fmt: skip
+                for pass_name, timings in timed.items():
+                    stats = dict(timings[name])
+                    pass_flops = FLOPS_PER_MAC[pass_name] * macs
+                    stats["flops"] = pass_flops
+                    stats["gflops"] = gflops(pass_flops, stats["median_ms"])
+                    stats["pct_peak"] = 100 * stats["gflops"] / peak
+                    stats["rel_iqr"] = stats["iqr_ms"] / stats["median_ms"]
+                    row[pass_name] = stats
+                row["pct_attainable_fwd"] = 100 * row["fwd"]["gflops"] / attainable
+                rows.append(row)
+                log.info(
+                    "blocks %-8s %3d->%-3d @%-3d %s %-17s MACs %7.1fM  intensity %6.1f FLOP/B  fwd %8.3f ms %6.1f GFLOP/s (%4.1f%% peak)",
+                    stage, c_in, c_out, hw, dtype_name, name, macs / 1e6, intensity, row["fwd"]["median_ms"], row["fwd"]["gflops"], row["fwd"]["pct_peak"],
+                )  # fmt: skip
+    plot = ctx.out / "blocks_roofline.png"
+    _roofline_plot(rows, ctx.peak, bandwidth, plot)
+    ctx.files.append(str(plot))
+    return {"results": rows, "tables": _blocks_tables(rows), "notes": BLOCKS_NOTES, "plot": str(plot)}
+
+
+def _blocks_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    columns = [
+        "block", "stage (N, C_in->C_out @H=W)", "MACs (M)", "MB moved", "FLOP/byte", "roof GFLOP/s",
+        "fwd ms", "fwd GFLOP/s", "fwd % peak", "fwd % roof", "fwd+bwd ms", "fwd+bwd GFLOP/s", "fwd+bwd % peak", "rel. IQR fwd",
+    ]  # fmt: skip
+    tables = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        chosen = [r for r in rows if r["dtype"] == dtype]
+        body = [
+            [
+                r["block"],
+                f"{r['stage']} ({r['n']}, {r['c_in']}->{r['c_out']} @{r['h']})",
+                f"{r['macs'] / 1e6:.1f}",
+                f"{r['bytes'] / 1e6:.1f}",
+                f"{r['intensity']:.1f}",
+                f"{r['attainable_gflops']:.0f}",
+                f"{r['fwd']['median_ms']:.3f}",
+                f"{r['fwd']['gflops']:.1f}",
+                f"{r['fwd']['pct_peak']:.1f}%",
+                f"{r['pct_attainable_fwd']:.0f}%",
+                f"{r['fwd+bwd']['median_ms']:.3f}",
+                f"{r['fwd+bwd']['gflops']:.1f}",
+                f"{r['fwd+bwd']['pct_peak']:.1f}%",
+                f"{r['fwd']['rel_iqr']:.0%}",
+            ]
+            for r in chosen
+        ]
+        title = (
+            f"{dtype}: peak {chosen[0]['peak_gflops']:.1f} GFLOP/s (square matmul), bandwidth {chosen[0]['bandwidth_gb_per_s']:.1f} GB/s (copy), "
+            f"ridge at {chosen[0]['peak_gflops'] / chosen[0]['bandwidth_gb_per_s']:.1f} FLOP/byte"
+        )
+        tables.append({"title": title, "columns": columns, "rows": body})
+    return tables
+
+
+BLOCKS_NOTES = [
+    "Blocks as built by models.BLOCKS[name](C_in, C_out, 1) with their defaults (3x3 kernels, BatchNorm, no SE; "
+    "inverted_residual expands 6x, bottleneck reduces 4x); NCHW; torch's convolutions.",
+    "MACs: experiments.cost.measure_cost (conv + linear multiply-adds, fvcore). FLOPs = 2 x MACs; fwd+bwd counts 6 x MACs. "
+    "Elementwise work (BatchNorm, activations, adds) is not counted as FLOPs.",
+    "Bytes moved (forward): every aten op reads each tensor argument once and writes each output once (weights and BatchNorm "
+    "statistics included, views free, no cache reuse between ops); elements x dtype size. Intensity = FLOPs / bytes.",
+    "Roof = min(peak, intensity x bandwidth), both measured in this run; % roof = achieved fwd GFLOP/s / roof. The peak is "
+    "torch.matmul's square product (MKL for fp32 on CPU), which oneDNN's convolutions can beat: % peak above 100 is real.",
+    "The bytes model assumes nothing stays in cache between ops, an upper bound on DRAM traffic: activations of a few MB to "
+    "tens of MB partly stay in a server CPU's last-level cache, so memory-bound blocks can reach or pass the DRAM roof.",
+    "fwd: eval mode under torch.no_grad(); fwd+bwd: train mode, gradients of the input and every parameter.",
+]
+
+
+def _roofline_plot(rows: list[dict[str, Any]], peak: dict[str, dict[str, Any]], bandwidth: float, path: Path) -> None:
+    """Achieved forward GFLOP/s against arithmetic intensity (log-log), under the measured peak and bandwidth roofs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 5), squeeze=False)
+    colors = dict(zip(BLOCKS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    markers = dict(zip(dict.fromkeys(f"{r['stage']} {r['c_in']}@{r['h']}" for r in rows), "osD^v"))
+    for ax, dtype in zip(axes[0], dtypes):
+        chosen = [r for r in rows if r["dtype"] == dtype]
+        top = peak[dtype]["gflops"]
+        intensities = [r["intensity"] for r in chosen]
+        lo, hi = min(intensities) / 3, max(max(intensities) * 3, 3 * top / bandwidth)
+        xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+        ax.plot(
+            xs,
+            [min(top, bandwidth * v) for v in xs],
+            color="black",
+            lw=1.5,
+            label=f"roof: {bandwidth:.1f} GB/s x intensity, {top:.0f} GFLOP/s",
+        )
+        ax.axhline(top, color="black", ls=":", lw=1)
+        for r in chosen:
+            shape = f"{r['stage']} {r['c_in']}@{r['h']}"
+            ax.scatter(r["intensity"], r["fwd"]["gflops"], color=colors.get(r["block"], "gray"), marker=markers[shape], s=45, zorder=3)
+        for name, color in colors.items():
+            ax.scatter([], [], color=color, label=name)
+        for shape, marker in markers.items():
+            ax.scatter([], [], color="gray", marker=marker, label=shape)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("arithmetic intensity (FLOP / byte moved, forward)")
+        ax.set_ylabel("achieved GFLOP/s (2 x MACs / median forward time)")
+        ax.set_title(f"{dtype}: blocks on the roofline ({chosen[0]['device_name']}, {chosen[0]['threads']} threads)", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and writing
+
+
+def measure_machine(device: torch.device, options: BenchOptions) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """This run's matmul peak per dtype in ``options.dtypes`` and its copy bandwidth."""
+    tiny = options.size == "tiny"
+    reps = {"repeats": 2, "warmup": 1} if tiny else {}
+    peak = {name: measure_matmul_peak(device, DTYPES[name], 256 if tiny else 2048, **reps) for name in options.dtypes}
+    bandwidth = measure_bandwidth(device, 4 if tiny else 256, **(reps or {"repeats": 20, "warmup": 2}))
+    for name, p in peak.items():
+        log.info(
+            "peak %s: %.1f GFLOP/s (median of %d square %d matmuls; best %.1f)", name, p["gflops"], p["repeats"], p["n"], p["best_gflops"]
+        )
+    log.info(
+        "bandwidth: %.1f GB/s (copy of %d MB; best %.1f)", bandwidth["gb_per_s"], bandwidth["bytes"] // 2**21, bandwidth["best_gb_per_s"]
+    )
+    return peak, bandwidth
+
+
+def _noise(report: dict[str, Any]) -> dict[str, Any]:
+    """How noisy the timings were: relative IQR (IQR / median) over every timed call set of the report."""
+    rel = []
+    for row in report["results"]:
+        for value in row.values():
+            if isinstance(value, dict) and "rel_iqr" in value:
+                rel.append(value["rel_iqr"])
+            elif isinstance(value, dict):
+                rel.extend(v["rel_iqr"] for v in value.values() if isinstance(v, dict) and "rel_iqr" in v)
+    if not rel:
+        return {}
+    rel.sort()
+    return {
+        "timed_sets": len(rel),
+        "median_rel_iqr": statistics.median(rel),
+        "p90_rel_iqr": rel[int(0.9 * (len(rel) - 1))],
+        "max_rel_iqr": rel[-1],
+    }
+
+
+def run_benchmarks(suite: str, options: BenchOptions, out: str | Path = "benchmarks") -> dict[str, Any]:
+    """Run one registered suite (or ``"all"``), write ``<out>/<suite>.json`` and ``<out>/<suite>.md`` per suite.
+
+    Args:
+        suite: a name in :data:`SUITES`, or ``"all"`` for every registered suite in order.
+        options: devices, threads, timing and sizes.
+        out: the output directory (created).
+
+    Returns:
+        ``{"suite", "files", "reports": {name: report}}``; each report has ``suite``, ``env``,
+        ``options``, ``peak``, ``bandwidth``, ``noise``, ``results``, ``tables``, ``notes``.
+
+    Raises:
+        ValueError: on an unknown suite (the message lists the choices) or bad options.
+    """
+    if suite != "all" and suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose from: {', '.join([*SUITES, 'all'])}")
+    names = list(SUITES) if suite == "all" else [suite]
+    device = resolve_device(options.device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    malloc = set_malloc(options.malloc) if device.type == "cpu" else "n/a"
+    try:
+        env = {**env_info(device), "cpu_flags": _cpu_flags(), "cpu_count": os.cpu_count(), "malloc": malloc}
+        log.info("benchmark %s on %s (%s), %d threads, torch %s", suite, device, env["device_name"], env["threads"], env["torch"])
+        peak, bandwidth = measure_machine(device, options)
+        reports, files = {}, []
+        for name in names:
+            ctx = BenchContext(options=options, device=device, env=env, peak=peak, bandwidth=bandwidth, out=out)
+            started, load_before, start = now(), _load(), time.perf_counter()
+            body = SUITES[name](ctx)
+            report = {
+                "suite": name, "started": started, "seconds": round(time.perf_counter() - start, 1), "env": env,
+                "load_avg_1_5_15min": {"before": load_before, "after": _load()}, "options": asdict(options),
+                "peak": peak, "bandwidth": bandwidth, **body,
+            }  # fmt: skip
+            report["peak_after"] = {
+                d: measure_matmul_peak(device, DTYPES[d], p["n"], repeats=p["repeats"])["gflops"] for d, p in peak.items()
+            }
+            report["noise"] = _noise(report)
+            json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+            write_json(json_path, report)
+            md_path.write_text(markdown_report(report))
+            files += [str(json_path), str(md_path), *ctx.files]
+            reports[name] = report
+            log.info("wrote %s (%.0f s)", ", ".join([str(json_path), str(md_path), *ctx.files]), report["seconds"])
+    finally:
+        torch.set_num_threads(threads_before)
+        if malloc.startswith("steady"):
+            set_malloc("default")
+    return {"suite": suite, "files": files, "reports": reports}
+
+
+def _markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """A suite's report as Markdown: what produced it, the machine's limits, the tables, how noisy it was."""
+    env, noise, load = report["env"], report.get("noise", {}), report["load_avg_1_5_15min"]
+    lines = [
+        f"# Benchmark: {report['suite']}",
+        "",
+        f"{env['device_name']} ({env['device']}, {env['threads']} threads, {env['cpu_count']} logical CPUs, flags: {', '.join(env['cpu_flags']) or '-'}), "
+        f"torch {env['torch']}, git {env['git_commit']}, malloc {env['malloc']}, started {report['started']}, {report['seconds']} s.",
+        "",
+        "Machine limits measured in this run: "
+        + ", ".join(
+            f"{d} matmul peak {p['gflops']:.1f} GFLOP/s ({p['n']}^3, median; best {p['best_gflops']:.1f})"
+            for d, p in report["peak"].items()
+        )
+        + f"; copy bandwidth {report['bandwidth']['gb_per_s']:.1f} GB/s (median; best {report['bandwidth']['best_gb_per_s']:.1f}).",
+        "",
+    ]
+    if noise:
+        after = ", ".join(f"{d} {v:.1f}" for d, v in report.get("peak_after", {}).items())
+        lines += [
+            f"Noise: load average (1, 5, 15 min) {load['before']} before, {load['after']} after; matmul peak re-measured after the suite: "
+            f"{after} GFLOP/s; relative IQR (IQR / median) of the "
+            f"{noise['timed_sets']} timed sets: median {noise['median_rel_iqr']:.0%}, 90th percentile {noise['p90_rel_iqr']:.0%}, "
+            f"max {noise['max_rel_iqr']:.0%}. Ratios within about that band of 1.0 are ties.",
+            "",
+        ]
+    for table in report.get("tables", []):
+        lines += [f"## {table['title']}", "", *_markdown_table(table["columns"], table["rows"]), ""]
+    if report.get("plot"):
+        lines += [f"![roofline]({Path(report['plot']).name})", ""]
+    lines += ["## Definitions", "", *(f"- {note}" for note in report.get("notes", [])), ""]
+    return "\n".join(lines)
+
+
+def options_from_config(cfg: Any) -> BenchOptions:
+    """:class:`BenchOptions` from the benchmark config's keys (a DictConfig or any object with those attributes)."""
+    threads = cfg.threads
+    return BenchOptions(
+        device=str(cfg.device),
+        threads=None if threads is None else int(threads),
+        repeats=int(cfg.repeats),
+        warmup=int(cfg.warmup),
+        min_time_s=float(cfg.min_time_s),
+        size=str(cfg.size),
+        malloc=str(cfg.get("malloc", "steady")),
+        dtypes=tuple(str(d) for d in (cfg.dtypes if not isinstance(cfg.dtypes, str) else [cfg.dtypes])),
+    )

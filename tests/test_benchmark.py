@@ -1,0 +1,308 @@
+"""Benchmarks: the suites' JSON structure and arithmetic (never their speed), the CLI, and pointwise_conv2d's fast paths.
+
+Every check here is arithmetic or structure: FLOPs from closed forms, bytes moved by hand,
+intensity, GFLOP/s and % of peak recomputed from the recorded times. No test asserts a speed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from experiments import bench
+from experiments.bench import (
+    BLOCK_SHAPES,
+    POINTWISE_SHAPES,
+    SUITES,
+    BenchOptions,
+    bytes_moved,
+    run_benchmarks,
+    summarize_times,
+    time_interleaved,
+)
+from experiments.cost import measure_cost
+from models import BLOCKS, ConvNormAct, PointwiseConv2d, pointwise_conv2d
+from models.functional import FOLD_MAX_PIXELS
+
+from .conftest import assert_one_line_error, run_script
+
+TINY = BenchOptions(device="cpu", size="tiny", dtypes=("fp32", "bf16"), malloc="default")
+RECORD_KEYS = ("device", "device_name", "threads", "dtype", "torch")
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory):
+    """Every registered suite, run once at size=tiny through the library."""
+    out = tmp_path_factory.mktemp("bench")
+    return run_benchmarks("all", TINY, out=out), out
+
+
+def _close(got: float, want: float) -> None:
+    assert got == pytest.approx(want, rel=1e-9), (got, want)
+
+
+def _check_record(row: dict, dtype: str) -> None:
+    for key in RECORD_KEYS:
+        assert key in row, key
+    assert row["device"] == "cpu" and row["dtype"] == dtype and row["torch"] == torch.__version__
+    assert isinstance(row["threads"], int) and row["threads"] >= 1 and row["device_name"]
+
+
+def _check_rate(stats: dict, flops: int, peak: float) -> None:
+    """GFLOP/s = flops / median time; % of peak = achieved / peak x 100; the quartiles bracket the median."""
+    _close(stats["gflops"], flops / (stats["median_ms"] / 1e3) / 1e9)
+    _close(stats["pct_peak"], stats["gflops"] / peak * 100)
+    assert stats["min_ms"] <= stats["q1_ms"] <= stats["median_ms"] <= stats["q3_ms"]
+    _close(stats["iqr_ms"], stats["q3_ms"] - stats["q1_ms"])
+
+
+def test_all_runs_every_registered_suite_and_writes_files(outcome):
+    result, out = outcome
+    assert result["suite"] == "all" and list(result["reports"]) == list(SUITES)
+    for name, report in result["reports"].items():
+        assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file()
+        assert json.loads((out / f"{name}.json").read_text())["suite"] == name
+        assert report["env"]["torch"] == torch.__version__ and report["env"]["device"] == "cpu"
+        assert set(report["peak"]) == {"fp32", "bf16"}
+        for peak in report["peak"].values():
+            _close(peak["gflops"], peak["flops"] / (peak["median_ms"] / 1e3) / 1e9)
+            assert peak["flops"] == 2 * peak["n"] ** 3
+        bw = report["bandwidth"]
+        _close(bw["gb_per_s"], bw["bytes"] / (bw["median_ms"] / 1e3) / 1e9)
+        markdown = (out / f"{name}.md").read_text()
+        assert markdown.count("\n| ") >= len(report["results"])  # a table row per result
+    assert (out / "blocks_roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pointwise_arithmetic(outcome):
+    report = outcome[0]["reports"]["pointwise"]
+    rows = report["results"]
+    # Every shape x dtype x memory format x pass, once.
+    assert len(rows) == len(POINTWISE_SHAPES["tiny"]) * 2 * 2 * 2
+    assert {(r["layer"], r["dtype"], r["memory_format"], r["pass"]) for r in rows} == {
+        (label, d, f, p)
+        for _, label, *_ in POINTWISE_SHAPES["tiny"]
+        for d in ("fp32", "bf16")
+        for f in ("nchw", "channels_last")
+        for p in ("fwd", "fwd+bwd")
+    }
+    for row in rows:
+        _check_record(row, row["dtype"])
+        macs = row["n"] * row["c_in"] * row["c_out"] * row["h"] * row["w"]  # pointwise: N Cin Cout H W
+        assert row["macs"] == macs
+        assert row["flops"] == (2 if row["pass"] == "fwd" else 6) * macs  # FLOPs = 2 x MACs, x3 for fwd+bwd
+        peak = report["peak"][row["dtype"]]["gflops"]
+        assert row["peak_gflops"] == peak
+        assert set(row["timings"]) == {"ours", "torch", "linear"}
+        for stats in row["timings"].values():
+            _check_rate(stats, row["flops"], peak)
+        t = row["timings"]
+        _close(row["speed_ratio_ours_vs_torch"], t["torch"]["median_ms"] / t["ours"]["median_ms"])
+        _close(row["speed_ratio_linear_vs_torch"], t["torch"]["median_ms"] / t["linear"]["median_ms"])
+        assert row["max_abs_diff_vs_torch"] < (1e-4 if row["dtype"] == "fp32" else 0.1)  # it timed the right computation
+    summary = report["summary"]["fp32 nchw fwd"]
+    ratios = [r["speed_ratio_ours_vs_torch"] for r in rows if (r["dtype"], r["memory_format"], r["pass"]) == ("fp32", "nchw", "fwd")]
+    _close(summary["min_speed_ratio_ours_vs_torch"], min(ratios))
+
+
+def _closed_form_macs(block: str, n: int, c: int, k: int, hw: int) -> int | None:
+    pixels = n * hw * hw
+    return {
+        "standard": 9 * c * k * pixels,  # k^2 Cin Cout H W
+        "depthwise": 9 * c * pixels,  # k^2 C H W
+        "pointwise": c * k * pixels,  # Cin Cout H W
+        "separable": 9 * c * pixels + c * k * pixels,
+    }.get(block)
+
+
+def test_blocks_arithmetic(outcome):
+    report = outcome[0]["reports"]["blocks"]
+    rows = report["results"]
+    assert len(rows) == len(BLOCK_SHAPES["tiny"]) * len(BLOCKS) * 2
+    bandwidth = report["bandwidth"]["gb_per_s"]
+    for row in rows:
+        _check_record(row, row["dtype"])
+        n, c, k, hw = row["n"], row["c_in"], row["c_out"], row["h"]
+        assert row["macs"] == measure_cost(BLOCKS[row["block"]](c, k, 1), (n, c, hw, hw))["macs"]
+        closed = _closed_form_macs(row["block"], n, c, k, hw)
+        assert closed is None or row["macs"] == closed, (row["block"], row["macs"], closed)
+        assert row["flops"] == 2 * row["macs"]
+        assert row["bytes"] == row["bytes_read"] + row["bytes_written"] == sum(row["bytes_by_op"].values())
+        _close(row["intensity"], row["flops"] / row["bytes"])
+        peak = report["peak"][row["dtype"]]["gflops"]
+        _close(row["attainable_gflops"], min(peak, row["intensity"] * bandwidth))
+        _check_rate(row["fwd"], 2 * row["macs"], peak)
+        _check_rate(row["fwd+bwd"], 6 * row["macs"], peak)
+        _close(row["pct_attainable_fwd"], 100 * row["fwd"]["gflops"] / row["attainable_gflops"])
+    # The pointwise block by hand: conv (in + weight + out), BatchNorm (in + 4 vectors + out), in-place ReLU (in + out).
+    for dtype, size in (("fp32", 4), ("bf16", 2)):
+        row = next(r for r in rows if r["block"] == "pointwise" and r["dtype"] == dtype)
+        act_in, act_out = row["n"] * row["c_in"] * row["h"] * row["w"], row["n"] * row["c_out"] * row["h"] * row["w"]
+        conv = act_in + row["c_in"] * row["c_out"] + act_out
+        norm = act_out + 4 * row["c_out"] + act_out
+        assert row["bytes"] == size * (conv + norm + 2 * act_out)
+
+
+def test_bytes_moved_by_hand():
+    layer = ConvNormAct(8, 16, 1)  # 1x1 conv (no bias) -> BatchNorm -> ReLU
+    moved = bytes_moved(layer, torch.zeros(2, 8, 4, 4))
+    x, w, y = 2 * 8 * 16, 16 * 8, 2 * 16 * 16
+    assert moved["by_op"] == {"convolution": 4 * (x + w + y), "native_batch_norm": 4 * (y + 4 * 16 + y), "relu_": 4 * (y + y)}
+    assert moved["read"] == 4 * (x + w + y + 4 * 16 + y) and moved["written"] == 4 * 3 * y
+
+    class Residual(nn.Module):
+        def forward(self, a: torch.Tensor) -> torch.Tensor:
+            return a + a.view(-1).view(a.shape) * 2  # a view moves nothing; mul reads a, writes t; add reads a and t, writes out
+
+    a = torch.zeros(10, dtype=torch.bfloat16)
+    assert bytes_moved(Residual(), a)["bytes"] == 2 * (10 + 10 + 10 + 10 + 10)
+
+
+def test_summarize_and_round_robin():
+    stats = summarize_times([0.005, 0.001, 0.003, 0.002, 0.004])  # seconds
+    assert (stats["median_ms"], stats["min_ms"], stats["q1_ms"], stats["q3_ms"], stats["repeats"]) == pytest.approx((3, 1, 2, 4, 5))
+    calls: list[str] = []
+    timed = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 4  # warm-up, then round-robin
+    assert timed["a"]["repeats"] == timed["b"]["repeats"] == 4
+    with pytest.raises(ValueError, match="no times"):
+        summarize_times([])
+
+
+def test_registry_one_function_per_suite(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "SUITES", dict(SUITES))
+
+    @bench.register_suite("echo")
+    def echo(ctx: bench.BenchContext) -> dict:
+        return {
+            "results": [{**ctx.record("fp32"), "value": 1}],
+            "tables": [{"title": "t", "columns": ["value"], "rows": [["1"]]}],
+            "notes": [],
+        }
+
+    with pytest.raises(ValueError, match="already registered"):
+        bench.register_suite("echo")(echo)
+    result = bench.run_benchmarks("echo", BenchOptions(size="tiny", dtypes=("fp32",), malloc="default"), out=tmp_path)
+    assert result["reports"]["echo"]["results"][0]["value"] == 1 and (tmp_path / "echo.md").is_file()
+    with pytest.raises(ValueError, match=r"unknown suite 'nope'; choose from: pointwise, blocks, echo, all"):
+        bench.run_benchmarks("nope", TINY, out=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("size", "huge", "unknown size 'huge'"),
+        ("dtypes", ("fp8",), "unknown dtype 'fp8'"),
+        ("device", "tpu", "unknown device 'tpu'"),
+        ("malloc", "x", "malloc"),
+    ],
+)
+def test_bad_options(field, value, needle):
+    with pytest.raises(ValueError, match=needle):
+        BenchOptions(**{field: value})
+
+
+def test_cli_json(tmp_path):
+    proc = run_script("benchmark.py", "suite=pointwise", "size=tiny", f"out={tmp_path}", "format=json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)  # stdout is exactly one JSON object; the logs went to stderr
+    assert result["suite"] == "pointwise" and list(result["reports"]) == ["pointwise"]
+    assert "peak fp32" in proc.stderr
+    report = result["reports"]["pointwise"]
+    assert report["options"]["size"] == "tiny" and report["env"]["malloc"].startswith(("steady", "default (mallopt"))
+    assert json.loads((tmp_path / "pointwise.json").read_text())["results"] == report["results"]
+    assert "| group |" in (tmp_path / "pointwise.md").read_text()
+
+
+def test_cli_unknown_suite_one_line(tmp_path):
+    assert_one_line_error(
+        run_script("benchmark.py", "suite=speed", "size=tiny", f"out={tmp_path}"), "unknown suite 'speed'", "pointwise, blocks, all"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# pointwise_conv2d's fast paths (models/functional.py): float64 gradients, double backward, no conv inside
+
+
+def _inputs(c: int, k: int, hw: tuple[int, int], bias: bool = True, channels_last: bool = False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, c, *hw, generator=g, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    w = torch.randn(k, c, 1, 1, generator=g, dtype=torch.float64)
+    b = torch.randn(k, generator=g, dtype=torch.float64) if bias else None
+    return [t.requires_grad_() for t in (x, w, b) if t is not None]
+
+
+PATHS = {
+    # NCHW batched product, batched backward (pixels >= channels)
+    "batched": (3, 4, (9, 8), True, False),
+    # NCHW batched product, backward with the batch folded into the columns (channels > pixels)
+    "batched-folded-backward": (70, 3, (8, 8), True, False),
+    # NCHW without bias
+    "batched-no-bias": (3, 4, (9, 8), False, False),
+    # NCHW, fewer than FOLD_MAX_PIXELS pixels: folded into one (N*H*W, C) product
+    "folded": (5, 4, (3, 5), True, False),
+    # channels_last: one GEMM on the (N*H*W, C) view
+    "channels-last": (5, 4, (3, 5), True, True),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_pointwise_paths_gradcheck_float64(path):
+    c, k, hw, bias, channels_last = PATHS[path]
+    assert (hw[0] * hw[1] < FOLD_MAX_PIXELS) == (path in ("folded", "channels-last"))
+    args = _inputs(c, k, hw, bias, channels_last)
+    fast = c * hw[0] * hw[1] > 1000  # the 70-channel case: a randomized check instead of the full Jacobian
+    assert gradcheck(pointwise_conv2d, args, fast_mode=fast)
+    assert gradgradcheck(pointwise_conv2d, args, fast_mode=True)
+    torch.testing.assert_close(pointwise_conv2d(*args), F.conv2d(*args))
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_pointwise_paths_use_no_convolution(path):
+    c, k, hw, bias, channels_last = PATHS[path]
+    args = _inputs(c, k, hw, bias, channels_last)
+    with _Ops() as ops:
+        torch.autograd.grad(pointwise_conv2d(*args).sum(), args)
+    assert not {name for name in ops.names if "conv" in name}, ops.names
+    assert ops.names & {"bmm", "baddbmm", "mm", "addmm"}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_traced_graph_is_the_counted_matmul():
+    """fvcore traces: the trace takes the plain matmul path (counted by experiments.cost), with the same numbers."""
+    layer = PointwiseConv2d(6, 5, impl="scratch")
+    x = torch.randn(2, 6, 9, 9)
+    traced = torch.jit.trace(layer, x)
+    assert "aten::matmul" in str(traced.graph) and "PythonOp" not in str(traced.graph)
+    torch.testing.assert_close(traced(x), layer(x))
+
+
+@pytest.mark.parametrize("hw", [(9, 9), (5, 5)], ids=["batched", "folded"])
+def test_pointwise_under_autocast_matches_conv2d(hw):
+    """bf16 autocast: the same output dtype as F.conv2d, and a backward that follows the gradient's dtype."""
+    x, w, b = (t.detach().float().requires_grad_() for t in _inputs(80, 6, hw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ref = pointwise_conv2d(x, w, b), F.conv2d(x, w, b)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    grads = torch.autograd.grad(ours.float().sum(), (x, w, b))
+    want = torch.autograd.grad(ref.float().sum(), (x, w, b))
+    for got, exp in zip(grads, want):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, exp, rtol=3e-2, atol=0.5)
