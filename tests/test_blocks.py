@@ -118,3 +118,14 @@ def test_separable_over_standard_is_one_over_n_plus_one_over_k2(k, c, n):
     standard = BLOCKS["standard"](c, n, 1, kernel_size=k)
     ratio = _macs(separable, c) / _macs(standard, c)
     assert ratio == pytest.approx(1 / n + 1 / k**2, rel=1e-12)
+
+
+def test_strided_depthwise_runs_fp32_under_cpu_bf16_autocast():
+    """The fast path: same numbers (to bf16 rounding), fp32 output for strided depthwise, bf16 for stride 1."""
+    x = torch.randn(2, 8, 9, 9)
+    for stride, dtype in ((2, torch.float32), (1, torch.bfloat16)):
+        layer = DepthwiseConv2d(8, 3, stride)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), layer(x), rtol=2e-2, atol=2e-2)
