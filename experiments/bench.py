@@ -91,6 +91,7 @@ class BenchOptions:
     size: str = "full"
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     malloc: str = "steady"
+    train: dict[str, Any] = field(default_factory=dict)  # the train suite's options (conf/benchmark.yaml: train)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -948,5 +949,9 @@ def options_from_config(cfg: Any) -> BenchOptions:
         min_time_s=float(cfg.min_time_s),
         size=str(cfg.size),
         malloc=str(cfg.get("malloc", "steady")),
+        train=dict(cfg.get("train") or {}),
         dtypes=tuple(str(d) for d in (cfg.dtypes if not isinstance(cfg.dtypes, str) else [cfg.dtypes])),
     )
+
+
+from . import bench_train  # noqa: E402, F401  (registers the train suite, which builds on this module)

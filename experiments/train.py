@@ -28,7 +28,7 @@ from .distributed import all_reduce_sum, broadcast_object, convert_sync_bn, init
 from .records import env_info, load_checkpoint, now, read_json, save_checkpoint, write_json
 from .tracking import Tracker, make_tracker
 
-__all__ = ["Divergence", "check_config", "lr_factor", "measure_latency", "resolve_device", "train"]
+__all__ = ["Divergence", "check_config", "evaluate", "lr_factor", "measure_latency", "resolve_device", "train", "train_step"]
 
 log = logging.getLogger("convlab")
 
@@ -198,6 +198,22 @@ class Progress:
 def _autocast(device: torch.device, precision: str) -> torch.autocast:
     dtype = PRECISIONS[precision]
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               criterion: nn.Module, device: torch.device, precision: str, grad_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One optimizer step: autocast forward, (scaled) backward, optional clipping, step. Returns (loss, logits)."""
+    with _autocast(device, precision):
+        logits = model(x)
+        loss = criterion(logits, y)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, logits
 
 
 @torch.no_grad()
@@ -371,16 +387,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 factor = lr_factor(step, total_steps, warmup_steps, cfg.sched.name, cfg.sched.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.optim.lr * factor
-                with _autocast(device, cfg.trainer.precision):
-                    logits = model(x)
-                    loss = criterion(logits, y)
-                scaler.scale(loss).backward()
-                if cfg.trainer.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.trainer.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                loss, logits = train_step(model, x, y, optimizer, scaler, criterion, device, cfg.trainer.precision, cfg.trainer.grad_clip)
                 step += 1
                 sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                                      torch.tensor(float(len(y)), device=device, dtype=torch.float64)])  # fmt: skip

@@ -57,7 +57,8 @@ def main(cfg: DictConfig) -> None:
 
     runs, failed = None, []
     if not cfg.cost_only:
-        command = [sys.executable, str(Path(__file__).with_name("run.py")), "-m", f"experiment={cfg.table}", f"hydra.sweep.dir={out / 'runs'}",
+        # The dir is quoted: its name holds the overrides (data=x,trainer=y), which Hydra would read as a sweep.
+        command = [sys.executable, str(Path(__file__).with_name("run.py")), "-m", f"experiment={cfg.table}", f"hydra.sweep.dir='{out / 'runs'}'",
                    f"hydra.sweeper.seeds={cfg.seeds}", *passthrough, *launcher]  # fmt: skip
         log.info("training %d rows x %d seeds: %s", len(table.rows), cfg.seeds, " ".join(command[1:]))
         subprocess.run(command, stdout=sys.stderr, check=False)  # failures are read back from results.json

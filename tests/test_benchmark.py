@@ -149,6 +149,27 @@ def test_blocks_arithmetic(outcome):
         assert row["bytes"] == size * (conv + norm + 2 * act_out)
 
 
+def test_train_suite_fields(outcome):
+    """The train suite compares convlab's step with the tutorial baseline: required keys, consistent ratio."""
+    (row,) = outcome[0]["reports"]["train"]["results"]
+    for key in ("model", "batch_size", "device", "project_img_s", "baseline_img_s", "ratio"):
+        assert key in row, key
+    _check_record(row, "bf16")
+    assert row["model"] == "separable" and row["batch_size"] == 32
+    _close(row["ratio"], row["project_img_s"] / row["baseline_img_s"])
+    assert row["baseline"]["precision"] == "fp32" and row["baseline"]["channels_last"] is False
+
+
+def test_train_suite_full_recipe_reports_both_accuracies(tmp_path):
+    options = BenchOptions(device="cpu", size="tiny", dtypes=("fp32",), malloc="default", train={"full": True})
+    (row,) = run_benchmarks("train", options, out=tmp_path)["reports"]["train"]["results"]
+    full = row["full"]
+    assert 0 <= full["project_test_acc"] <= 1 and 0 <= full["baseline_test_acc"] <= 1
+    assert full["project_wall_s"] > 0 and full["baseline_wall_s"] > 0
+    _close(full["ratio"], full["project_img_s"] / full["baseline_img_s"])
+    assert "speed at equal accuracy" in (tmp_path / "train.md").read_text()
+
+
 def test_bytes_moved_by_hand():
     layer = ConvNormAct(8, 16, 1)  # 1x1 conv (no bias) -> BatchNorm -> ReLU
     moved = bytes_moved(layer, torch.zeros(2, 8, 4, 4))
@@ -190,7 +211,7 @@ def test_registry_one_function_per_suite(monkeypatch, tmp_path):
         bench.register_suite("echo")(echo)
     result = bench.run_benchmarks("echo", BenchOptions(size="tiny", dtypes=("fp32",), malloc="default"), out=tmp_path)
     assert result["reports"]["echo"]["results"][0]["value"] == 1 and (tmp_path / "echo.md").is_file()
-    with pytest.raises(ValueError, match=r"unknown suite 'nope'; choose from: pointwise, blocks, echo, all"):
+    with pytest.raises(ValueError, match=r"unknown suite 'nope'; choose from: pointwise, blocks, train, echo, all"):
         bench.run_benchmarks("nope", TINY, out=tmp_path)
 
 
@@ -222,7 +243,7 @@ def test_cli_json(tmp_path):
 
 def test_cli_unknown_suite_one_line(tmp_path):
     assert_one_line_error(
-        run_script("benchmark.py", "suite=speed", "size=tiny", f"out={tmp_path}"), "unknown suite 'speed'", "pointwise, blocks, all"
+        run_script("benchmark.py", "suite=speed", "size=tiny", f"out={tmp_path}"), "unknown suite 'speed'", "pointwise, blocks, train, all"
     )
 
 

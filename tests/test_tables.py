@@ -66,8 +66,21 @@ def test_train_rows_with_seeds_then_reuse(tmp_path):
 
 
 def test_failed_row_is_listed_apart(tmp_path):
-    proc = run_script("reproduce.py", "table=blocks", "data=synthetic", "data.image_size=8", "trainer=smoke", "logger=none", "model.widths=[48,96,96]",
-                      f"out={tmp_path}")  # fmt: skip
+    # no out=: the default dir, reproduce/blocks/<overrides>, is named by "=" and "," (Hydra's sweep syntax)
+    proc = run_script(
+        "reproduce.py",
+        "table=blocks",
+        "data=synthetic",
+        "data.image_size=8",
+        "trainer=smoke",
+        "logger=none",
+        "model.widths=[48,96,96]",
+        cwd=tmp_path,
+    )
+    (out,) = (tmp_path / "reproduce" / "blocks").iterdir()
+    assert out.name == "data.image_size=8,data=synthetic,logger=none,model.widths=_48,96,96_,trainer=smoke"
+    assert (out / "blocks.md").is_file() and len(list((out / "runs").glob("*/results.json"))) == 7, proc.stderr
+
     assert proc.returncode == 1
     assert "Failed or unfinished runs" in proc.stdout and "row depthwise: failed: depthwise block cannot map 32 to 48" in proc.stdout
     table = proc.stdout.split("Failed or unfinished")[0]
