@@ -28,6 +28,7 @@ COMMON = ["data=synthetic", "data.train_size=256", "data.test_size=128", "data.i
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(ROOT / "scripts" / "run.py"), *COMMON, f"hydra.run.dir={tmp_path / 'one'}"], env=env,

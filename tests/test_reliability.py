@@ -30,6 +30,7 @@ def _run_args(run_dir, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     args = _run_args(tmp_path / "whole", "data.train_size=1024", "trainer.num_threads=1")
     whole = run_script("run.py", *args)

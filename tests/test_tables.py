@@ -42,6 +42,7 @@ def test_cost_only_markdown_on_stdout(tmp_path):
     assert float(cells[9]) > 0  # measured latency
 
 
+@pytest.mark.slow
 def test_train_rows_with_seeds_then_reuse(tmp_path):
     args = [
         "table=bottleneck",
@@ -65,6 +66,7 @@ def test_train_rows_with_seeds_then_reuse(tmp_path):
     assert json.loads(again.stdout)["rows"] == rows
 
 
+@pytest.mark.slow
 def test_failed_row_is_listed_apart(tmp_path):
     # no out=: the default dir, reproduce/blocks/<overrides>, is named by "=" and "," (Hydra's sweep syntax)
     proc = run_script(

@@ -79,6 +79,7 @@ def _resume_cmd(run_dir: Path) -> list[str]:
             f"hydra.run.dir={run_dir}"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_same_final_metrics(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     whole = subprocess.run(_resume_cmd(tmp_path / "whole"), env=env, capture_output=True, text=True, timeout=300)
@@ -99,6 +100,7 @@ def test_kill_9_then_resume_gives_the_same_final_metrics(tmp_path):
         assert hb["train_loss"] == pytest.approx(ha["train_loss"], rel=1e-6) and hb["test_acc"] == ha["test_acc"]
 
 
+@pytest.mark.slow
 def test_completed_run_dir_is_not_trained_again(tmp_path):
     args = ["data=synthetic", "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path}"]
     assert run_script("run.py", *args).returncode == 0
