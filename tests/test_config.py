@@ -39,3 +39,31 @@ def test_every_group_option_composes(compose_cfg, group):
 def test_primary_configs_compose(compose_cfg, config):
     cfg = compose_cfg(config=config)
     assert cfg.model.name == "separable" and cfg.data.name == "cifar10" and cfg.format == "text"
+
+
+@pytest.mark.parametrize("optim", _options("optim"))
+@pytest.mark.parametrize("sched", _options("sched"))
+@pytest.mark.parametrize("trainer", _options("trainer"))
+def test_training_configs_instantiate(compose_cfg, optim, sched, trainer):
+    """Every optim x sched x trainer option passes the run checks and builds its optimizer and schedule."""
+    from experiments.train import build_optimizer, check_config, lr_factor
+
+    cfg = compose_cfg(f"optim={optim}", f"sched={sched}", f"trainer={trainer}")
+    check_config(cfg, torch.device("cpu"))
+    optimizer = build_optimizer(model_from_config(cfg), cfg.optim)
+    assert type(optimizer).__name__.lower() == cfg.optim.name
+    factors = [lr_factor(s, 100, round(cfg.sched.warmup_epochs * 10), cfg.sched.name, cfg.sched.min_lr_ratio) for s in range(101)]
+    assert max(factors) == pytest.approx(1.0) and all(0 <= f <= 1 for f in factors)
+
+
+@pytest.mark.parametrize("logger", _options("logger"))
+def test_logger_configs_instantiate(compose_cfg, tmp_path, logger):
+    from experiments.tracking import NullTracker, WandbTracker, make_tracker
+
+    cfg = compose_cfg(f"logger={logger}", "logger.mode=disabled" if logger == "wandb" else "logger=none")
+    tracker = make_tracker(cfg, tmp_path, {})
+    assert isinstance(tracker, NullTracker)  # disabled wandb and none record nothing
+    if logger == "wandb":
+        offline = make_tracker(compose_cfg("logger.mode=offline"), tmp_path, {"seed": 0})
+        assert isinstance(offline, WandbTracker) and offline.mode == "offline" and offline.run_id
+        offline.finish()
