@@ -82,4 +82,9 @@ def train_baseline(model: nn.Module, loader: DataLoader, optimizer: torch.optim.
         if max_steps is not None and step >= max_steps:
             break
     seconds = time.perf_counter() - start if start is not None else float("nan")
-    return {"steps": step, "img_per_s": images / seconds if start is not None else None, "seconds": seconds, "train_loss": float(loss)}
+    return {
+        "steps": step,
+        "img_per_s": images / seconds if start is not None else None,
+        "seconds": seconds,
+        "train_loss": float(loss.detach()),
+    }

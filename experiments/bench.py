@@ -26,8 +26,6 @@ Conventions, stated once:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 import os
@@ -45,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import BLOCKS, pointwise_conv2d
 
+from .allocator import MALLOC_MODES, set_malloc
 from .cost import measure_cost
 from .records import env_info, now, write_json
 
@@ -69,7 +68,6 @@ log = logging.getLogger("convlab")
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = ("full", "tiny")
-MALLOC_MODES = ("steady", "default")
 DEVICES = ("auto", "cpu", "cuda")
 # fwd + bwd = forward + input gradient + weight gradient, each a product of the forward's size.
 FLOPS_PER_MAC = {"fwd": 2, "fwd+bwd": 6}
@@ -294,33 +292,6 @@ def measure_bandwidth(device: torch.device, mbytes: int = 256, *, repeats: int =
         "gb_per_s": moved / (stats["median_ms"] / 1e3) / 1e9,
         "best_gb_per_s": moved / (stats["min_ms"] / 1e3) / 1e9,
     }
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
-_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
-
-
-def set_malloc(mode: str) -> str:
-    """``steady``: make glibc keep freed memory, so a repeated call does not page-fault its output in again.
-
-    By default glibc serves allocations above a threshold (adapting up to 32 MB) with fresh ``mmap``
-    pages and hands freed heap tops back to the OS, so an op whose output is tens of MB pays
-    thousands of page faults on some calls and none on others, depending on what was freed before
-    it: timings then measure the allocator, not the kernel (we saw the same 1x1 convolution take
-    7.7 ms or 15.3 ms). ``M_MMAP_MAX=0`` serves every allocation from the heap and a 2 GiB
-    ``M_TRIM_THRESHOLD`` keeps it, as a caching allocator (jemalloc, tcmalloc, CUDA's) does.
-    ``default`` restores glibc's documented defaults. Returns what is in effect, for the record.
-    """
-    if mode not in MALLOC_MODES:
-        raise ValueError(f"unknown malloc {mode!r}; choose from: {', '.join(MALLOC_MODES)}")
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return "default (mallopt unavailable: not glibc)"
-    settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1} if mode == "steady" else _GLIBC_DEFAULTS
-    if not all(mallopt(param, value) for param, value in settings.items()):
-        return "default (mallopt refused)"
-    return "steady (glibc mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB)" if mode == "steady" else "default (glibc)"
 
 
 def resolve_device(name: str) -> torch.device:

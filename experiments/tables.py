@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .allocator import steady_malloc
 from .config import input_shape, model_from_config
 from .cost import measure_cost
 from .records import read_json
-from .train import measure_latency
 
 __all__ = ["Table", "build_table", "collect_runs", "format_table", "latex_table", "markdown_table", "row_costs"]
 
@@ -29,9 +29,14 @@ Table = list[dict[str, Any]]
 
 
 def row_costs(table: DictConfig, compose: Any, overrides: list[str], latency: bool = True) -> list[dict[str, Any]]:
-    """Cost of every row: ``compose(overrides)`` -> config -> model -> fvcore, plus fp32 CPU latency (batch 1)."""
-    out = []
-    for row in table.rows:
+    """Cost of every row: ``compose(overrides)`` -> config -> model -> fvcore, plus fp32 CPU latency (batch 1).
+
+    Latency: every row's model is timed round-robin (one call of each per round, as the benchmarks
+    do), so whatever the machine does meanwhile falls on all rows alike and the rows compare;
+    channels_last, eval mode, no grad, glibc's allocator held steady; the median per row.
+    """
+    out, calls = [], {}
+    for i, row in enumerate(table.rows):
         cfg = compose([*overrides, *row.overrides])
         try:
             model = model_from_config(cfg)
@@ -39,10 +44,19 @@ def row_costs(table: DictConfig, compose: Any, overrides: list[str], latency: bo
             out.append({"row": row, "cost": None, "data": cfg.data.name, "error": " ".join(str(ex).split())})
             continue
         cost = measure_cost(model, input_shape(cfg))
-        if latency:
-            cost["latency_ms"] = {"1": measure_latency(model, input_shape(cfg), torch.device("cpu"), channels_last=True, budget_s=0.3)}
-            cost["latency_device"] = "cpu"
         out.append({"row": row, "cost": cost, "data": cfg.data.name})
+        if latency:
+            model = model.to(memory_format=torch.channels_last).eval()
+            x = torch.randn(input_shape(cfg)).contiguous(memory_format=torch.channels_last)
+            calls[i] = torch.no_grad()(lambda model=model, x=x: model(x))
+    if calls:
+        from .bench import time_interleaved
+
+        with steady_malloc():
+            timed = time_interleaved({str(i): fn for i, fn in calls.items()}, repeats=20, warmup=3, min_time_s=0.5)
+        for i in calls:
+            out[i]["cost"]["latency_ms"] = {"1": timed[str(i)]["median_ms"]}
+            out[i]["cost"]["latency_device"] = "cpu"
     return out
 
 
@@ -104,6 +118,8 @@ def build_table(table: DictConfig, costs: list[dict[str, Any]], runs: dict[str, 
             "params_diff": _diff(params_m, paper["params_m"]) if "params_m" in paper and item["cost"] else None,
             "latency_ms": latency,
             "latency_device": device,
+            "train_img_s": statistics.median(statistics.fmean(h["img_per_s"] for h in r["history"]) for r in records) if records else None,
+            "train_s": statistics.median(r["final"]["wall_seconds"] for r in records) if records else None,
             "note": " ".join(str(row.get("note") or item.get("error") or "").split()) or None,
         })  # fmt: skip
     return out
@@ -137,6 +153,11 @@ def _columns(rows: Table, table: DictConfig) -> list[tuple[str, list[str]]]:
         cols += [("paper params (M)", [_fmt(r["paper_params_m"], "") for r in rows]), ("Δ params", [r["params_diff"] or "—" for r in rows])]
     devices = {r["latency_device"] for r in rows if r["latency_device"]}
     cols.append((f"latency ms ({', '.join(sorted(devices)) or '—'}, batch 1)", [_fmt(r["latency_ms"], ".2f") for r in rows]))
+    if any(r["train_img_s"] is not None for r in rows):
+        cols += [
+            ("train img/s", [_fmt(r["train_img_s"], ".0f") for r in rows]),
+            ("wall time (s)", [_fmt(r["train_s"], ".0f") for r in rows]),
+        ]
     return cols
 
 
