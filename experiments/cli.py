@@ -67,10 +67,6 @@ def split_argv(argv: list[str]) -> tuple[list[str], bool, bool]:
     return overrides, multirun, False
 
 
-def _group_options(loader: Any, group: str) -> list[str]:
-    return [o for o in loader.get_group_options(group) if not o.startswith("_")]
-
-
 def _first_values(overrides: list[str], loader: Any) -> list[str]:
     """Check every group choice (each value of a sweep too); return the overrides with sweeps cut to their first value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -87,7 +83,7 @@ def _first_values(overrides: list[str], loader: Any) -> list[str]:
             first.append(text)
             continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
-        options = _group_options(loader, key)  # [] when key is not a config group
+        options = loader.get_group_options(key)  # [] when key is not a config group
         if options:
             for value in values:
                 if value not in options and value != "null":
