@@ -14,6 +14,14 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+def test_model_group_offers_exactly_the_documented_models():
+    """The shared backbone lives outside conf/model/, so --help and errors offer only real models."""
+    assert _options("model") == sorted(
+        ["standard", "depthwise", "pointwise", "separable", "inverted_residual", "bottleneck", "basic",
+         "mobilenet_v1", "mobilenet_v2", "resnet18", "resnet50"]
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("model", _options("model"))
 @pytest.mark.parametrize("data", ["cifar10", "cifar100", "fashion_mnist", "synthetic", "imagenet"])
 def test_every_model_config_instantiates(compose_cfg, model, data):
