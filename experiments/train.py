@@ -154,32 +154,17 @@ def measure_latency(model: nn.Module, shape: tuple[int, ...], device: torch.devi
     What remains varies between processes: MobileNet-224 at batch 1 measured 15.2-17.2 ms in six
     fresh processes on a 2-core VM, and 12.4 ms once.
     """
+    from .bench import time_interleaved  # the benchmarks' timer: warm-up, CUDA events, gc off
+
     was_training = model.training
     model.eval()
     x = torch.randn(shape, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    times: list[float] = []
     with steady_malloc():
-        times = _time_calls(model, x, device, budget_s)
+        timed = time_interleaved({"model": lambda: model(x)}, device=device, repeats=5, warmup=3, min_time_s=budget_s, max_repeats=200)
     model.train(was_training)
-    return 1000 * float(np.median(times))
-
-
-def _time_calls(model: nn.Module, x: torch.Tensor, device: torch.device, budget_s: float) -> list[float]:
-    times: list[float] = []
-    for i in range(200):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 3:  # warm-up
-            times.append(time.perf_counter() - start)
-        if len(times) >= 5 and sum(times) > budget_s:
-            break
-    return times
+    return timed["model"]["median_ms"]
 
 
 class Progress:
