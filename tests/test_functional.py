@@ -102,3 +102,72 @@ def test_bad_stride_and_padding():
         pointwise_conv2d(x, w, stride=0)
     with pytest.raises(ValueError, match="padding"):
         pointwise_conv2d(x, w, padding=-1)
+
+
+def _channels_last_case(seed=0, n=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    return x, torch.randn(24, 16, 1, 1, generator=g), torch.randn(24, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rows_product_is_linear(dtype, bias):
+    """The channels_last product (oneDNN's where torch has it) computes exactly F.linear's function."""
+    from models.functional import _rows_product
+
+    g = torch.Generator().manual_seed(1)
+    rows, w, b = torch.randn(37, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    rows, w, b = rows.to(dtype), w.to(dtype), b.to(dtype) if bias else None
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    got = _rows_product(rows, w, b)
+    assert got.dtype == dtype and got.shape == (37, 24)
+    torch.testing.assert_close(got.float(), F.linear(rows.float(), w.float(), None if b is None else b.float()), **tol)
+    torch.testing.assert_close(_rows_product(rows[:0], w, b), F.linear(rows[:0], w, b))  # no rows: no product
+
+
+def test_channels_last_without_onednn_falls_back_to_linear(monkeypatch):
+    """A torch built without oneDNN (or a dtype it lacks) gets F.linear: same values and gradients."""
+    import models.functional as functional
+
+    x, w, b = _channels_last_case()
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    want = F.conv2d(x, w, b)
+    upstream = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, leaves, upstream)
+    monkeypatch.setattr(functional, "_onednn_linear_dtypes", lambda: frozenset())
+    got = pointwise_conv2d(x, w, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for have, ref in zip(torch.autograd.grad(got, leaves, upstream), want_grads):
+        torch.testing.assert_close(have, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_under_autocast_matches_conv():
+    """Autocast lowers the product to bf16 as it lowers F.conv2d; parameter gradients stay fp32."""
+    x, w, b = _channels_last_case()
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ref = pointwise_conv2d(x, w, b), F.conv2d(x, w, b)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=5e-2)
+    upstream = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(ours, leaves, upstream), torch.autograd.grad(ref, leaves, upstream)):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=2e-1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_double_backward_matches_conv(channels_last):
+    """A gradient penalty differentiates the backward pass itself: every path supports it."""
+    x, w, b = _channels_last_case()
+    if not channels_last:
+        x = x.contiguous()
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+
+    def penalty(conv):
+        (grad_x,) = torch.autograd.grad(conv(x, w, b).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), leaves)
+
+    for got, want in zip(penalty(pointwise_conv2d), penalty(F.conv2d)):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # fp32 sums of squares, in another order
