@@ -118,6 +118,12 @@ class _RowsPointwise(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _autocast_operand(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
@@ -199,10 +205,10 @@ def pointwise_conv2d(
             out = F.linear(rows, w2d, bias)  # a traced aten::linear, which fvcore's cost model counts
         else:
             if torch.is_autocast_enabled(x.device.type):
-                # Autocast lowers F.linear's operands; this product is not an op autocast knows, so cast here.
+                # Autocast lowers F.linear's operands; this product is not an op autocast knows, so cast
+                # here as autocast would: floating tensors other than float64 go to the autocast dtype.
                 dtype = torch.get_autocast_dtype(x.device.type)
-                rows, w2d = rows.to(dtype), w2d.to(dtype)
-                bias = None if bias is None else bias.to(dtype)
+                rows, w2d, bias = (_autocast_operand(t, dtype) for t in (rows, w2d, bias))
             out = _RowsPointwise.apply(rows, w2d, bias)  # (N*H*W, K)
         return out.view(n, h, w, k).permute(0, 3, 1, 2)  # channels_last (N, K, H, W)
     if groups == 1 and torch.jit.is_tracing():

@@ -171,3 +171,11 @@ def test_double_backward_matches_conv(channels_last):
 
     for got, want in zip(penalty(pointwise_conv2d), penalty(F.conv2d)):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # fp32 sums of squares, in another order
+
+
+def test_autocast_leaves_float64_alone_as_conv_does():
+    x, w, b = (t.double() for t in _channels_last_case())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ref = pointwise_conv2d(x, w, b), F.conv2d(x, w, b)
+    assert ours.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(ours, ref)
