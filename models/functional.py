@@ -201,8 +201,10 @@ def pointwise_conv2d(
     if groups == 1 and channels_last:
         # (N, C, H, W) stored as (N, H, W, C): a free view as (N*H*W, C), one GEMM, no copy.
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
-        if torch.jit.is_tracing():
-            out = F.linear(rows, w2d, bias)  # a traced aten::linear, which fvcore's cost model counts
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            # A jit trace records aten::linear, which fvcore's cost model counts; torch.compile lowers
+            # it with its own kernels (inductor cannot lower oneDNN's op on a weight that trains).
+            out = F.linear(rows, w2d, bias)
         else:
             if torch.is_autocast_enabled(x.device.type):
                 # Autocast lowers F.linear's operands; this product is not an op autocast knows, so cast

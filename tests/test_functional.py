@@ -179,3 +179,19 @@ def test_autocast_leaves_float64_alone_as_conv_does():
         ours, ref = pointwise_conv2d(x, w, b), F.conv2d(x, w, b)
     assert ours.dtype == ref.dtype == torch.float64
     torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_compile_matches_conv(channels_last):
+    """trainer.compile=true compiles models that call pointwise_conv2d: forward and gradients still match."""
+    x, w, b = _channels_last_case()
+    if not channels_last:
+        x = x.contiguous()
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    compiled = torch.compile(pointwise_conv2d)
+    ours, ref = compiled(x, w, b), F.conv2d(x, w, b)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(ours, leaves, upstream), torch.autograd.grad(ref, leaves, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -112,6 +112,20 @@ def test_completed_run_dir_is_not_trained_again(tmp_path):
     assert_one_line_error(other, "another config", "model.width")
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """trainer.compile=true through the CLI, on convlab's own 1x1 convolutions in channels_last."""
+    args = ["data=synthetic", "trainer=smoke", "trainer.channels_last=true", "model.pointwise_impl=scratch", "logger=none"]
+    runs = {}
+    for compile_ in ("false", "true"):
+        proc = run_script("run.py", *args, f"trainer.compile={compile_}", f"hydra.run.dir={tmp_path / compile_}")
+        assert proc.returncode == 0, proc.stderr
+        runs[compile_] = json.loads((tmp_path / compile_ / "results.json").read_text())
+    eager, compiled = runs["false"], runs["true"]
+    assert compiled["status"] == "completed" and compiled["config"]["trainer"]["compile"] is True
+    assert compiled["final"]["train_loss"] == pytest.approx(eager["final"]["train_loss"], rel=1e-3)
+
+
 def test_diverging_run_fails_and_keeps_the_last_good_checkpoint(tmp_path):
     proc = run_script("run.py", "data=synthetic", "trainer=smoke", "trainer.max_steps=null", "optim.lr=1e8", "model.norm=none",
                       f"hydra.run.dir={tmp_path}", env={"WANDB_API_KEY": None, "WANDB_MODE": None})  # fmt: skip
