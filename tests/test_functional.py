@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -104,10 +105,26 @@ def test_bad_stride_and_padding():
         pointwise_conv2d(x, w, padding=-1)
 
 
-def _channels_last_case(seed=0, n=4):
+def _case(channels_last=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 16, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 6, 5, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     return x, torch.randn(24, 16, 1, 1, generator=g), torch.randn(24, generator=g)
+
+
+def _assert_matches_conv(ours_fn, x, w, b, *, context=None, tol=(1e-5, 1e-5), grad_tol=(1e-4, 1e-4)):
+    """``ours_fn(x, w, b)`` against ``F.conv2d(x, w, b)`` (both inside ``context``): values, then the
+    gradients of ``x``, ``w`` and ``b`` for one upstream gradient, each within ``(rtol, atol)``.
+    Returns both outputs and the gradient pairs."""
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    with context or contextlib.nullcontext():
+        ours, ref = ours_fn(x, w, b), F.conv2d(x, w, b)
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=tol[0], atol=tol[1])
+    upstream = torch.randn_like(ref)
+    grads = list(zip(torch.autograd.grad(ours, leaves, upstream), torch.autograd.grad(ref, leaves, upstream)))
+    for got, want in grads:
+        torch.testing.assert_close(got, want, rtol=grad_tol[0], atol=grad_tol[1])
+    return ours, ref, grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -130,39 +147,23 @@ def test_channels_last_without_onednn_falls_back_to_linear(monkeypatch):
     """A torch built without oneDNN (or a dtype it lacks) gets F.linear: same values and gradients."""
     import models.functional as functional
 
-    x, w, b = _channels_last_case()
-    leaves = [t.requires_grad_() for t in (x, w, b)]
-    want = F.conv2d(x, w, b)
-    upstream = torch.randn_like(want)
-    want_grads = torch.autograd.grad(want, leaves, upstream)
     monkeypatch.setattr(functional, "_onednn_linear_dtypes", lambda: frozenset())
-    got = pointwise_conv2d(x, w, b)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for have, ref in zip(torch.autograd.grad(got, leaves, upstream), want_grads):
-        torch.testing.assert_close(have, ref, rtol=1e-4, atol=1e-4)
+    _assert_matches_conv(pointwise_conv2d, *_case())
 
 
 def test_channels_last_under_autocast_matches_conv():
     """Autocast lowers the product to bf16 as it lowers F.conv2d; parameter gradients stay fp32."""
-    x, w, b = _channels_last_case()
-    leaves = [t.requires_grad_() for t in (x, w, b)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, ref = pointwise_conv2d(x, w, b), F.conv2d(x, w, b)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    ours, ref, grads = _assert_matches_conv(pointwise_conv2d, *_case(), context=autocast, tol=(2e-2, 5e-2), grad_tol=(5e-2, 2e-1))
     assert ours.dtype == ref.dtype == torch.bfloat16
     assert ours.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=5e-2)
-    upstream = torch.randn_like(ref)
-    for got, want in zip(torch.autograd.grad(ours, leaves, upstream), torch.autograd.grad(ref, leaves, upstream)):
-        assert got.dtype == want.dtype == torch.float32
-        torch.testing.assert_close(got, want, rtol=5e-2, atol=2e-1)
+    assert all(got.dtype == want.dtype == torch.float32 for got, want in grads)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_double_backward_matches_conv(channels_last):
     """A gradient penalty differentiates the backward pass itself: every path supports it."""
-    x, w, b = _channels_last_case()
-    if not channels_last:
-        x = x.contiguous()
+    x, w, b = _case(channels_last)
     leaves = [t.requires_grad_() for t in (x, w, b)]
 
     def penalty(conv):
@@ -174,7 +175,7 @@ def test_double_backward_matches_conv(channels_last):
 
 
 def test_autocast_leaves_float64_alone_as_conv_does():
-    x, w, b = (t.double() for t in _channels_last_case())
+    x, w, b = (t.double() for t in _case())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours, ref = pointwise_conv2d(x, w, b), F.conv2d(x, w, b)
     assert ours.dtype == ref.dtype == torch.float64
@@ -185,13 +186,4 @@ def test_autocast_leaves_float64_alone_as_conv_does():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_torch_compile_matches_conv(channels_last):
     """trainer.compile=true compiles models that call pointwise_conv2d: forward and gradients still match."""
-    x, w, b = _channels_last_case()
-    if not channels_last:
-        x = x.contiguous()
-    leaves = [t.requires_grad_() for t in (x, w, b)]
-    compiled = torch.compile(pointwise_conv2d)
-    ours, ref = compiled(x, w, b), F.conv2d(x, w, b)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    upstream = torch.randn_like(ref)
-    for got, want in zip(torch.autograd.grad(ours, leaves, upstream), torch.autograd.grad(ref, leaves, upstream)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    _assert_matches_conv(torch.compile(pointwise_conv2d), *_case(channels_last))
