@@ -151,6 +151,46 @@ def test_channels_last_without_onednn_falls_back_to_linear(monkeypatch):
     _assert_matches_conv(pointwise_conv2d, *_case())
 
 
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_channels_last_split_weight_grad_matches_conv(monkeypatch, threads):
+    """With the row threshold at zero the weight gradient is cut into one slab per thread on a small
+    case (7 threads: 120 rows do not split evenly, so one GEMM) and still matches F.conv2d."""
+    import models.functional as functional
+
+    monkeypatch.setattr(functional, "SPLIT_MIN_ROWS", 0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _assert_matches_conv(pointwise_conv2d, *_case())
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_weight_grad_split_into_slabs_is_the_gemm():
+    """dY^T X summed slab by slab equals the one GEMM, whether or not the rows split evenly."""
+    from models.functional import _weight_grad
+
+    g = torch.Generator().manual_seed(3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for m in (4096, 4098):  # 4098 rows: not a multiple of 4 threads
+            grad, rows = torch.randn(m, 24, generator=g), torch.randn(m, 16, generator=g)
+            got = _weight_grad(grad, rows)
+            assert got.shape == (24, 16) and got.is_contiguous()
+            torch.testing.assert_close(got, grad.t() @ rows, rtol=1e-4, atol=1e-3)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_channels_last_at_default_thresholds_matches_conv():
+    """A layer with enough rows (4608) for the split weight gradient at the shipped threshold."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 256, 48, 48, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(128, 256, 1, 1, generator=g) / 16, torch.randn(128, generator=g)
+    _assert_matches_conv(pointwise_conv2d, x, w, b, tol=(1e-4, 1e-4), grad_tol=(1e-4, 1e-3))
+
+
 def test_channels_last_under_autocast_matches_conv():
     """Autocast lowers the product to bf16 as it lowers F.conv2d; parameter gradients stay fp32."""
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
