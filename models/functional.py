@@ -90,23 +90,26 @@ def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(rows, w2d, bias)
 
 
-# Below this many rows the weight gradient is one GEMM; above it, one GEMM per thread (see _weight_grad).
+# Below this many rows, or fewer rows than the gradient has elements (C*K), the weight gradient is
+# one GEMM; otherwise one GEMM per thread (see _weight_grad).
 SPLIT_MIN_ROWS = 2048
 
 
 def _weight_grad(grad: Tensor, rows: Tensor) -> Tensor:
     """``dW = dY^T X`` for ``grad`` ``(M, K)``, ``rows`` ``(M, C)``: a reduction over the M rows.
 
-    One GEMM with a tiny (K, C) output and an M-long reduction leaves the BLAS threads little to
-    share. With T > 1 threads and M a multiple of T, the rows are cut into T slabs, one batched
-    product ``(T, C, M/T) @ (T, M/T, K)`` gives T partial gradients and a sum adds them. Measured
-    on a 2-core AVX-512 CPU, 2 threads, fp32, N=8: the weight gradient of MobileNet's 32->64 @112
-    layer 4.8 -> 3.8 ms and of 32->512 @56 7.9 -> 6.5 ms; whole forward+backward 12.6 -> 11.5 ms
-    and 20.4 -> 19.2 ms; on the other benchmarked layers within 2% either way.
+    One GEMM with a small (K, C) output and a longer M-row reduction leaves the BLAS threads
+    little to share. With T > 1 threads, M >= C*K and M a multiple of T, the rows are cut into T
+    slabs, one batched product ``(T, C, M/T) @ (T, M/T, K)`` gives T partial gradients and a sum
+    adds them. Measured on a 2-core AVX-512 CPU, 2 threads, N=8: the fp32 weight gradient of
+    MobileNet's 32->64 @112 layer 4.8 -> 3.8 ms and of 32->512 @56 7.9 -> 6.5 ms; forward+backward
+    of those layers 12.6 -> 11.5 ms and 20.4 -> 19.2 ms fp32, 6.6 -> 5.9 ms and 12.6 -> 11.9 ms bf16.
+    Split, fp32 128->256 @28 and 256->256 @28 (M = 6272 < C*K) ran 4-6% slower and 128->128 @56
+    (M = 25088 > C*K) 5% faster (A/B in both orders), hence M >= C*K.
     """
     (m, c), k = rows.shape, grad.shape[1]
     parts = torch.get_num_threads()
-    if rows.device.type != "cpu" or parts < 2 or m < SPLIT_MIN_ROWS or m % parts:
+    if rows.device.type != "cpu" or parts < 2 or m < max(SPLIT_MIN_ROWS, c * k) or m % parts:
         return grad.t() @ rows  # (K, M) @ (M, C)
     slabs = torch.bmm(rows.view(parts, m // parts, c).transpose(1, 2), grad.reshape(parts, m // parts, k))  # (T, C, K)
     return slabs.sum(0).t().contiguous()  # (K, C)

@@ -154,16 +154,22 @@ def test_channels_last_without_onednn_falls_back_to_linear(monkeypatch):
 @pytest.mark.parametrize("threads", [2, 3, 7])
 def test_channels_last_split_weight_grad_matches_conv(monkeypatch, threads):
     """With the row threshold at zero the weight gradient is cut into one slab per thread on a small
-    case (7 threads: 120 rows do not split evenly, so one GEMM) and still matches F.conv2d."""
+    case (120 rows >= C*K = 32; with 7 threads they do not split evenly, so one GEMM) and still
+    matches F.conv2d."""
     import models.functional as functional
 
     monkeypatch.setattr(functional, "SPLIT_MIN_ROWS", 0)
+    bmm, slabs = torch.bmm, []
+    monkeypatch.setattr(torch, "bmm", lambda a, b: slabs.append(a.shape[0]) or bmm(a, b))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 4, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _assert_matches_conv(pointwise_conv2d, *_case())
+        _assert_matches_conv(pointwise_conv2d, x, torch.randn(8, 4, 1, 1, generator=g), torch.randn(8, generator=g))
     finally:
         torch.set_num_threads(previous)
+    assert slabs == ([] if 120 % threads else [threads])
 
 
 def test_weight_grad_split_into_slabs_is_the_gemm():
@@ -184,10 +190,10 @@ def test_weight_grad_split_into_slabs_is_the_gemm():
 
 
 def test_channels_last_at_default_thresholds_matches_conv():
-    """A layer with enough rows (4608) for the split weight gradient at the shipped threshold."""
+    """A layer with enough rows (4608 >= 2048 and >= C*K) for the split weight gradient as shipped."""
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 256, 48, 48, generator=g).contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(128, 256, 1, 1, generator=g) / 16, torch.randn(128, generator=g)
+    x = torch.randn(2, 32, 48, 48, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(64, 32, 1, 1, generator=g) / 4, torch.randn(64, generator=g)
     _assert_matches_conv(pointwise_conv2d, x, w, b, tol=(1e-4, 1e-4), grad_tol=(1e-4, 1e-3))
 
 
