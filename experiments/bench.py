@@ -875,6 +875,17 @@ def _markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def peak_drift(report: dict[str, Any], tolerance: float = 0.10) -> dict[str, float]:
+    """Per dtype, the percent change of the matmul peak from the start of the run to its end, where
+    it exceeds ``tolerance``: a sign that other work shared the machine during the run."""
+    moved = {}
+    for dtype, after in report.get("peak_after", {}).items():
+        before = report["peak"][dtype]["gflops"]
+        if before > 0 and abs(after / before - 1) > tolerance:
+            moved[dtype] = 100 * (after / before - 1)
+    return moved
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     """A suite's report as Markdown: what produced it, the machine's limits, the tables, how noisy it was."""
     env, noise, load = report["env"], report.get("noise", {}), report["load_avg_1_5_15min"]
@@ -899,6 +910,14 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"{after} GFLOP/s; relative IQR (IQR / median) of the "
             f"{noise['timed_sets']} timed sets: median {noise['median_rel_iqr']:.0%}, 90th percentile {noise['p90_rel_iqr']:.0%}, "
             f"max {noise['max_rel_iqr']:.0%}. Ratios within about that band of 1.0 are ties.",
+            "",
+        ]
+    moved = peak_drift(report)
+    if moved:
+        lines += [
+            "**Warning: the matmul peak moved by more than 10% between the start and the end of this run ("
+            + ", ".join(f"{d} {pct:+.0f}%" for d, pct in moved.items())
+            + "): other work shared the machine, so '% peak' (computed from the peak at the start) is not reliable here.**",
             "",
         ]
     for table in report.get("tables", []):

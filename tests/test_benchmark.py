@@ -170,6 +170,18 @@ def test_train_suite_full_recipe_reports_both_accuracies(tmp_path):
     assert "speed at equal accuracy" in (tmp_path / "train.md").read_text()
 
 
+def test_peak_drift_warns_only_past_ten_percent(outcome):
+    """A run whose matmul peak moved > 10% from start to end says '% peak' is unreliable; a steady one does not."""
+    report = dict(outcome[0]["reports"]["pointwise"])
+    start = {d: p["gflops"] for d, p in report["peak"].items()}
+    report["peak_after"] = {d: 1.05 * v for d, v in start.items()}
+    assert bench.peak_drift(report) == {} and "Warning" not in bench.markdown_report(report)
+    report["peak_after"] = {"fp32": 1.3 * start["fp32"], "bf16": 0.8 * start["bf16"]}
+    drift = bench.peak_drift(report)
+    assert drift == pytest.approx({"fp32": 30.0, "bf16": -20.0})
+    assert "(fp32 +30%, bf16 -20%)" in bench.markdown_report(report)
+
+
 def test_bytes_moved_by_hand():
     layer = ConvNormAct(8, 16, 1)  # 1x1 conv (no bias) -> BatchNorm -> ReLU
     moved = bytes_moved(layer, torch.zeros(2, 8, 4, 4))
