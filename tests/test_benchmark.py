@@ -201,9 +201,16 @@ def test_summarize_and_round_robin():
     stats = summarize_times([0.005, 0.001, 0.003, 0.002, 0.004])  # seconds
     assert (stats["median_ms"], stats["min_ms"], stats["q1_ms"], stats["q3_ms"], stats["repeats"]) == pytest.approx((3, 1, 2, 4, 5))
     calls: list[str] = []
-    timed = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1)
-    assert calls == ["a", "b"] + ["a", "b"] * 4  # warm-up, then round-robin
-    assert timed["a"]["repeats"] == timed["b"]["repeats"] == 4
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timed = time_interleaved(fns, repeats=12, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up, in order
+    rounds = [tuple(calls[i : i + 3]) for i in range(3, len(calls), 3)]
+    assert len(rounds) == 12 and all(sorted(r) == ["a", "b", "c"] for r in rounds)  # each round calls each once
+    assert len(set(rounds)) > 1  # in a shuffled order, not always the same one
+    again: list[str] = []
+    time_interleaved({name: (lambda name=name: again.append(name)) for name in "abc"}, repeats=12, warmup=1)
+    assert again == calls  # seeded: the same sequence every run
+    assert timed["a"]["repeats"] == timed["b"]["repeats"] == timed["c"]["repeats"] == 12
     with pytest.raises(ValueError, match="no times"):
         summarize_times([])
 
