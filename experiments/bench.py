@@ -18,8 +18,8 @@ Conventions, stated once:
   pays for the caches and memory its predecessor left behind, and in a fixed order the same work
   measured up to 1.7x apart with its neighbours (bf16 NCHW 32->64 @56 batched GEMM: 1.03 ms
   beside torch's convolution, 0.62 ms as another contender; 0.69 and 0.67 ms each in a loop of its
-  own). We report the **median**, the minimum and the
-  interquartile range (IQR) of the per-call times.
+  own). We report the **median**, the minimum and the interquartile range (IQR) of the per-call
+  times.
 * **Achieved GFLOP/s** = FLOPs / median time; **% of peak** = achieved / the median GFLOP/s of a
   large square ``torch.matmul`` in the same dtype, measured in the same run.
 * **Bytes moved** (the roofline's x-axis denominator): every aten op reads each of its tensor
@@ -212,9 +212,9 @@ def time_interleaved(
 
     Each round calls every contender once, so a burst of load from another process hits all of
     them, in an order shuffled afresh each round by a seeded generator (the same sequence every
-    run), so that none always follows the same other contender; rounds go on until there are ``repeats`` of them and each contender has run for
-    ``min_time_s`` in total, or ``max_repeats`` rounds (default ``10 * repeats``). The garbage
-    collector is off while timing, as ``timeit`` does.
+    run), so that none always follows the same other contender. Rounds go on until there are
+    ``repeats`` of them and each contender has run for ``min_time_s`` in total, or ``max_repeats``
+    rounds (default ``10 * repeats``). The garbage collector is off while timing, as ``timeit`` does.
 
     Args:
         fns: name -> zero-argument callable doing one unit of work.

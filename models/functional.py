@@ -111,7 +111,7 @@ def _weight_grad(grad: Tensor, rows: Tensor) -> Tensor:
     parts = torch.get_num_threads()
     if rows.device.type != "cpu" or parts < 2 or m < max(SPLIT_MIN_ROWS, c * k) or m % parts:
         return grad.t() @ rows  # (K, M) @ (M, C)
-    slabs = torch.bmm(rows.view(parts, m // parts, c).transpose(1, 2), grad.reshape(parts, m // parts, k))  # (T, C, K)
+    slabs = torch.bmm(rows.reshape(parts, m // parts, c).transpose(1, 2), grad.reshape(parts, m // parts, k))  # (T, C, K)
     return slabs.sum(0).t().contiguous()  # (K, C)
 
 
