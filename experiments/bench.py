@@ -92,6 +92,7 @@ class BenchOptions:
     repeats: int = 30
     warmup: int = 5
     min_time_s: float = 0.2
+    block: int = 1
     size: str = "full"
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     malloc: str = "steady"
@@ -113,12 +114,14 @@ class BenchOptions:
             raise ValueError(f"threads={self.threads!r} must be null or an int >= 1")
         if self.repeats < 1 or self.warmup < 0 or self.min_time_s < 0:
             raise ValueError(f"need repeats >= 1, warmup >= 0, min_time_s >= 0; got {self.repeats}, {self.warmup}, {self.min_time_s}")
+        if not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"block={self.block!r} must be an int >= 1 (timed calls per contender's turn)")
 
     def timing(self) -> dict[str, Any]:
         """Keyword arguments of :func:`time_interleaved` for this size."""
         if self.size == "tiny":
-            return {"repeats": min(self.repeats, 3), "warmup": min(self.warmup, 1), "min_time_s": 0.0}
-        return {"repeats": self.repeats, "warmup": self.warmup, "min_time_s": self.min_time_s}
+            return {"repeats": min(self.repeats, 3), "warmup": min(self.warmup, 1), "min_time_s": 0.0, "block": 1}
+        return {"repeats": self.repeats, "warmup": self.warmup, "min_time_s": self.min_time_s, "block": self.block}
 
 
 @dataclass
@@ -207,19 +210,25 @@ def time_interleaved(
     warmup: int = 5,
     min_time_s: float = 0.0,
     max_repeats: int | None = None,
+    block: int = 1,
 ) -> dict[str, dict[str, float]]:
     """Time several contenders round-robin and summarize each (see :func:`summarize_times`).
 
     Each round calls every contender once, so a burst of load from another process hits all of
     them, in an order shuffled afresh each round by a seeded generator (the same sequence every
-    run), so that none always follows the same other contender. Rounds go on until there are
-    ``repeats`` of them and each contender has run for ``min_time_s`` in total, or ``max_repeats``
-    rounds (default ``10 * repeats``). The garbage collector is off while timing, as ``timeit`` does.
+    run), so that none always follows the same other contender. With ``block > 1`` a contender's
+    turn is one untimed lead-in call and then ``block`` timed calls in a row, so every timed call
+    but the lead-in follows a call of itself: the steady state of that op, as a loop of it would
+    measure, with load from other processes still spread over all contenders. Rounds go on until
+    each contender has ``repeats`` timed calls and has run for ``min_time_s`` in total, or has
+    ``max_repeats`` timed calls (default ``10 * repeats``). The garbage collector is off while
+    timing, as ``timeit`` does.
 
     Args:
         fns: name -> zero-argument callable doing one unit of work.
         device: where the work runs; on CUDA each call is timed with CUDA events.
         repeats: the least number of timed calls per contender.
+        block: timed calls per contender's turn, after one untimed lead-in call when above 1.
         warmup: untimed calls per contender first.
         min_time_s: the least total timed seconds per contender.
         max_repeats: the most timed calls per contender.
@@ -239,16 +248,19 @@ def time_interleaved(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        rounds, order, shuffle = 0, list(fns), random.Random(0).shuffle
-        while rounds < max_repeats:
+        calls, order, shuffle = 0, list(fns), random.Random(0).shuffle
+        while calls < max_repeats:
             shuffle(order)
             for name in order:
                 fn = fns[name]
-                before = _minor_faults()
-                times[name].append(timer(fn))
-                faults[name] += _minor_faults() - before
-            rounds += 1
-            if rounds >= repeats and min(sum(t) for t in times.values()) >= min_time_s:
+                if block > 1:
+                    fn()  # lead-in: the timed calls below follow a call of the same op
+                for _ in range(block):
+                    before = _minor_faults()
+                    times[name].append(timer(fn))
+                    faults[name] += _minor_faults() - before
+            calls += block
+            if calls >= repeats and min(sum(t) for t in times.values()) >= min_time_s:
                 break
     finally:
         if gc_was_enabled:
@@ -946,6 +958,7 @@ def options_from_config(cfg: Any) -> BenchOptions:
         repeats=int(cfg.repeats),
         warmup=int(cfg.warmup),
         min_time_s=float(cfg.min_time_s),
+        block=int(cfg.get("block", 1)),
         size=str(cfg.size),
         malloc=str(cfg.get("malloc", "steady")),
         train=dict(cfg.get("train") or {}),

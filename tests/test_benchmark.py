@@ -211,6 +211,11 @@ def test_summarize_and_round_robin():
     time_interleaved({name: (lambda name=name: again.append(name)) for name in "abc"}, repeats=12, warmup=1)
     assert again == calls  # seeded: the same sequence every run
     assert timed["a"]["repeats"] == timed["b"]["repeats"] == timed["c"]["repeats"] == 12
+    blocked: list[str] = []
+    timed = time_interleaved({name: (lambda name=name: blocked.append(name)) for name in "ab"}, repeats=6, warmup=0, block=3)
+    turns = [blocked[i : i + 4] for i in range(0, len(blocked), 4)]  # a lead-in call, then 3 timed calls
+    assert len(turns) == 4 and all(len(set(t)) == 1 for t in turns) and sorted(t[0] for t in turns) == ["a", "a", "b", "b"]
+    assert timed["a"]["repeats"] == timed["b"]["repeats"] == 6
     with pytest.raises(ValueError, match="no times"):
         summarize_times([])
 
@@ -241,6 +246,7 @@ def test_registry_one_function_per_suite(monkeypatch, tmp_path):
         ("dtypes", ("fp8",), "unknown dtype 'fp8'"),
         ("device", "tpu", "unknown device 'tpu'"),
         ("malloc", "x", "malloc"),
+        ("block", 0, "block=0 must be an int >= 1"),
     ],
 )
 def test_bad_options(field, value, needle):
