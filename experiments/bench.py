@@ -228,10 +228,10 @@ def time_interleaved(
         fns: name -> zero-argument callable doing one unit of work.
         device: where the work runs; on CUDA each call is timed with CUDA events.
         repeats: the least number of timed calls per contender.
-        block: timed calls per contender's turn, after one untimed lead-in call when above 1.
         warmup: untimed calls per contender first.
         min_time_s: the least total timed seconds per contender.
         max_repeats: the most timed calls per contender.
+        block: timed calls per contender's turn, after one untimed lead-in call when above 1.
 
     Returns:
         name -> ``{median_ms, min_ms, q1_ms, q3_ms, iqr_ms, repeats}``.
@@ -896,7 +896,10 @@ def _markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-def peak_drift(report: dict[str, Any], tolerance: float = 0.10) -> dict[str, float]:
+PEAK_DRIFT_TOLERANCE = 0.10  # a matmul peak that moved more than this during a run makes '% peak' unreliable
+
+
+def peak_drift(report: dict[str, Any], tolerance: float = PEAK_DRIFT_TOLERANCE) -> dict[str, float]:
     """Per dtype, the percent change of the matmul peak from the start of the run to its end, where
     it exceeds ``tolerance``: a sign that other work shared the machine during the run."""
     moved = {}
@@ -936,7 +939,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     moved = peak_drift(report)
     if moved:
         lines += [
-            "**Warning: the matmul peak moved by more than 10% between the start and the end of this run ("
+            f"**Warning: the matmul peak moved by more than {PEAK_DRIFT_TOLERANCE:.0%} between the start and the end of this run ("
             + ", ".join(f"{d} {pct:+.0f}%" for d, pct in moved.items())
             + "): other work shared the machine, so '% peak' (computed from the peak at the start) is not reliable here.**",
             "",
@@ -949,16 +952,24 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _config_number(cfg: Any, key: str, kind: type, default: Any = None) -> Any:
+    """``kind(cfg[key])``, with a message naming the key and its value when it is not a number."""
+    value = cfg.get(key, default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r} must be {'an int' if kind is int else 'a number'}") from None
+
+
 def options_from_config(cfg: Any) -> BenchOptions:
-    """:class:`BenchOptions` from the benchmark config's keys (a DictConfig or any object with those attributes)."""
-    threads = cfg.threads
+    """:class:`BenchOptions` from the benchmark config's keys (the script's DictConfig)."""
     return BenchOptions(
         device=str(cfg.device),
-        threads=None if threads is None else int(threads),
-        repeats=int(cfg.repeats),
-        warmup=int(cfg.warmup),
-        min_time_s=float(cfg.min_time_s),
-        block=int(cfg.get("block", 1)),
+        threads=None if cfg.threads is None else _config_number(cfg, "threads", int),
+        repeats=_config_number(cfg, "repeats", int),
+        warmup=_config_number(cfg, "warmup", int),
+        min_time_s=_config_number(cfg, "min_time_s", float),
+        block=_config_number(cfg, "block", int, 1),
         size=str(cfg.size),
         malloc=str(cfg.get("malloc", "steady")),
         train=dict(cfg.get("train") or {}),

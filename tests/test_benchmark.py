@@ -272,6 +272,18 @@ def test_cli_unknown_suite_one_line(tmp_path):
     )
 
 
+def test_options_not_a_number_name_the_key():
+    """A timing option that is not a number is named with its value, not left to int()'s own message."""
+    cfg = {"device": "cpu", "threads": None, "repeats": 5, "warmup": 1, "min_time_s": 0.0, "size": "tiny", "dtypes": ["fp32"]}
+    from omegaconf import OmegaConf
+
+    assert bench.options_from_config(OmegaConf.create(cfg)).block == 1  # absent: the default
+    for key, value, needle in [("block", "x", "block='x' must be an int"), ("repeats", "many", "repeats='many' must be an int"),
+                               ("min_time_s", "soon", "min_time_s='soon' must be a number")]:  # fmt: skip
+        with pytest.raises(ValueError, match=needle):
+            bench.options_from_config(OmegaConf.create({**cfg, key: value}))
+
+
 # ---------------------------------------------------------------------------------------------
 # pointwise_conv2d's fast paths (models/functional.py): float64 gradients, double backward, no conv inside
 
