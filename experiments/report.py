@@ -85,6 +85,9 @@ class RunRow:
     latency_device: str | None = None
     epochs: int | None = None
     wall_seconds: float | None = None
+    target_acc: float | None = None  # trainer.target_acc: a test accuracy that was timed (results.json "target")
+    target_epoch: int | None = None  # the first epoch that reached it; None when it was not reached
+    target_seconds: float | None = None  # training seconds up to that epoch
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -243,6 +246,14 @@ def wandb_record(run: Any, path: str) -> dict[str, Any]:
             "wall_seconds": _first(_wandb_value(summary, k) for k in ("final/wall_seconds", "_runtime")),
             "epochs": len(history) or _wandb_value(summary, "epoch"),
         },
+        "target": None
+        if _wandb_value(summary, "target/acc") is None
+        else {
+            "acc": _wandb_value(summary, "target/acc"),
+            "reached": _wandb_value(summary, "target/reached"),
+            "epoch": _wandb_value(summary, "target/epoch"),
+            "train_seconds": _wandb_value(summary, "target/train_seconds"),
+        },
         "path": getattr(run, "url", None) or f"wandb:{path}/{getattr(run, 'id', '?')}",
     }
 
@@ -252,8 +263,9 @@ def load_wandb_runs(project: str | None, entity: str | None = None, api: Any = N
 
     Summary keys read (as scripts/run.py logs them): ``test/acc``, ``cost/macs``, ``cost/params``,
     ``cost/latency_ms_b1``, ``final/train_loss`` and ``final/wall_seconds`` (else ``train/loss``
-    and ``_runtime``); history keys: ``epoch``, ``test/acc``, ``train/loss``. The run's name,
-    model, data, seed, table and row come from its config (the resolved Hydra config).
+    and ``_runtime``), and ``target/{acc,reached,epoch,train_seconds}`` when the run timed a
+    target; history keys: ``epoch``, ``test/acc``, ``train/loss``. The run's name, model, data,
+    seed, table and row come from its config (the resolved Hydra config).
 
     Args:
         project: the W&B project.
@@ -327,6 +339,8 @@ def to_row(record: dict[str, Any]) -> RunRow:
         reason = "failed (no reason recorded)"
     epochs = _number(final.get("epochs"))
     seed = record.get("seed")
+    target = record.get("target") if isinstance(record.get("target"), dict) else {}
+    target_epoch = _number(target.get("epoch")) if target.get("reached") is True else None
     return RunRow(
         name=str(record.get("name") or Path(path).parent.name),
         model=str(record.get("model") or "?"),
@@ -344,6 +358,9 @@ def to_row(record: dict[str, Any]) -> RunRow:
         latency_device=_text(cost.get("latency_device")),
         epochs=int(epochs) if epochs is not None else (len(history) or None),
         wall_seconds=_number(final.get("wall_seconds")),
+        target_acc=_number(target.get("acc")),
+        target_epoch=int(target_epoch) if target_epoch is not None else None,
+        target_seconds=_number(target.get("train_seconds")) if target_epoch is not None else None,
         history=history,
     )
 
@@ -402,6 +419,15 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m"
 
 
+def _fmt_target(r: RunRow) -> str:
+    """``94%: 1m 23s (epoch 17)``, ``94%: not reached``, or empty for a run that timed no target."""
+    if r.target_acc is None:
+        return ""
+    if r.target_epoch is None:
+        return f"{100 * r.target_acc:g}%: not reached"
+    return f"{100 * r.target_acc:g}%: {_fmt_duration(r.target_seconds)} (epoch {r.target_epoch})"
+
+
 def _experiment_row(r: RunRow) -> str:
     return " / ".join(x for x in (r.experiment, r.row) if x)
 
@@ -419,8 +445,15 @@ _COLUMNS: tuple[tuple[str, Callable[[RunRow], Any], Callable[[RunRow], str], boo
     ("Latency (ms)", lambda r: r.latency_ms, lambda r: _fmt(r.latency_ms, 1, 2), True),
     ("Epochs", lambda r: r.epochs, lambda r: _fmt_int(r.epochs), True),
     ("Wall time", lambda r: r.wall_seconds, lambda r: _fmt_duration(r.wall_seconds), True),
+    ("Time to target", lambda r: r.target_seconds, _fmt_target, True),
     ("Status", lambda r: r.status, lambda r: r.status, False),
 )
+
+
+def _columns(rows: Sequence[RunRow]) -> list[tuple[str, Callable[[RunRow], Any], Callable[[RunRow], str], bool]]:
+    """The run table's columns; "Time to target" only when some run timed one (``trainer.target_acc``)."""
+    timed = any(r.target_acc is not None for r in rows)
+    return [c for c in _COLUMNS if timed or c[0] != "Time to target"]
 
 
 def _paper_order(rows: Sequence[RunRow]) -> list[RunRow]:
@@ -449,7 +482,8 @@ def write_tables(completed: Sequence[RunRow], out: Path) -> list[Path]:
     """
     rows = _paper_order(completed)
     csv_path, md_path = out / "runs.csv", out / "runs.md"
-    header = ["name", "model", "data", "experiment", "row", "seed", "test_acc_pct", "macs_m", "params_m", "latency_ms", "epochs", "wall_s"]
+    header = ["name", "model", "data", "experiment", "row", "seed", "test_acc_pct", "macs_m", "params_m", "latency_ms", "epochs", "wall_s",
+              "target_acc_pct", "target_epoch", "time_to_target_s"]  # fmt: skip
     with csv_path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow([*header, "macs", "params", "status", "results"])
@@ -459,9 +493,10 @@ def write_tables(completed: Sequence[RunRow], out: Path) -> list[Path]:
                 [r.name, r.model, r.data, r.experiment or "", r.row or "", _fmt_int(r.seed)]
                 + [_fmt(value, scale, digits, grouping=False) for value, scale, digits in numbers]
                 + [_fmt_int(r.epochs), _fmt(r.wall_seconds, 1, 0, grouping=False)]
+                + [_fmt(r.target_acc, 0.01, 2), _fmt_int(r.target_epoch), _fmt(r.target_seconds, 1, 1, grouping=False)]
                 + [_fmt(r.macs, 1, 0, grouping=False), _fmt(r.params, 1, 0, grouping=False), r.status, r.path]
             )
-    columns = [c for c in _COLUMNS if c[0] != "Status"]  # every row is completed
+    columns = [c for c in _columns(rows) if c[0] != "Status"]  # every row is completed
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "|".join("---:" if c[3] else "---" for c in columns) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(_md_cell(shown(r)) for _, _, shown, _ in columns) + " |")
@@ -842,12 +877,12 @@ def _runs_table(rows: Sequence[RunRow], index: dict[int, int]) -> str:
     sorted_by = ' aria-sort="descending"'  # rows arrive best accuracy first
     head = "".join(
         f'<th scope="col" class="{"num" if numeric else ""}"{sorted_by if title.startswith("Test acc") else ""}>{_e(title)}</th>'
-        for title, _, _, numeric in _COLUMNS
+        for title, _, _, numeric in _columns(rows)
     )
     body = []
     for r in rows:
         cells = []
-        for title, raw, shown, numeric in _COLUMNS:
+        for title, raw, shown, numeric in _columns(rows):
             value, text = raw(r), shown(r)
             if title == "Status":
                 text_html = f'<span class="status {_e(r.status)}">{_e(text)}</span>'

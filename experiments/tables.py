@@ -102,6 +102,8 @@ def build_table(table: DictConfig, costs: list[dict[str, Any]], runs: dict[str, 
             latency = statistics.median(measured)
             device = records[0]["cost"].get("latency_device")
         macs_m, params_m = cost["macs"] / 1e6, cost["params"] / 1e6
+        targets = [r["target"] for r in records if isinstance(r.get("target"), dict)]  # trainer.target_acc runs
+        reached = [t["train_seconds"] for t in targets if t.get("reached")]
         out.append({
             "id": str(row.id),
             "setting": row.label,
@@ -120,6 +122,10 @@ def build_table(table: DictConfig, costs: list[dict[str, Any]], runs: dict[str, 
             "latency_device": device,
             "train_img_s": statistics.median(statistics.fmean(h["img_per_s"] for h in r["history"]) for r in records) if records else None,
             "train_s": statistics.median(r["final"]["wall_seconds"] for r in records) if records else None,
+            "target_acc": targets[0]["acc"] if targets else None,
+            "target_runs": len(targets),
+            "target_reached": len(reached),
+            "time_to_target_s": statistics.median(reached) if reached else None,
             "note": " ".join(str(row.get("note") or item.get("error") or "").split()) or None,
         })  # fmt: skip
     return out
@@ -158,7 +164,19 @@ def _columns(rows: Table, table: DictConfig) -> list[tuple[str, list[str]]]:
             ("train img/s", [_fmt(r["train_img_s"], ".0f") for r in rows]),
             ("wall time (s)", [_fmt(r["train_s"], ".0f") for r in rows]),
         ]
+    timed = [r for r in rows if r["target_acc"] is not None]
+    if timed:
+        goal = "/".join(sorted({f"{100 * r['target_acc']:g}%" for r in timed}))
+        cols.append((f"time to {goal} (s)", [_time_to_target(r) for r in rows]))
     return cols
+
+
+def _time_to_target(row: dict[str, Any]) -> str:
+    """Median training seconds to the target over the seeds that reached it; ``(k/n)`` when some did not."""
+    if row["target_acc"] is None:
+        return "—"
+    reached = "" if row["target_reached"] == row["target_runs"] else f" ({row['target_reached']}/{row['target_runs']} reached)"
+    return _fmt(row["time_to_target_s"], ".1f") + reached
 
 
 def markdown_table(rows: Table, table: DictConfig) -> str:

@@ -38,7 +38,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 # Keys that do not change what a run computes: a run dir may be resumed with other values.
 VOLATILE = ("resume", "format", "logger", "tags", "latency_batch_sizes", "device", "trainer.progress", "trainer.num_threads",
-            "data.root", "data.download")  # fmt: skip
+            "trainer.target_acc", "data.root", "data.download")  # fmt: skip
 
 
 class Divergence(RuntimeError):
@@ -106,6 +106,15 @@ def check_config(cfg: DictConfig, device: torch.device) -> None:
         raise ValueError(f"sched.name={s.name!r} is not valid; choose from: {', '.join(SCHEDULES)}")
     _number("sched.warmup_epochs", s.warmup_epochs, 0.0)
     _number("sched.min_lr_ratio", s.min_lr_ratio, 0.0, 1.0)
+    target = t.get("target_acc")
+    if target is not None:
+        if isinstance(target, (int, float)) and not isinstance(target, bool) and 1 < target <= 100:
+            raise ValueError(f"trainer.target_acc={target!r} is a fraction of the test set: use {target / 100:g} for {target:g}%")
+        _number("trainer.target_acc", target, 0.0, 1.0, low_open=True)
+    if t.get("stop_at_target", False) not in (True, False):
+        raise ValueError(f"trainer.stop_at_target={t.stop_at_target!r} is not valid; choose from: true, false")
+    if t.get("stop_at_target") and t.get("target_acc") is None:
+        raise ValueError("trainer.stop_at_target=true needs a target: set trainer.target_acc (a fraction, e.g. 0.94)")
     if cfg.format not in ("text", "json"):
         raise ValueError(f"format={cfg.format!r} is not valid; choose from: text, json")
     if t.progress not in ("auto", True, False):
@@ -230,6 +239,25 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str
     return {"acc": (totals[0] / totals[2]).item(), "loss": (totals[1] / totals[2]).item()}
 
 
+def time_to_target(history: list[dict[str, Any]], target: float | None) -> dict[str, Any] | None:
+    """When a run's test accuracy first reached ``target`` (a fraction), and after how many seconds.
+
+    Only evaluated epochs count (``trainer.eval_every`` sets the resolution). ``train_seconds`` sums
+    the training epochs' time up to and including that epoch (steps and data, as DAWNBench and
+    airbench count), ``seconds_with_eval`` adds the evaluations. None when no target is set.
+    """
+    if target is None:
+        return None
+    train_s = with_eval_s = 0.0
+    for h in history:
+        train_s += h["seconds"]
+        with_eval_s += h["seconds"] + (h.get("eval_seconds") or 0.0)
+        if h["test_acc"] is not None and h["test_acc"] >= target:
+            return {"acc": target, "reached": True, "epoch": h["epoch"], "test_acc": h["test_acc"],
+                    "train_seconds": train_s, "seconds_with_eval": with_eval_s}  # fmt: skip
+    return {"acc": target, "reached": False, "epoch": None, "test_acc": None, "train_seconds": None, "seconds_with_eval": None}
+
+
 def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """The first key (dotted) whose value differs, ignoring VOLATILE keys; None when equal."""
 
@@ -275,8 +303,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "schema": 1, "status": "running", "reason": None, "name": cfg.name, "model": cfg.model.name, "data": cfg.data.name,
         "experiment": table.name if table else None, "row": cfg.get("row"), "seed": cfg.seed, "run_dir": str(run_dir.resolve()),
         "started_at": now(), "finished_at": None, "config": config, "cost": None, "history": [], "final": None,
-        "env": env_info(device, dist_info.world_size), "wandb": None,
+        "env": env_info(device, dist_info.world_size), "wandb": None, "target": None,
     }  # fmt: skip
+    target_acc = cfg.trainer.get("target_acc")
     results_path = run_dir / "results.json"
     main = dist_info.is_main
 
@@ -403,14 +432,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             seconds = time.perf_counter() - epoch_start
             all_reduce_sum(sums)
             entry = {"epoch": epoch + 1, "train_loss": (sums[0] / sums[2]).item(), "train_acc": (sums[1] / sums[2]).item(),
-                     "val_acc": None, "test_acc": None, "lr": cfg.optim.lr * factor, "seconds": seconds,
+                     "val_acc": None, "test_acc": None, "eval_seconds": None, "lr": cfg.optim.lr * factor, "seconds": seconds,
                      "img_per_s": sums[2].item() / seconds}  # fmt: skip
             last = epoch + 1 == cfg.trainer.epochs or step >= total_steps
             if last or (epoch + 1) % cfg.trainer.eval_every == 0:
+                eval_start = time.perf_counter()
                 if "val" in loaders:
                     entry["val_acc"] = evaluate(raw_model, loaders["val"], device, cfg.trainer.precision)["acc"]
                 entry["test_acc"] = evaluate(raw_model, loaders["test"], device, cfg.trainer.precision)["acc"]
+                entry["eval_seconds"] = time.perf_counter() - eval_start
             record["history"].append(entry)
+            record["target"] = time_to_target(record["history"], target_acc)
             log.info("epoch %d/%d: train loss %.4f acc %.2f%% | val %s | test %s | %.0f img/s | %.1f s | lr %.4g", epoch + 1,
                      cfg.trainer.epochs, entry["train_loss"], 100 * entry["train_acc"], _pct(entry["val_acc"]), _pct(entry["test_acc"]),
                      entry["img_per_s"], seconds, entry["lr"])  # fmt: skip
@@ -427,6 +459,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 save(record)
             if step >= total_steps:
                 break
+            if record["target"] and record["target"]["reached"] and cfg.trainer.stop_at_target:
+                log.info("target: test accuracy %s >= %s at epoch %d; stopping (trainer.stop_at_target=true)",
+                         _pct(record["target"]["test_acc"]), _pct(target_acc), epoch + 1)  # fmt: skip
+                break
 
         # final record
         history = record["history"]
@@ -440,12 +476,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             record["cost"]["latency_ms"] = {str(b): measure_latency(raw_model, input_shape(cfg, int(b)), device, cfg.trainer.channels_last)
                                             for b in cfg.latency_batch_sizes}  # fmt: skip
             record["cost"]["latency_device"] = str(device)
-        record.update(status="completed", final=final, finished_at=now())
+        record.update(status="completed", final=final, finished_at=now(), target=time_to_target(history, target_acc))
+        target = record["target"] or {}
         tracker.summary({"test/acc": final["test_acc"], "final/test_acc": final["test_acc"], "final/train_loss": final["train_loss"],
                          "final/wall_seconds": final["wall_seconds"], "final/best_epoch": final["best_epoch"],
-                         **{f"cost/latency_ms_b{b}": v for b, v in (record["cost"] or {}).get("latency_ms", {}).items()}})  # fmt: skip
+                         **{f"cost/latency_ms_b{b}": v for b, v in (record["cost"] or {}).get("latency_ms", {}).items()},
+                         **({"target/acc": target["acc"], "target/reached": target["reached"], "target/epoch": target["epoch"],
+                             "target/train_seconds": target["train_seconds"]} if target else {})})  # fmt: skip
         save(record)
         tracker.finish(failed=False)
+        if target:
+            log.info("target %s: %s", _pct(target["acc"]), f"reached at epoch {target['epoch']} after {target['train_seconds']:.1f} s of training"
+                     if target["reached"] else f"not reached in {len(history)} epochs")  # fmt: skip
         log.info(
             "done: test acc %s after %d epochs, %.0f s; results: %s",
             _pct(final["test_acc"]),

@@ -26,10 +26,19 @@ log = logging.getLogger("convlab")
 
 
 def _summary(record: dict) -> str:
-    final, cost = record["final"], record["cost"]
+    final, cost, target = record["final"], record["cost"], record.get("target")
     latency = cost.get("latency_ms", {}).get("1")
+    if target:
+        goal = f"{100 * target['acc']:g}%"
+        timed = (
+            f"{goal} reached at epoch {target['epoch']} after {target['train_seconds']:.1f} s"
+            if target["reached"]
+            else f"{goal} not reached"
+        )
     return (
-        f"{record['name']} (seed {record['seed']}): test acc {100 * final['test_acc']:.2f}% after {final['epochs']} epochs | "
+        f"{record['name']} (seed {record['seed']}): test acc {100 * final['test_acc']:.2f}% after {final['epochs']} epochs"
+        + (f" ({timed})" if target else "")
+        + " | "
         f"{cost['params'] / 1e6:.2f} M params | {cost['macs'] / 1e6:.1f} M MACs"
         + (f" | {latency:.2f} ms/image ({cost['latency_device']})" if latency is not None else "")
         + f" | {record['run_dir']}/results.json"

@@ -170,6 +170,7 @@ def test_tables_and_figures(report):
     assert (standard["test_acc_pct"], standard["macs_m"], standard["params_m"], standard["macs"]) == ("92.00", "40.0", "0.60", "40000000")
     lines = (out / "runs.md").read_text().splitlines()
     assert lines[0].startswith("| Name | Model |") and set(lines[1]) <= set("|-:")
+    assert "Time to target" not in lines[0]  # no run timed a target
     assert len(lines) == 2 + 6
     assert any("\\<script\\>alert(1)\\</script\\>" in line for line in lines)  # literal text in a Markdown renderer
     for stem in ("acc_vs_macs", "acc_vs_params", "acc_vs_latency"):
@@ -177,6 +178,32 @@ def test_tables_and_figures(report):
         assert str(path) in summary["files"] and path.stat().st_size > 10_000
         image = Image.open(path).convert("RGB")
         assert image.size[0] > 500 and len(image.getcolors(maxcolors=1 << 20)) > 50  # drawn, not blank
+
+
+def test_time_to_target_column_when_runs_timed_one(tmp_path):
+    reached = {
+        **_record("fast", "separable", 7.1, 0.04, 0.945, 1.2),
+        "target": {"acc": 0.94, "reached": True, "epoch": 17, "test_acc": 0.9412, "train_seconds": 83.4, "seconds_with_eval": 90.0},
+    }
+    missed = {
+        **_record("slow", "standard", 48.1, 0.3, 0.93, 1.2),
+        "target": {"acc": 0.94, "reached": False, "epoch": None, "test_acc": None, "train_seconds": None, "seconds_with_eval": None},
+    }
+    untimed = _record("plain", "depthwise", 1.9, 0.01, 0.6, 0.9)
+    for record in (reached, missed, untimed):
+        (tmp_path / "runs" / record["name"]).mkdir(parents=True)
+        (tmp_path / "runs" / record["name"] / "results.json").write_text(json.dumps(record))
+    build_report([str(tmp_path / "runs")], out=tmp_path / "out")
+    lines = (tmp_path / "out/runs.md").read_text().splitlines()
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    column = table[0].index("Time to target")
+    cells = {row[0]: row[column] for row in table[2:]}
+    assert cells == {"fast": "94%: 1m 23s (epoch 17)", "slow": "94%: not reached", "plain": ""}
+    with (tmp_path / "out/runs.csv").open() as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert (rows["fast"]["target_acc_pct"], rows["fast"]["target_epoch"], rows["fast"]["time_to_target_s"]) == ("94.00", "17", "83.4")
+    assert (rows["slow"]["target_acc_pct"], rows["slow"]["target_epoch"], rows["slow"]["time_to_target_s"]) == ("94.00", "", "")
+    assert "94%: 1m 23s (epoch 17)" in (tmp_path / "out/index.html").read_text()
 
 
 class _FakeRun(SimpleNamespace):
@@ -209,7 +236,17 @@ def _fake_api() -> _FakeApi:
         state="finished",
         url="https://wandb.ai/team/convlab/runs/abc",
         config=config,
-        summary={"test/acc": 0.9, "cost/macs": 21_300_000, "cost/params": 140_000, "cost/latency_ms_b1": 1.9, "final/wall_seconds": 60.0},
+        summary={
+            "test/acc": 0.9,
+            "cost/macs": 21_300_000,
+            "cost/params": 140_000,
+            "cost/latency_ms_b1": 1.9,
+            "final/wall_seconds": 60.0,
+            "target/acc": 0.85,
+            "target/reached": True,
+            "target/epoch": 2,
+            "target/train_seconds": 41.5,
+        },
         rows=[
             {"epoch": 1, "test/acc": 0.8, "train/loss": 1.0},
             {"_step": 5, "train/loss_step": 0.9},
@@ -236,6 +273,7 @@ def test_wandb_source_with_a_fake_api(tmp_path):
     assert done["status"] == "completed" and done["final"]["test_acc"] == 0.9 and done["final"]["epochs"] == 2
     assert done["cost"] == {"macs": 21_300_000, "params": 140_000, "latency_ms": {"1": 1.9}}
     assert [h["epoch"] for h in done["history"]] == [1, 2] and done["history"][1]["train_loss"] == 0.5
+    assert done["target"] == {"acc": 0.85, "reached": True, "epoch": 2, "train_seconds": 41.5} and crashed["target"] is None
     assert (crashed["status"], crashed["model"], crashed["reason"]) == ("failed", "depthwise", "W&B run state: crashed")
     summary = build_report(None, out=tmp_path / "out", source="wandb", project="convlab", entity="team", api=_fake_api())
     assert (summary["completed"], summary["failed"], summary["sources"]) == (1, 1, ["wandb:team/convlab"])

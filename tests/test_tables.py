@@ -92,6 +92,45 @@ def test_failed_row_is_listed_apart(tmp_path):
     assert "| — |" not in separable.split("|", 3)[2]
 
 
+def _timed_record(row: str, acc: float, target: dict | None) -> dict:
+    return {"row": row, "status": "completed", "final": {"test_acc": acc, "wall_seconds": 100.0}, "history": [{"img_per_s": 900.0}],
+            "cost": {"latency_ms": {}}, "target": target}  # fmt: skip
+
+
+def test_time_to_target_column_is_the_median_over_seeds_that_reached_it():
+    from experiments.tables import build_table, csv_table, markdown_table
+
+    table = OmegaConf.create({"name": "t", "title": "T", "source": "S", "rows": [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}]})
+    costs = [{"row": row, "cost": {"macs": 1e6, "params": 1e4}, "data": "cifar10"} for row in table.rows]
+
+    def hit(seconds: float) -> dict:
+        return {"acc": 0.94, "reached": True, "epoch": 3, "train_seconds": seconds}
+
+    miss = {"acc": 0.94, "reached": False, "epoch": None, "train_seconds": None}
+    runs = {"a": [_timed_record("a", 0.95, hit(30.0)), _timed_record("a", 0.95, hit(50.0)), _timed_record("a", 0.95, hit(41.0))],
+            "b": [_timed_record("b", 0.93, miss), _timed_record("b", 0.945, hit(80.0))]}  # fmt: skip
+    rows = build_table(table, costs, runs)
+    assert [(r["target_reached"], r["target_runs"], r["time_to_target_s"]) for r in rows] == [(3, 3, 41.0), (1, 2, 80.0)]
+    lines = markdown_table(rows, table).splitlines()
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert header[-1] == "time to 94% (s)"
+    assert [line.rsplit("|", 2)[1].strip() for line in lines[4:6]] == ["41.0", "80.0 (1/2 reached)"]
+    assert "time_to_target_s" in csv_table(rows, table).splitlines()[0]
+    untimed = build_table(table, costs, {"a": [_timed_record("a", 0.9, None)]})
+    assert not any("time to" in line for line in markdown_table(untimed, table).splitlines())
+
+
+def test_time_to_94_table_composes_a_valid_timed_run(compose_cfg):
+    import torch
+
+    from experiments.train import check_config
+
+    cfg = compose_cfg("experiment=cifar10_94")
+    check_config(cfg, torch.device("cpu"))
+    assert (cfg.trainer.target_acc, cfg.data.name, cfg.trainer.epochs) == (0.94, "cifar10", 40)
+    assert [row.id for row in cfg.table.rows] == ["resnet18", "resnet50", "mobilenet_v2"]
+
+
 def test_bad_table_name():
     assert_one_line_error(
         run_script("reproduce.py", "table=mobilenet_t9", "cost_only=true"), "unknown table 'mobilenet_t9'", "mobilenet_t6", "blocks"

@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from experiments.data import DEBIAN_FASHION_MNIST
-from experiments.train import build_optimizer, lr_factor, train
+from experiments.train import build_optimizer, lr_factor, time_to_target, train
 from models import build_model
 
 from .conftest import ROOT, assert_one_line_error, run_script
 from .helpers import kill_when, read_wandb_records, wandb_summary, write_cifar10
 
 RESULT_KEYS = {"schema", "status", "reason", "name", "model", "data", "experiment", "row", "seed", "run_dir", "started_at", "finished_at",
-               "config", "cost", "history", "final", "env", "wandb"}  # fmt: skip
-HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds", "img_per_s"}
+               "config", "cost", "history", "final", "env", "wandb", "target"}  # fmt: skip
+HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_acc", "test_acc", "eval_seconds", "lr", "seconds", "img_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +66,13 @@ def test_smoke_run_on_cifar_format_files_with_offline_wandb(cifar_root, tmp_path
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
 def test_smoke_run_on_real_fashion_mnist(tmp_path):
-    proc = run_script("run.py", "data=fashion_mnist", "data.subset=512", "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path}")
+    proc = run_script("run.py", "data=fashion_mnist", "data.subset=512", "trainer=smoke", "trainer.target_acc=0.01", "logger=none",
+                      f"hydra.run.dir={tmp_path}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["status"] == "completed" and record["cost"]["input_shape"] == [1, 1, 28, 28]
-    assert "test acc" in proc.stdout
+    assert record["target"]["reached"] and record["target"]["epoch"] == 1
+    assert "test acc" in proc.stdout and f"(1% reached at epoch 1 after {record['target']['train_seconds']:.1f} s)" in proc.stdout
 
 
 def _resume_cmd(run_dir: Path) -> list[str]:
@@ -172,6 +174,10 @@ def test_divergence_after_a_good_epoch_keeps_its_checkpoint(compose_cfg, tmp_pat
         (["logger=mlflow"], ["unknown logger 'mlflow'", "none, wandb"]),
         (["hydra/launcher=ray"], ["unknown launcher 'ray'", "parallel", "slurm"]),
         (["resume=/no/such/run"], ["resume='/no/such/run'", "auto, never"]),
+        (["trainer.target_acc=94"], ["trainer.target_acc=94", "use 0.94"]),
+        (["trainer.target_acc=0"], ["trainer.target_acc=0", "0.0 < target_acc <= 1.0"]),
+        (["trainer.stop_at_target=true"], ["trainer.stop_at_target=true", "trainer.target_acc"]),
+        (["trainer.stop_at_target=yes"], ["trainer.stop_at_target='yes'", "true, false"]),
     ],
 )
 def test_bad_input_one_line_through_the_cli(tmp_path, args, needles):
@@ -213,6 +219,39 @@ def test_wandb_failure_never_stops_training(compose_cfg, tmp_path, monkeypatch, 
     assert any("wandb: could not start" in r.getMessage() and "training continues" in r.getMessage() for r in caplog.records)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["status"] == "completed" and "wandb server unreachable" in saved["wandb"]["error"]
+
+
+def test_time_to_target_counts_only_evaluated_epochs_up_to_the_first_hit():
+    history = [
+        {"epoch": 1, "test_acc": 0.80, "seconds": 10.0, "eval_seconds": 1.0},
+        {"epoch": 2, "test_acc": None, "seconds": 10.0, "eval_seconds": None},  # not evaluated (eval_every=2)
+        {"epoch": 3, "test_acc": 0.9401, "seconds": 12.0, "eval_seconds": 1.5},
+        {"epoch": 4, "test_acc": 0.95, "seconds": 12.0, "eval_seconds": 1.5},
+    ]
+    hit = time_to_target(history, 0.94)
+    assert hit == {"acc": 0.94, "reached": True, "epoch": 3, "test_acc": 0.9401, "train_seconds": 32.0, "seconds_with_eval": 34.5}
+    assert time_to_target(history, 0.80)["epoch"] == 1  # reached counts >=, not >
+    missed = time_to_target(history, 0.96)
+    assert missed["reached"] is False and missed["epoch"] is None and missed["train_seconds"] is None
+    assert time_to_target(history, None) is None
+
+
+def test_stop_at_target_ends_the_run_at_the_first_epoch_that_reached_it(compose_cfg, tmp_path):
+    base = ("data=synthetic", "data.train_size=256", "data.test_size=64", "trainer=smoke", "trainer.max_steps=null", "trainer.epochs=3",
+            "logger=none")  # fmt: skip
+    for name in ("stop", "miss", "none"):
+        (tmp_path / name).mkdir()
+    # Random labels: any accuracy above 0 is reached after the first epoch, 1.0 never is.
+    stopped = train(compose_cfg(*base, "trainer.target_acc=0.001", "trainer.stop_at_target=true"), tmp_path / "stop")
+    assert stopped["status"] == "completed" and len(stopped["history"]) == 1
+    first = stopped["history"][0]
+    assert stopped["target"] == {"acc": 0.001, "reached": True, "epoch": 1, "test_acc": first["test_acc"],
+                                 "train_seconds": first["seconds"], "seconds_with_eval": first["seconds"] + first["eval_seconds"]}  # fmt: skip
+    assert json.loads((tmp_path / "stop" / "results.json").read_text())["target"] == stopped["target"]
+    missed = train(compose_cfg(*base, "trainer.target_acc=1.0", "trainer.stop_at_target=true"), tmp_path / "miss")
+    assert len(missed["history"]) == 3 and missed["target"]["reached"] is False
+    untimed = train(compose_cfg(*base, "trainer.epochs=1"), tmp_path / "none")
+    assert untimed["target"] is None
 
 
 def test_lr_schedules():
