@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import torch
@@ -86,6 +87,9 @@ def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     than the BLAS ``sgemm`` behind ``F.linear`` on a 2-core AVX-512 CPU (see ``benchmarks/pointwise.md``).
     """
     if rows.device.type == "cpu" and rows.shape[0] and rows.dtype in _onednn_linear_dtypes() and w2d.dtype == rows.dtype:
+        # oneDNN reads every operand densely from its data pointer, whatever its strides: a sliced or
+        # expanded bias must be made contiguous like the matrices, or it reads the wrong values.
+        bias = None if bias is None else bias.contiguous()
         return torch.ops.mkldnn._linear_pointwise(rows.contiguous(), w2d.contiguous(), bias, "none", [], "")
     return F.linear(rows, w2d, bias)
 
@@ -150,11 +154,39 @@ def _autocast_operand(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype)
 
 
-def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+def _pair(value: int | tuple[int, ...], name: str) -> tuple[int, int]:
+    """An int or a sequence of one or two ints (as ``F.conv2d`` takes them) -> ``(h, w)``."""
     pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+    if len(pair) == 1:
+        pair = pair * 2
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise ValueError(f"pointwise_conv2d: {name}={value!r} must be an int or a pair of ints")
     return pair  # type: ignore[return-value]
+
+
+def _padding(padding: int | tuple[int, ...] | str, stride: tuple[int, int]) -> tuple[int, int]:
+    """``F.conv2d``'s padding: ints, or ``"valid"`` / ``"same"``, which for a 1x1 kernel both mean no border."""
+    if not isinstance(padding, str):
+        return _pair(padding, "padding")
+    if padding not in ("valid", "same"):
+        raise ValueError(f"pointwise_conv2d: padding={padding!r} is not valid; use an int, a pair of ints, 'valid' or 'same'")
+    if padding == "same" and stride != (1, 1):
+        raise ValueError(f"pointwise_conv2d: padding='same' needs stride 1 (as in F.conv2d), got stride={stride}")
+    return (0, 0)
+
+
+def _channels_last_like(x: Tensor) -> bool:
+    """Whether ``x``'s strides put channels innermost, as torch's ``suggest_memory_format`` reads them.
+
+    True for channels_last tensors and their views (a slice of channels, every s-th pixel); False
+    for NCHW, and where the layout is ambiguous (a tensor that is also NCHW-contiguous).
+    """
+    if x.is_contiguous():
+        return False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return True
+    strides = [x.stride(d) for d in (1, 3, 2, 0) if x.shape[d] > 1]  # innermost to outermost in channels_last
+    return x.shape[1] > 1 and all(a <= b for a, b in itertools.pairwise(strides))
 
 
 def pointwise_conv2d(
@@ -162,7 +194,7 @@ def pointwise_conv2d(
     weight: Tensor,
     bias: Tensor | None = None,
     stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
+    padding: int | tuple[int, int] | str = 0,
     groups: int = 1,
 ) -> Tensor:
     """1x1 convolution as a per-pixel linear layer: ``y[n,k,i,j] = sum_c x[n,c,i,j] W[k,c] + b[k]``.
@@ -182,24 +214,28 @@ def pointwise_conv2d(
     * ``groups`` split channels into independent blocks: one batched product over groups.
 
     Args:
-        x: input ``(N, C, H, W)``, any memory format, fp32/bf16/fp16.
-        weight: ``(K, C // groups, 1, 1)`` as in ``nn.Conv2d``.
-        bias: optional ``(K,)``.
+        x: input ``(N, C, H, W)`` or unbatched ``(C, H, W)``, any memory format, fp32/bf16/fp16/fp64.
+        weight: ``(K, C // groups, 1, 1)`` as in ``nn.Conv2d``, the input's dtype (outside autocast).
+        bias: optional ``(K,)``, the input's dtype (outside autocast).
         stride: int or (sh, sw), >= 1.
-        padding: int or (ph, pw), >= 0.
+        padding: int or (ph, pw), >= 0; or ``"valid"`` / ``"same"`` (no border for a 1x1 kernel).
         groups: number of channel groups; divides both C and K.
 
     Returns:
-        ``(N, K, H_out, W_out)`` with ``H_out = (H + 2 ph - 1) // sh + 1``.
+        ``(N, K, H_out, W_out)`` with ``H_out = (H + 2 ph - 1) // sh + 1``, channels_last when the
+        input's strides are (as ``F.conv2d`` chooses), else contiguous NCHW.
 
     Raises:
         ValueError: on a weight that is not ``(out, in/groups, 1, 1)``, channels not divisible by
-            ``groups``, or a stride/padding out of range; the message names the shapes.
+            ``groups``, a stride/padding out of range, or operands of different dtypes outside
+            autocast; the message names the shapes or dtypes.
     """
+    if x.dim() == 3:  # unbatched (C, H, W), as F.conv2d takes it
+        return pointwise_conv2d(x.unsqueeze(0), weight, bias, stride, padding, groups).squeeze(0)
     sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
+    ph, pw = _padding(padding, (sh, sw))
     if x.dim() != 4:
-        raise ValueError(f"pointwise_conv2d: input must be (N, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"pointwise_conv2d: input must be (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
     if sh < 1 or sw < 1 or ph < 0 or pw < 0:
         raise ValueError(f"pointwise_conv2d: need stride >= 1 and padding >= 0, got stride={stride}, padding={padding}")
     n, c = x.shape[:2]
@@ -215,14 +251,21 @@ def pointwise_conv2d(
         raise ValueError(
             f"pointwise_conv2d: bias shape {tuple(bias.shape)} does not match weight shape {tuple(weight.shape)}; expected ({k},)"
         )
+    if not torch.is_autocast_enabled(x.device.type) and any(t is not None and t.dtype != x.dtype for t in (weight, bias)):
+        dtypes = f"weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
+        raise ValueError(f"pointwise_conv2d: input is {x.dtype} but {dtypes}; give all three one dtype (or run under autocast)")
 
+    channels_last = _channels_last_like(x)
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))  # zeros: the output there is the bias alone
     if sh > 1 or sw > 1:
         x = x[:, :, ::sh, ::sw]  # a 1x1 window at stride s reads every s-th pixel
+    if channels_last and not x.is_contiguous(memory_format=torch.channels_last):
+        # A strided, padded or channel-sliced view of channels_last data: gather it into (N, H, W, C)
+        # rows, so the output keeps the input's memory format as F.conv2d's does.
+        x = x.contiguous(memory_format=torch.channels_last)
     h, w = x.shape[2:]
     w2d = weight.reshape(k, c // groups)  # (K, C/G)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
     if groups == 1 and channels_last:
         # (N, C, H, W) stored as (N, H, W, C): a free view as (N*H*W, C), one GEMM, no copy.
@@ -261,7 +304,7 @@ def pointwise_conv2d(
     out = torch.matmul(w2d.view(groups, k // groups, c // groups), xg)  # (N, G, K/G, H*W)
     out = out.reshape(n, k, h, w)
     if bias is not None:
-        out = out + bias.view(1, k, 1, 1)
+        out = out + bias.to(out.dtype).view(1, k, 1, 1)  # under autocast out is in the lower dtype: keep it there
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     return out

@@ -35,6 +35,8 @@ def test_equals_conv2d_forward_and_backward(stride, padding, groups, bias, chann
     ours = pointwise_conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
     ref = F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
     assert ours.shape == ref.shape
+    # the memory format F.conv2d gives (channels_last in, channels_last out, strided or padded too)
+    assert ours.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(memory_format=torch.channels_last) == channels_last
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     upstream = torch.randn_like(ref)
     ours_grads = torch.autograd.grad(ours, leaves, upstream)
@@ -88,7 +90,7 @@ def test_is_a_per_pixel_linear_layer():
         ((2, 8, 5, 5), (4, 6, 1, 1), 1, "(4, 6, 1, 1)"),  # in/groups mismatch
         ((2, 8, 5, 5), (6, 2, 1, 1), 4, "(6, 2, 1, 1)"),  # out not divisible by groups
         ((2, 8, 5, 5), (4, 3, 1, 1), 3, "groups=3"),  # channels not divisible by groups
-        ((8, 5, 5), (4, 8, 1, 1), 1, "(8, 5, 5)"),  # not a 4-d input
+        ((2, 8), (4, 8, 1, 1), 1, "(2, 8)"),  # neither (N, C, H, W) nor (C, H, W)
     ],
 )
 def test_bad_shapes_raise_value_error_naming_them(x_shape, w_shape, groups, needle):
@@ -103,6 +105,68 @@ def test_bad_stride_and_padding():
         pointwise_conv2d(x, w, stride=0)
     with pytest.raises(ValueError, match="padding"):
         pointwise_conv2d(x, w, padding=-1)
+    with pytest.raises(ValueError, match="padding='full' is not valid; use an int, a pair of ints, 'valid' or 'same'"):
+        pointwise_conv2d(x, w, padding="full")
+    with pytest.raises(ValueError, match="padding='same' needs stride 1"):
+        pointwise_conv2d(x, w, stride=2, padding="same")
+    with pytest.raises(ValueError, match="stride=True"):
+        pointwise_conv2d(x, w, stride=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_argument_form_conv2d_takes(channels_last):
+    """padding 'valid' / 'same', one-element and list strides, unbatched (C, H, W) input: as F.conv2d."""
+    x, w, b = _inputs(1, True, channels_last)
+    for kwargs in ({"padding": "valid"}, {"padding": "same"}, {"stride": (2,)}, {"stride": [2, 3], "padding": [1]}):
+        torch.testing.assert_close(pointwise_conv2d(x, w, b, **kwargs), F.conv2d(x, w, b, **kwargs), rtol=1e-5, atol=1e-5)
+    unbatched = x[1]
+    ours, ref = pointwise_conv2d(unbatched, w, b, stride=2), F.conv2d(unbatched, w, b, stride=2)
+    assert ours.shape == ref.shape == (12, 5, 4)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_bias_that_is_a_view(channels_last, groups):
+    """A sliced or expanded bias: oneDNN reads its operands densely, so a strided one must be copied first."""
+    x, w, _ = _inputs(groups, False, channels_last)
+    g = torch.Generator().manual_seed(7)
+    for bias in (torch.randn(24, generator=g)[::2], torch.randn(1, generator=g).expand(12), torch.randn(12, 2, generator=g)[:, 1]):
+        assert not bias.is_contiguous()
+        torch.testing.assert_close(pointwise_conv2d(x, w, bias, groups=groups), F.conv2d(x, w, bias, groups=groups), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_views_keep_channels_last():
+    """A channel slice of channels_last data is still channels_last by its strides: F.conv2d keeps the format, and so do we."""
+    x, _, _ = _inputs(1, False, True)
+    w, b = torch.randn(12, 6, 1, 1), torch.randn(12)
+    view = x[:, 1:7]
+    assert not view.is_contiguous(memory_format=torch.channels_last)
+    ours, ref = pointwise_conv2d(view, w, b, stride=2), F.conv2d(view, w, b, stride=2)
+    assert ref.is_contiguous(memory_format=torch.channels_last) and ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    nchw_view = x.contiguous()[:, 1:7]  # a slice of NCHW data stays NCHW
+    assert pointwise_conv2d(nchw_view, w, b).is_contiguous() and F.conv2d(nchw_view, w, b).is_contiguous()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mixed_dtypes_outside_autocast_name_them(channels_last):
+    x, w, b = _inputs(1, True, channels_last)
+    with pytest.raises(ValueError, match=r"input is torch.bfloat16 but weight torch.float32, bias torch.float32"):
+        pointwise_conv2d(x.bfloat16(), w, b)
+    with pytest.raises(ValueError, match=r"input is torch.float32 but weight torch.float32, bias torch.float64"):
+        pointwise_conv2d(x, w, b.double())
+    with pytest.raises(RuntimeError):  # F.conv2d refuses the same mix
+        F.conv2d(x.bfloat16(), w, b)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grouped_bias_under_autocast_keeps_the_autocast_dtype(channels_last):
+    x, w, b = _inputs(2, True, channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ref = pointwise_conv2d(x, w, b, groups=2), F.conv2d(x, w, b, groups=2)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=5e-2)
 
 
 def _case(channels_last=True, seed=0):
@@ -140,7 +204,8 @@ def test_rows_product_is_linear(dtype, bias):
     got = _rows_product(rows, w, b)
     assert got.dtype == dtype and got.shape == (37, 24)
     torch.testing.assert_close(got.float(), F.linear(rows.float(), w.float(), None if b is None else b.float()), **tol)
-    torch.testing.assert_close(_rows_product(rows[:0], w, b), F.linear(rows[:0], w, b))  # no rows: no product
+    empty = _rows_product(rows[:0], w, b)  # no rows: an empty (0, K) result, not an error
+    assert empty.shape == (0, 24) and empty.dtype == dtype
 
 
 def test_channels_last_without_onednn_falls_back_to_linear(monkeypatch):
@@ -180,11 +245,12 @@ def test_weight_grad_split_into_slabs_is_the_gemm():
     previous = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        for m in (4096, 4098):  # 4098 rows: not a multiple of 4 threads
+        for m in (4096, 4098):  # 4098 rows: not a multiple of 4 threads, so one GEMM
             grad, rows = torch.randn(m, 24, generator=g), torch.randn(m, 16, generator=g)
             got = _weight_grad(grad, rows)
             assert got.shape == (24, 16) and got.is_contiguous()
-            torch.testing.assert_close(got, grad.t() @ rows, rtol=1e-4, atol=1e-3)
+            # against float64 products, computed apart from both paths
+            torch.testing.assert_close(got, (grad.double().t() @ rows.double()).float(), rtol=1e-4, atol=1e-3)
     finally:
         torch.set_num_threads(previous)
 
@@ -206,10 +272,17 @@ def test_channels_last_under_autocast_matches_conv():
     assert all(got.dtype == want.dtype == torch.float32 for got, want in grads)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_double_backward_matches_conv(channels_last):
-    """A gradient penalty differentiates the backward pass itself: every path supports it."""
-    x, w, b = _case(channels_last)
+@pytest.mark.parametrize(("channels_last", "size"), [(False, 5), (False, 11), (True, 5)])
+def test_double_backward_matches_conv(channels_last, size):
+    """A gradient penalty differentiates the backward pass itself: the folded NCHW path (6x5 pixels),
+    the batched NCHW one with its hand-written backward (6x11 >= FOLD_MAX_PIXELS), and channels_last."""
+    from models.functional import FOLD_MAX_PIXELS
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 6, size, generator=g)
+    assert (6 * size >= FOLD_MAX_PIXELS) == (size == 11)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    w, b = torch.randn(24, 16, 1, 1, generator=g), torch.randn(24, generator=g)
     leaves = [t.requires_grad_() for t in (x, w, b)]
 
     def penalty(conv):

@@ -91,11 +91,37 @@ def test_bad_model_options(name, options, message):
         build_model(name, **options)
 
 
-def test_pointwise_impl_switch_keeps_outputs():
+@pytest.mark.parametrize(("name", "channels_last"), [("mobilenet_v2", False), ("mobilenet_v2", True), ("resnet18", True)])
+def test_pointwise_impl_switch_keeps_outputs(name, channels_last):
+    """convlab's pointwise_conv2d in place of nn.Conv2d: the same logits, and the same memory format
+    through the network (resnet18's stride-2 1x1 shortcuts in channels_last included)."""
     torch.manual_seed(0)
-    a = build_model("mobilenet_v2", image_size=32, width=0.35).eval()
-    b = build_model("mobilenet_v2", image_size=32, width=0.35, pointwise_impl="scratch").eval()
+    a = build_model(name, image_size=32, width=0.35).eval()
+    # Fresh BatchNorm statistics and a N(0, 0.01) head give logits near 1e-8, which any tolerance
+    # would pass: give every norm and the head values of order one.
+    for module in a.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5), module.bias.data.uniform_(-0.5, 0.5)
+        elif isinstance(module, torch.nn.Linear):
+            module.weight.data.normal_(0, 1)
+    b = build_model(name, image_size=32, width=0.35, pointwise_impl="scratch").eval()
     b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 3, 32, 32)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    a, b = a.to(memory_format=memory_format), b.to(memory_format=memory_format)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=memory_format)
     with torch.no_grad():
-        torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-4)
+        want, got = a(x), b(x)
+    assert want.abs().max() > 0.1  # logits large enough for the tolerance to mean something
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    formats = {}
+    for model in (a, b):
+        seen = []
+        hooks = [m.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+                 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # fmt: skip
+        with torch.no_grad():
+            model(x)
+        for hook in hooks:
+            hook.remove()
+        formats[model is b] = seen
+    assert formats[True] == formats[False]
