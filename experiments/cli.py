@@ -4,6 +4,9 @@
 command line the way Hydra will read it: unknown config-group choices (``model=foo``), unknown
 keys (``model.widht=1``), malformed overrides and an output dir that cannot be written each end
 the process with ``error: ...`` on one line of stderr and exit status 2, before any run dir exists.
+A script may add its own check of the composed config (``entry(..., check=...)``: run.py builds
+the model on the meta device, reproduce.py and benchmark.py try their ``out`` dir); it runs in the
+same preflight, except in ``-m`` sweeps, where each job's mistakes are recorded as that job's failure.
 Inside the task, a :class:`ValueError` (convlab's bad-input error) ends the same way.
 """
 
@@ -118,20 +121,22 @@ def _valid_keys(compose: Callable[..., DictConfig], config_name: str, overrides:
     return f"unknown key {key!r}; {parent or 'the config'} has: {keys}"
 
 
-def _check_writable(directory: str) -> None:
-    """Create ``directory`` (as Hydra will) and a file in it; one line when that fails."""
+def check_writable(directory: str, key: str = "hydra.run.dir=... / hydra.sweep.dir=...") -> None:
+    """Create ``directory`` (as Hydra will) and a file in it; one line naming ``key`` when that fails."""
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as ex:
-        raise UsageError(
-            f"output dir {directory!r} is not writable ({ex.strerror or ex}); pass hydra.run.dir=... / hydra.sweep.dir=... with a writable path"
-        ) from None
+        raise UsageError(f"output dir {directory!r} is not writable ({ex.strerror or ex}); pass {key} with a writable path") from None
 
 
-def preflight(argv: list[str], config_name: str) -> DictConfig | None:
-    """Compose the config exactly as Hydra will and turn any mistake into a :class:`UsageError`."""
+def preflight(argv: list[str], config_name: str, check: Callable[[DictConfig], None] | None = None) -> DictConfig | None:
+    """Compose the config exactly as Hydra will and turn any mistake into a :class:`UsageError`.
+
+    ``check(cfg)`` (the script's own, see :func:`entry`) runs after composing and before the run
+    dir is created; not for ``-m`` sweeps.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -147,13 +152,23 @@ def preflight(argv: list[str], config_name: str) -> DictConfig | None:
         except Exception as ex:  # Hydra raises several types for composition errors
             key = _unknown_key(ex)
             raise UsageError(_valid_keys(compose, config_name, first, key) if key else _first_line(ex)) from None
-        _check_writable(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
+        if check is not None and not multirun:
+            check(cfg)
+        check_writable(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
     GlobalHydra.instance().clear()
     return cfg
 
 
-def entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
-    """Decorator for a script's task: preflight, then ``@hydra.main``; ``ValueError`` -> one line, exit 2."""
+def entry(
+    config_name: str, check: Callable[[DictConfig], None] | None = None
+) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """Decorator for a script's task: preflight, then ``@hydra.main``; ``ValueError`` -> one line, exit 2.
+
+    Args:
+        config_name: the primary config in ``conf/``.
+        check: raises ``ValueError`` on a composed config the task would refuse; run in the
+            preflight (not in ``-m`` sweeps), so the mistake costs one line before any run dir exists.
+    """
     import hydra
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
@@ -173,8 +188,8 @@ def entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[
 
         def main() -> Any:
             try:
-                preflight(sys.argv[1:], config_name)
-            except UsageError as ex:
+                preflight(sys.argv[1:], config_name, check)
+            except ValueError as ex:  # UsageError and the script's own checks
                 fail(str(ex))
             result = hydra_task()
             if _state["failed_jobs"]:

@@ -330,6 +330,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
         seed_everything(cfg.seed)
+        model = model_from_config(cfg)  # before the data: a model that cannot be built fails at once
 
         # data
         data = load_data(cfg.data, seed=cfg.seed)
@@ -343,7 +344,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         loaders = make_loaders(data, cfg, device, dist_info.rank, dist_info.world_size)
 
         # model and cost
-        model = model_from_config(cfg)
         log.info("model: %s %s", cfg.model.name, model_options(cfg.model))
         if main:
             record["cost"] = {"model": cfg.model.name, "data": cfg.data.name, **measure_cost(model, input_shape(cfg))}

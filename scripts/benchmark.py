@@ -15,10 +15,14 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from omegaconf import DictConfig
 
 from experiments.bench import markdown_report, options_from_config, run_benchmarks
-from experiments.cli import entry
+from experiments.cli import check_writable, entry
 
 
-@entry("benchmark")
+def _check(cfg: DictConfig) -> None:
+    check_writable(str(cfg.out), "out=...")  # before minutes of timing, not after
+
+
+@entry("benchmark", check=_check)
 def main(cfg: DictConfig) -> None:
     if cfg.format not in ("text", "json"):
         raise ValueError(f"format={cfg.format!r} is not valid; choose from: text, json")

@@ -21,7 +21,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.cli import CONF_DIR, entry, fail
+from experiments.cli import CONF_DIR, check_writable, entry, fail
 from experiments.records import atomic_write
 from experiments.tables import as_json, build_table, collect_runs, csv_table, format_table, latex_table, row_costs
 
@@ -33,7 +33,11 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-@entry("reproduce")
+def _check(cfg: DictConfig) -> None:
+    check_writable(str(cfg.out or "reproduce"), "out=...")  # an unwritable out= costs one line, before any training
+
+
+@entry("reproduce", check=_check)
 def main(cfg: DictConfig) -> None:
     tables = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
     if cfg.table not in tables:

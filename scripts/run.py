@@ -20,7 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from experiments.cli import entry, fail, is_multirun
-from experiments.train import Divergence, train
+from experiments.config import model_from_config
+from experiments.train import Divergence, check_config, resolve_device, train
 
 log = logging.getLogger("convlab")
 
@@ -45,7 +46,16 @@ def _summary(record: dict) -> str:
     )
 
 
-@entry("config")
+def _check(cfg: DictConfig) -> None:
+    """Before Hydra makes a run dir: the run checks, and the model built on the meta device (no memory, no data)."""
+    import torch
+
+    check_config(cfg, resolve_device(cfg.device))
+    with torch.device("meta"):
+        model_from_config(cfg)
+
+
+@entry("config", check=_check)
 def main(cfg: DictConfig) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if rank:

@@ -118,8 +118,9 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     ],
 )
 def test_bad_model_and_trainer_input_through_run_py(tmp_path, args, needles):
-    proc = run_script("run.py", "data=synthetic", "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path}", *args)
+    proc = run_script("run.py", "data=synthetic", "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", *args)
     assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "run").exists()  # found before Hydra makes the run dir: nothing written
 
 
 def test_run_dir_not_writable(tmp_path):
@@ -129,3 +130,8 @@ def test_run_dir_not_writable(tmp_path):
     assert_one_line_error(proc, "not writable", str(blocker))
     sweep = run_script("run.py", "-m", "data=synthetic", "trainer=smoke", "logger=none", f"hydra.sweep.dir={blocker}/sweep")
     assert_one_line_error(sweep, "not writable")
+    # the scripts' own output dirs, before any training or timing
+    reproduce = run_script("reproduce.py", "table=blocks", "cost_only=true", f"out={blocker}/tables")
+    assert_one_line_error(reproduce, "not writable", f"{blocker}/tables", "out=")
+    benchmark = run_script("benchmark.py", "suite=pointwise", "size=tiny", f"out={blocker}/bench")
+    assert_one_line_error(benchmark, "not writable", f"{blocker}/bench", "out=")
