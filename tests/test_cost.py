@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+import torch.nn as nn
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -101,12 +103,42 @@ def test_mobilenet_v2_paper_and_reference_figures():
     assert round(report["macs"] / 1e9, 2) == 0.30
 
 
+def _macs_by_hooks(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """Per layer type, each conv's k_h k_w (C_in / groups) C_out H_out W_out and each linear's in x out, from output shapes seen by hooks."""
+    macs: dict[str, int] = {}
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Linear):
+            kind, n = "linear", output.numel() * module.in_features
+        else:
+            k_h, k_w = module.kernel_size
+            n = output.numel() * k_h * k_w * module.in_channels // module.groups
+            if module.groups == 1:
+                kind = "pointwise" if (k_h, k_w) == (1, 1) else "standard"
+            else:
+                kind = "depthwise" if module.groups == module.in_channels else "grouped"
+        macs[kind] = macs.get(kind, 0) + n
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model.eval()(torch.zeros(*input_shape))
+    for handle in handles:
+        handle.remove()
+    return macs
+
+
 def test_report_structure_and_consistency():
-    report = measure_cost(build_model("mobilenet_v2", image_size=32, width=0.5), (1, 3, 32, 32))
+    model = build_model("mobilenet_v2", image_size=32, width=0.5)
+    report = measure_cost(model, (1, 3, 32, 32))
     by_type = report["by_layer_type"]
     assert set(by_type) == {*LAYER_TYPES, "other"}
-    assert sum(v["params"] for v in by_type.values()) == report["params"]
-    assert sum(v["macs"] for v in by_type.values()) == report["macs"]
+    # Totals against counts made here, not by summing the report's own rows.
+    assert report["params"] == sum(p.numel() for p in model.parameters())
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert by_type["other"]["params"] == sum(p.numel() for m in norms for p in m.parameters()) > 0
+    hooked = _macs_by_hooks(model, (1, 3, 32, 32))
+    assert {kind: by_type[kind]["macs"] for kind in hooked} == hooked and by_type["grouped"]["macs"] == 0
+    assert report["macs"] == sum(hooked.values())
     # MACs are exactly fvcore's conv + linear operator counts; its total adds BatchNorm and pooling.
     ops = report["by_operator"]
     assert report["macs"] == ops["conv"] + ops.get("linear", 0) + ops.get("addmm", 0)
@@ -114,6 +146,34 @@ def test_report_structure_and_consistency():
     assert by_type["depthwise"]["layers"] == 17 and by_type["linear"]["layers"] == 1
     assert "aten::add" in report["unsupported_ops"]  # residual adds: reported, not hidden
     assert sum(report["by_module"].values()) == report["fvcore_flops"]
+
+
+def test_every_layer_type_by_hand():
+    """One layer of each type on an 8x8 input, MACs and parameters written out by hand."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # standard, 8x8 out, with bias
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=8, bias=False),  # depthwise, multiplier 2, 4x4 out
+        nn.Conv2d(16, 12, 1, bias=False),  # pointwise
+        nn.Conv2d(12, 12, 3, padding=1, groups=4, bias=False),  # grouped 3x3
+        nn.Conv2d(12, 6, 1, groups=3),  # grouped 1x1, with bias
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 10),
+    )
+    report = measure_cost(model, (1, 3, 8, 8))
+    want = {
+        "standard": {"macs": 9 * 3 * 8 * 8 * 8, "params": 9 * 3 * 8 + 8, "layers": 1},
+        "depthwise": {"macs": 9 * 16 * 4 * 4, "params": 9 * 16, "layers": 1},
+        "pointwise": {"macs": 16 * 12 * 4 * 4, "params": 16 * 12, "layers": 1},
+        "grouped": {"macs": 9 * 3 * 12 * 4 * 4 + 4 * 6 * 4 * 4, "params": 9 * 3 * 12 + 4 * 6 + 6, "layers": 2},
+        "linear": {"macs": 6 * 10, "params": 6 * 10 + 10, "layers": 1},
+        "other": {"macs": 0, "params": 2 * 8, "layers": 0},  # BatchNorm weight and bias
+    }
+    assert report["by_layer_type"] == want
+    assert report["macs"] == 13_824 + 2_304 + 3_072 + 5_568 + 60
+    assert report["params"] == 224 + 144 + 192 + 354 + 70 + 16
 
 
 def test_grouped_and_scratch_pointwise_are_classified():

@@ -162,7 +162,25 @@ def test_parallel_launcher_jobs_write_only_their_own_dirs(tmp_path):
 
 def test_table_sweeper_jobs(compose_cfg):
     from hydra.core.plugins import Plugins
+    from hydra.types import HydraContext
+    from hydra.utils import instantiate
 
-    cfg = compose_cfg("experiment=mobilenet_t5", "hydra.sweeper.seeds=3", hydra_cfg=True)
+    cfg = compose_cfg("experiment=mobilenet_t5", "hydra.sweeper.seeds=3", "seed=5", hydra_cfg=True)
     assert cfg.hydra.sweeper._target_.endswith("TableSweeper")
     assert "TableSweeper" in {c.__name__ for c in Plugins.instance().discover()}
+    sweeper = instantiate(cfg.hydra.sweeper)  # as Hydra builds it from the composed config
+    assert sweeper.seeds == 3
+    sweeper.config, sweeper.hydra_context = cfg, HydraContext(config_loader=None, callbacks=None)
+    rows = [("narrow", ["model.width=0.75", "model.shallow=false"]), ("shallow", ["model.width=1.0", "model.shallow=true"])]
+    assert [(row.id, list(row.overrides)) for row in cfg.table.rows] == rows
+    # one job per row x seed, rows outermost; seeds count up from the config's seed
+    jobs = sweeper.job_overrides([])
+    assert jobs == [[*overrides, f"row={row}", f"seed={seed}"] for row, overrides in rows for seed in (5, 6, 7)]
+    # a command-line sweep multiplies every row; a seed given there replaces the seeds
+    lr_jobs = sweeper.job_overrides(["optim.lr=0.1,0.2"])
+    assert lr_jobs == [[f"optim.lr={lr}", *overrides, f"row={row}", f"seed={seed}"]
+                       for row, overrides in rows for lr in (0.1, 0.2) for seed in (5, 6, 7)]  # fmt: skip
+    assert sweeper.job_overrides(["seed=9"]) == [["seed=9", *overrides, f"row={row}"] for row, overrides in rows]
+    # a job's overrides compose into that row's run
+    job = compose_cfg("experiment=mobilenet_t5", *jobs[-1])
+    assert (job.row, job.seed, job.model.width, job.model.shallow) == ("shallow", 7, 1.0, True)
