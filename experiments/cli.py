@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_BAD_INPUT = 2
@@ -29,10 +29,11 @@ log = logging.getLogger("convlab")
 
 # Hydra flags that take a value as the next token.
 _FLAGS_WITH_VALUE = {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "-p", "--package", "--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 _PASS_THROUGH = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "--shell-completion", "-sc"}
 
 
-_state = {"failed_jobs": 0}  # failures of in-process sweep jobs
+_state: dict[str, Any] = {"failed_jobs": 0, "append": []}  # failures of in-process sweep jobs; see preflight
 
 
 def is_multirun() -> bool:
@@ -70,8 +71,11 @@ def split_argv(argv: list[str]) -> tuple[list[str], bool, bool]:
     return overrides, multirun, False
 
 
-def _first_values(overrides: list[str], loader: Any) -> list[str]:
-    """Check every group choice (each value of a sweep too); return the overrides with sweeps cut to their first value."""
+def _first_values(overrides: list[str], loader: Any, multirun: bool = True) -> list[str]:
+    """Check every group choice (each value of a sweep too); return the overrides with sweeps cut to their first value.
+
+    A sweep (``a,b``, ``range(...)``) without ``-m`` is a :class:`UsageError` naming the fix.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -85,6 +89,8 @@ def _first_values(overrides: list[str], loader: Any) -> list[str]:
         if override.is_delete():
             first.append(text)
             continue
+        if override.is_sweep_override() and not multirun:
+            raise UsageError(f"{text} sweeps over several values: add -m to run one job per value, or give one value")
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
         options = loader.get_group_options(key)  # [] when key is not a config group
         if options:
@@ -98,6 +104,38 @@ def _first_values(overrides: list[str], loader: Any) -> list[str]:
         else:
             first.append(text)
     return first
+
+
+def _kind(default: Any) -> tuple[str, Callable[[Any], bool]] | None:
+    """What a value must be to replace ``default``, as (words, test); None when anything goes."""
+    if isinstance(default, bool):
+        return "true or false", lambda v: isinstance(v, bool)
+    if isinstance(default, int):
+        return "a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, float):
+        return "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(default, list):
+        element = _kind(default[0]) if default and len({type(d) for d in default}) == 1 else None
+        if element is None:
+            return "a list", lambda v: isinstance(v, list)
+        return f"a list of {element[0].removeprefix('a ')}s", lambda v: isinstance(v, list) and all(element[1](x) for x in v)
+    return None  # strings, null defaults, mappings: the code that reads them checks them
+
+
+def _check_types(cfg: DictConfig, base: DictConfig, keys: list[str]) -> None:
+    """Each overridden key's value has the kind of its default (``seed=abc``, ``trainer.compile=maybe``).
+
+    A null value is let through: a few keys use it on purpose (``trainer.max_steps=null``).
+    """
+    for key in keys:
+        default = OmegaConf.select(base, key, default=None, throw_on_missing=False)
+        default = OmegaConf.to_container(default) if isinstance(default, (DictConfig, ListConfig)) else default
+        kind = _kind(default)
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        value = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+        if kind is not None and value is not None and not kind[1](value):
+            shown = "[" + ",".join(map(str, default)) + "]" if isinstance(default, list) else str(default).lower()
+            raise UsageError(f"{key}={value!r} must be {kind[0]} (the default is {shown})")
 
 
 def _unknown_key(ex: Exception) -> str | None:
@@ -122,7 +160,12 @@ def _valid_keys(compose: Callable[..., DictConfig], config_name: str, overrides:
 
 
 def check_writable(directory: str, key: str = "hydra.run.dir=... / hydra.sweep.dir=...") -> None:
-    """Create ``directory`` (as Hydra will) and a file in it; one line naming ``key`` when that fails."""
+    """Create ``directory`` (as Hydra will) and a file in it; one line naming ``key`` when that fails.
+
+    An empty path is refused: it would mean the current directory (the repository, often).
+    """
+    if not str(directory).strip():
+        raise UsageError(f"output dir is empty; pass {key} with a directory path")
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
@@ -131,11 +174,17 @@ def check_writable(directory: str, key: str = "hydra.run.dir=... / hydra.sweep.d
         raise UsageError(f"output dir {directory!r} is not writable ({ex.strerror or ex}); pass {key} with a writable path") from None
 
 
-def preflight(argv: list[str], config_name: str, check: Callable[[DictConfig], None] | None = None) -> DictConfig | None:
+def preflight(
+    argv: list[str],
+    config_name: str,
+    check: Callable[[DictConfig], None] | None = None,
+    extra: Callable[[list[str]], list[str]] | None = None,
+) -> DictConfig | None:
     """Compose the config exactly as Hydra will and turn any mistake into a :class:`UsageError`.
 
     ``check(cfg)`` (the script's own, see :func:`entry`) runs after composing and before the run
-    dir is created; not for ``-m`` sweeps.
+    dir is created; not for ``-m`` sweeps. ``extra(overrides)`` gives overrides the script will
+    add itself (reproduce.py composes ``experiment=<table>``), so their keys are known here too.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -146,12 +195,24 @@ def preflight(argv: list[str], config_name: str, check: Callable[[DictConfig], N
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        first = _first_values(overrides, loader)
+        first = _first_values(overrides, loader, multirun)
+        added = extra(first) if extra is not None else []
+        first += added
         try:
             cfg = compose(config_name, overrides=first, return_hydra_config=True)
         except Exception as ex:  # Hydra raises several types for composition errors
             key = _unknown_key(ex)
             raise UsageError(_valid_keys(compose, config_name, first, key) if key else _first_line(ex)) from None
+        groups = [o for o in first if "=" in o and loader.get_group_options(o.split("=", 1)[0].lstrip("+~"))]
+        values = [o.split("=", 1)[0].lstrip("+") for o in first if "=" in o and o not in groups and not o.startswith("~")]
+        _check_types(cfg, compose(config_name, overrides=groups, return_hydra_config=True), values)
+        if added:
+            # Keys that exist only with the task's own overrides (a table's model.depthwise): Hydra's
+            # composition of the script's config lacks them, so they go to it as appends (+key=value).
+            plain = compose(config_name, overrides=[g for g in groups if g not in added])
+            _state["append"] = [key for key in values if OmegaConf.select(plain, key, default=_ABSENT) is _ABSENT]
+        if multirun:
+            _check_sweeper(cfg)
         if check is not None and not multirun:
             check(cfg)
         check_writable(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
@@ -159,8 +220,39 @@ def preflight(argv: list[str], config_name: str, check: Callable[[DictConfig], N
     return cfg
 
 
+_ABSENT = object()
+
+
+def _check_sweeper(cfg: DictConfig) -> None:
+    """convlab's table sweeper (``experiment=...`` sweeps) needs a table and a seed count >= 1."""
+    if not str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")).endswith("TableSweeper"):
+        return
+    seeds = OmegaConf.select(cfg, "hydra.sweeper.seeds")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise UsageError(f"hydra.sweeper.seeds={seeds!r} must be a whole number >= 1 (seeds per table row)")
+    if OmegaConf.select(cfg, "table.rows") is None:
+        raise UsageError("hydra/sweeper=table needs a table: pass experiment=NAME (see conf/experiment)")
+
+
+def _flags_first(argv: list[str]) -> list[str]:
+    """Hydra's argument parser wants its flags (``-m``, ``--cfg job``) before the overrides; users do not."""
+    flags, overrides, take_value = [], [], False
+    for token in argv:
+        if take_value:
+            flags.append(token)
+            take_value = False
+        elif token.startswith("-"):
+            flags.append(token)
+            take_value = token in _FLAGS_WITH_VALUE or token in ("-c", "--cfg")
+        elif flags and flags[-1] in ("-i", "--info") and token in _INFO_CHOICES:
+            flags.append(token)  # --info's optional value
+        else:
+            overrides.append(token)
+    return flags + overrides
+
+
 def entry(
-    config_name: str, check: Callable[[DictConfig], None] | None = None
+    config_name: str, check: Callable[[DictConfig], None] | None = None, extra: Callable[[list[str]], list[str]] | None = None
 ) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Decorator for a script's task: preflight, then ``@hydra.main``; ``ValueError`` -> one line, exit 2.
 
@@ -168,6 +260,7 @@ def entry(
         config_name: the primary config in ``conf/``.
         check: raises ``ValueError`` on a composed config the task would refuse; run in the
             preflight (not in ``-m`` sweeps), so the mistake costs one line before any run dir exists.
+        extra: the overrides the task adds itself, from the command line's (see :func:`preflight`).
     """
     import hydra
 
@@ -187,11 +280,21 @@ def entry(
         hydra_task = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(guarded)
 
         def main() -> Any:
+            sys.argv[1:] = _flags_first(sys.argv[1:])
             try:
-                preflight(sys.argv[1:], config_name, check)
+                preflight(sys.argv[1:], config_name, check, extra)
             except ValueError as ex:  # UsageError and the script's own checks
                 fail(str(ex))
-            result = hydra_task()
+            appended = set(_state["append"])
+            sys.argv[1:] = [
+                f"+{t}" if "=" in t and not t.startswith(("+", "~")) and t.split("=", 1)[0] in appended else t for t in sys.argv[1:]
+            ]
+            try:
+                result = hydra_task()
+            except KeyboardInterrupt as ex:  # Ctrl-C, or SIGTERM (see experiments.train.Interrupted)
+                what = ex.args[0] if ex.args else "interrupted (Ctrl-C)"
+                fail(f"{what}; what was done is recorded (a training run's results.json says so, and the same command resumes it)",
+                     code=getattr(ex, "exit_code", 130))  # fmt: skip
             if _state["failed_jobs"]:
                 fail(f"{_state['failed_jobs']} sweep job(s) failed; see the messages above", code=1)
             return result

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DATASETS", "Data", "Split", "TensorLoader", "load_data", "make_loaders", "read_cifar", "read_idx"]
+__all__ = ["DATASETS", "Data", "Split", "TensorLoader", "example_count", "load_data", "make_loaders", "read_cifar", "read_idx"]
 
 log = logging.getLogger("convlab")
 
@@ -184,10 +184,11 @@ def _imagenet(cfg: Any, root: Path) -> tuple[Any, Any]:
 # ------------------------------------------------------------------------------------ load + split
 
 
-def _count(value: float | int, total: int, key: str) -> int:
+def example_count(value: float | int, total: int, key: str) -> int:
     """A fraction (0 < v < 1) or a count (v >= 1) of ``total`` examples."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value >= 1 and value != int(value)):
-        raise ValueError(f"{key}={value!r} must be a fraction in [0, 1) or a whole count of examples")
+    # A float >= 1 is refused even when whole: 1.0 reads as "all of it", but would be a count of one.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value >= 1 and not isinstance(value, int)):
+        raise ValueError(f"{key}={value!r} must be a fraction in [0, 1) or a whole count of examples (an int, e.g. 5000)")
     return int(value) if value >= 1 else math.floor(value * total)
 
 
@@ -214,7 +215,7 @@ def load_data(cfg: Any, seed: int = 0) -> Data:
         raise ValueError(f"data.in_channels={cfg.in_channels} but {cfg.name} images have {train.images.shape[1]} channels")
 
     n = len(train)
-    n_val = _count(cfg.val_split, n, "data.val_split")
+    n_val = example_count(cfg.val_split, n, "data.val_split")
     if n_val >= n:
         raise ValueError(f"data.val_split={cfg.val_split} holds out {n_val} of the {n} {cfg.name} training examples; it must leave some")
     val = None

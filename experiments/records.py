@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -49,8 +50,20 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None: strict JSON has no token for them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(path: Path, record: dict[str, Any]) -> None:
-    atomic_write(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
+    """``record`` as strict JSON (a non-finite number, such as a diverged loss, is written as null)."""
+    atomic_write(path, (json.dumps(_finite(record), indent=2, default=str, allow_nan=False) + "\n").encode())
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .allocator import steady_malloc
 from .config import input_shape, model_from_config, model_options
 from .cost import measure_cost
-from .data import load_data, make_loaders
+from .data import example_count, load_data, make_loaders
 from .distributed import all_reduce_sum, broadcast_object, convert_sync_bn, init_distributed
 from .records import env_info, load_checkpoint, now, read_json, save_checkpoint, write_json
 from .tracking import Tracker, make_tracker
@@ -43,6 +45,16 @@ VOLATILE = ("resume", "format", "logger", "tags", "latency_batch_sizes", "device
 
 class Divergence(RuntimeError):
     """The loss became non-finite."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler's time limit) while training, raised like Ctrl-C."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted("interrupted (SIGTERM)")
 
 
 # -------------------------------------------------------------------------------------- checks
@@ -117,10 +129,40 @@ def check_config(cfg: DictConfig, device: torch.device) -> None:
         raise ValueError("trainer.stop_at_target=true needs a target: set trainer.target_acc (a fraction, e.g. 0.94)")
     if cfg.format not in ("text", "json"):
         raise ValueError(f"format={cfg.format!r} is not valid; choose from: text, json")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**63:
+        raise ValueError(f"seed={cfg.seed!r} must be a whole number in [0, 2**63)")
+    sizes = cfg.get("latency_batch_sizes", [1])
+    if not isinstance(sizes, ListConfig | list) or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+        raise ValueError(f"latency_batch_sizes={sizes!r} must be a list of whole numbers >= 1, e.g. [1] or [1,32]")
+    if o.name == "adamw":
+        _number("optim.beta2", o.get("beta2", 0.999), 0.0, 0.999999)
+    _check_data(cfg.data)
     if t.progress not in ("auto", True, False):
         raise ValueError(f"trainer.progress={t.progress!r} is not valid; choose from: auto, true, false")
     if cfg.resume not in ("auto", "never") and not Path(str(cfg.resume)).exists():
         raise ValueError(f"resume={cfg.resume!r}: no such run dir or checkpoint; use auto, never, or a path that exists")
+
+
+def _check_data(d: DictConfig) -> None:
+    """The data config's numbers, before any data is read."""
+    _whole("data.in_channels", d.in_channels)
+    _whole("data.num_classes", d.num_classes, low=2)
+    _whole("data.image_size", d.image_size)
+    if "val_split" in d:
+        example_count(d.val_split, 1, "data.val_split")  # its form; whether it leaves training examples is known after loading
+    for key in ("train_size", "test_size"):  # synthetic only
+        if key in d:
+            _whole(f"data.{key}", d[key])
+    if "augment" in d:
+        _whole("data.augment.crop_padding", d.augment.crop_padding, low=0)
+        if d.augment.flip not in (True, False):
+            raise ValueError(f"data.augment.flip={d.augment.flip!r} is not valid; choose from: true, false")
+    for key in ("mean", "std"):
+        values = list(d[key])
+        if len(values) != d.in_channels or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ValueError(f"data.{key}={values} must hold {d.in_channels} numbers, one per input channel (data.in_channels)")
+    if any(v <= 0 for v in d.std):
+        raise ValueError(f"data.std={list(d.std)} must be > 0 in every channel (it divides the pixels)")
 
 
 # ---------------------------------------------------------------------------------- ingredients
@@ -288,8 +330,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ValueError: bad input (config, data, device); the record says ``failed`` with the reason.
         Divergence: the loss became non-finite; the record says ``failed`` and the last good
             checkpoint is kept.
+        KeyboardInterrupt: Ctrl-C, or :class:`Interrupted` on SIGTERM; the record says
+            ``failed: interrupted (...)`` and the checkpoints are kept for a resume.
     """
-    run_dir = Path(run_dir)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
+    try:
+        return _train(cfg, Path(run_dir))
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True)
     device = resolve_device(cfg.device)
     dist_info = init_distributed(device)
@@ -314,6 +367,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             write_json(results_path, rec)
 
     previous = read_json(results_path)
+    if cfg.resume == "never" and results_path.exists() and main:
+        # A fresh start in a used run dir: keep the old record beside it rather than overwrite it.
+        kept = results_path.with_name("results.previous.json")
+        results_path.replace(kept)
+        log.info("resume=never: the run dir's earlier results.json is kept as %s", kept.name)
     if cfg.resume == "auto" and previous and previous.get("status") == "completed":
         difference = _config_difference(previous.get("config", {}), config)
         if difference is None:
@@ -368,6 +426,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         start_epoch, step, wandb_id = 0, 0, None
         source = run_dir if cfg.resume == "auto" else None if cfg.resume == "never" else Path(str(cfg.resume))
         loaded = load_checkpoint(source) if source is not None else None
+        if loaded is None and cfg.resume not in ("auto", "never"):
+            raise ValueError(f"resume={cfg.resume!r} holds no loadable checkpoint (checkpoint-epochNNNN.pt); use resume=auto or never")
         if loaded is not None:
             state, path = loaded
             difference = _config_difference(state.get("config", {}), config)
@@ -499,7 +559,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     except BaseException as ex:
         reason = " ".join(str(ex).split()) or type(ex).__name__
         if isinstance(ex, KeyboardInterrupt):
-            reason = "interrupted (KeyboardInterrupt)"
+            reason = str(ex) if isinstance(ex, Interrupted) else "interrupted (Ctrl-C)"
         elif not isinstance(ex, (ValueError, Divergence)):
             reason = f"{type(ex).__name__}: {reason}"
         if isinstance(ex, Divergence) and checkpoint_epoch:

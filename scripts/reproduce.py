@@ -19,11 +19,12 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.cli import CONF_DIR, check_writable, entry, fail
 from experiments.records import atomic_write
 from experiments.tables import as_json, build_table, collect_runs, csv_table, format_table, latex_table, row_costs
+from experiments.train import check_config, resolve_device
 
 log = logging.getLogger("convlab")
 OWN_KEYS = {"table", "cost_only", "seeds", "out", "format", "latency"}
@@ -33,21 +34,40 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+TABLES = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def _table_overlay(overrides: list[str]) -> list[str]:
+    """The table's experiment overlay, so that its model's own keys (model.depthwise=...) are known up front."""
+    tables = [o.split("=", 1)[1] for o in overrides if o.startswith("table=")]
+    return [f"experiment={tables[-1]}"] if tables and tables[-1] in TABLES else []
+
+
+def _check_table(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "table"):
+        raise ValueError(f"no table given; pass table=NAME, one of: {', '.join(TABLES)}")
+    if cfg.table not in TABLES:
+        raise ValueError(f"unknown table {cfg.table!r}; choose from: {', '.join(TABLES)}")
+
+
 def _check(cfg: DictConfig) -> None:
-    check_writable(str(cfg.out or "reproduce"), "out=...")  # an unwritable out= costs one line, before any training
+    """Before any row trains: the table, the run settings every row shares, and the output dir."""
+    _check_table(cfg)
+    check_config(cfg, resolve_device(cfg.device))
+    check_writable(str(cfg.out or "reproduce"), "out=...")
 
 
-@entry("reproduce", check=_check)
+@entry("reproduce", check=_check, extra=_table_overlay)
 def main(cfg: DictConfig) -> None:
-    tables = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-    if cfg.table not in tables:
-        raise ValueError(f"unknown table {cfg.table!r}; choose from: {', '.join(tables)}")
+    _check_table(cfg)
     if cfg.format not in ("text", "json"):
         raise ValueError(f"format={cfg.format!r} is not valid; choose from: text, json")
     if isinstance(cfg.seeds, bool) or not isinstance(cfg.seeds, int) or cfg.seeds < 1:
         raise ValueError(f"seeds={cfg.seeds!r} must be a whole number >= 1")
     overrides = HydraConfig.get().overrides
-    passthrough = [o for o in overrides.task if _key(o) not in OWN_KEYS]
+    # For run.py and the row configs, which know every key of the table's model: a "+key" (added by
+    # the front door for keys only the table's model has) is a plain override there.
+    passthrough = [o.removeprefix("+") for o in overrides.task if _key(o) not in OWN_KEYS]
     launcher = [o for o in overrides.hydra if _key(o).startswith(("hydra/launcher", "hydra.launcher"))]
 
     def compose_row(extra: list[str]) -> DictConfig:

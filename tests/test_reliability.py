@@ -115,12 +115,108 @@ def test_checkpoints_load_with_weights_only(tmp_path):
         (["model=resnet18", "data.image_size=4"], ["image_size=4", "needs image_size >= 8"]),
         (["trainer.batch_size=-1"], ["trainer.batch_size=-1"]),
         (["trainer.epochs=0"], ["trainer.epochs=0"]),
+        # values of the wrong kind, named against their default (the front door's type check)
+        (["seed=abc"], ["seed='abc' must be a whole number", "default is 0"]),
+        (["trainer.compile=maybe"], ["trainer.compile='maybe' must be true or false"]),
+        (["model.depths=[a,b,c]"], ["model.depths=", "list of whole numbers", "[2,2,2]"]),
+        (["data.image_size=2.5"], ["data.image_size=2.5 must be a whole number"]),
+        (["model=standard,separable"], ["model=standard,separable", "add -m"]),
+        # values checked before any data is read or any epoch is trained
+        (["latency_batch_sizes=[-1]"], ["latency_batch_sizes=[-1]", ">= 1"]),
+        (["data.test_size=0"], ["data.test_size=0", ">= 1"]),
+        (["data.in_channels=2"], ["data.mean=", "2 numbers", "data.in_channels"]),
+        (["data.std=[0,0,0]"], ["data.std=[0, 0, 0]", "> 0"]),
+        (["data.num_classes=1"], ["data.num_classes=1", ">= 2"]),
+        (["data.val_split=1.0"], ["data.val_split=1.0", "fraction in [0, 1)"]),
+        (["optim=adamw", "optim.beta2=1.5"], ["optim.beta2=1.5", "beta2"]),
+        (["seed=99999999999999999999"], ["seed=99999999999999999999", "2**63"]),
     ],
 )
 def test_bad_model_and_trainer_input_through_run_py(tmp_path, args, needles):
     proc = run_script("run.py", "data=synthetic", "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", *args)
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "run").exists()  # found before Hydra makes the run dir: nothing written
+
+
+def test_empty_output_dirs_are_refused_not_read_as_the_current_dir(tmp_path):
+    proc = run_script("run.py", "data=synthetic", "trainer=smoke", "logger=none", "hydra.run.dir=", cwd=tmp_path)
+    assert_one_line_error(proc, "output dir is empty", "hydra.run.dir")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flags_after_overrides_and_sweeper_mistakes(tmp_path):
+    """Hydra's parser wants -m / --cfg before the overrides; the front door reorders them."""
+    proc = run_script("run.py", "data=synthetic", "model=pointwise", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "name: pointwise" in proc.stdout
+    seeds = run_script("run.py", "-m", "experiment=blocks", "hydra.sweeper.seeds=0", f"hydra.sweep.dir={tmp_path}/a")
+    assert_one_line_error(seeds, "hydra.sweeper.seeds=0", ">= 1")
+    no_table = run_script("run.py", "-m", "hydra/sweeper=table", "data=synthetic", f"hydra.sweep.dir={tmp_path}/b")
+    assert_one_line_error(no_table, "hydra/sweeper=table needs a table", "experiment=NAME")
+
+
+def test_resume_path_without_a_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_script("run.py", *_run_args(tmp_path / "run"), f"resume={tmp_path / 'empty'}")
+    assert_one_line_error(proc, f"resume='{tmp_path / 'empty'}' holds no loadable checkpoint", "resume=auto or never")
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "failed" and record["history"] == []
+
+
+def test_resume_never_keeps_the_earlier_record(compose_cfg, tmp_path):
+    cfg = compose_cfg("data=synthetic", "trainer=smoke", "logger=none")
+    first = train(cfg, tmp_path)
+    again = compose_cfg("data=synthetic", "trainer=smoke", "logger=none", "resume=never", "seed=1")
+    second = train(again, tmp_path)
+    assert json.loads((tmp_path / "results.previous.json").read_text())["started_at"] == first["started_at"]
+    assert json.loads((tmp_path / "results.json").read_text())["started_at"] == second["started_at"] != first["started_at"]
+
+
+def test_sigterm_is_recorded_as_an_interruption_and_the_run_resumes(tmp_path):
+    """kill / timeout / a scheduler's time limit send SIGTERM: one line, results.json says so, and the same command resumes."""
+    import signal
+    import subprocess
+    import time
+
+    command = [sys.executable, str(ROOT / "scripts" / "run.py"), *_run_args(tmp_path, "data.train_size=2048", "trainer.num_threads=1")]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
+    deadline = time.time() + 240
+    while not (tmp_path / "checkpoint-epoch0001.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "error: interrupted (SIGTERM)" in stderr
+    record = json.loads((tmp_path / "results.json").read_text())
+    if record["status"] == "completed":
+        pytest.skip("the run finished before SIGTERM arrived")
+    assert record["status"] == "failed" and record["reason"] == "interrupted (SIGTERM)" and record["history"]
+    resumed = run_script("run.py", *_run_args(tmp_path, "data.train_size=2048", "trainer.num_threads=1"))
+    assert resumed.returncode == 0 and "resume:" in resumed.stderr, resumed.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "completed"
+
+
+def test_non_finite_numbers_are_written_as_null_strict_json(tmp_path):
+    write_json(tmp_path / "r.json", {"loss": float("nan"), "history": [{"x": float("inf")}, {"x": 1.5}]})
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON token {c}")) == {
+        "loss": None,
+        "history": [{"x": None}, {"x": 1.5}],
+    }
+
+
+def test_reproduce_knows_the_tables_model_and_checks_run_settings_first(tmp_path):
+    depthwise = run_script(
+        "reproduce.py", "table=bottleneck", "cost_only=true", "latency=false", "model.depthwise=true", f"out={tmp_path}/a"
+    )
+    assert depthwise.returncode == 0, depthwise.stderr
+    epochs = run_script("reproduce.py", "table=bottleneck", "data=synthetic", "trainer=smoke", "trainer.epochs=0", f"out={tmp_path}/b")
+    assert_one_line_error(epochs, "trainer.epochs=0")
+    assert not (tmp_path / "b" / "runs").exists()  # no row was launched
+    missing = run_script("reproduce.py")
+    assert_one_line_error(missing, "no table given", "table=NAME", "mobilenet_t6")
 
 
 def test_run_dir_not_writable(tmp_path):

@@ -177,7 +177,7 @@ def test_divergence_after_a_good_epoch_keeps_its_checkpoint(compose_cfg, tmp_pat
         (["trainer.target_acc=94"], ["trainer.target_acc=94", "use 0.94"]),
         (["trainer.target_acc=0"], ["trainer.target_acc=0", "0.0 < target_acc <= 1.0"]),
         (["trainer.stop_at_target=true"], ["trainer.stop_at_target=true", "trainer.target_acc"]),
-        (["trainer.stop_at_target=yes"], ["trainer.stop_at_target='yes'", "true, false"]),
+        (["trainer.stop_at_target=yes"], ["trainer.stop_at_target='yes'", "true or false"]),
     ],
 )
 def test_bad_input_one_line_through_the_cli(tmp_path, args, needles):
