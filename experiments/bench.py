@@ -4,7 +4,8 @@ A suite is one function registered in :data:`SUITES` under a name (``@register_s
 it takes a :class:`BenchContext` and returns a report whose ``results`` are one dict per measured
 case and whose ``tables`` become the Markdown summary. :func:`run_benchmarks` runs one suite or all
 of them, measures the machine once per run (matrix-multiply peak per dtype, copy bandwidth) and
-writes ``<out>/<suite>.json`` and ``<out>/<suite>.md``.
+writes ``<out>/<suite>.json`` and ``<out>/<suite>.md`` (a ``size="tiny"`` smoke test aimed at the
+committed ``benchmarks/`` writes under ``outputs/benchmarks_tiny/`` instead).
 
 Conventions, stated once:
 
@@ -31,8 +32,10 @@ Conventions, stated once:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import math
 import os
 import random
 import statistics
@@ -64,6 +67,7 @@ __all__ = [
     "measure_bandwidth",
     "measure_matmul_peak",
     "options_from_config",
+    "output_dir",
     "register_suite",
     "run_benchmarks",
     "summarize_times",
@@ -75,8 +79,17 @@ log = logging.getLogger("convlab")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = ("full", "tiny")
 DEVICES = ("auto", "cpu", "cuda")
+ROOT = Path(__file__).resolve().parent.parent
+# The committed results the README cites; a size=tiny run (meaningless numbers) never writes into them.
+COMMITTED_DIR = ROOT / "benchmarks"
+TINY_DIR = ROOT / "outputs" / "benchmarks_tiny"  # where such a run goes instead (outputs/ is git-ignored)
 # fwd + bwd = forward + input gradient + weight gradient, each a product of the forward's size.
 FLOPS_PER_MAC = {"fwd": 2, "fwd+bwd": 6}
+
+
+def _is_int(value: Any, low: int) -> bool:
+    """An int (not a bool) >= ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 @dataclass(frozen=True)
@@ -110,12 +123,19 @@ class BenchOptions:
         for name in self.dtypes:
             if name not in DTYPES:
                 raise ValueError(f"unknown dtype {name!r}; choose from: {', '.join(DTYPES)}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+        if self.threads is not None and not _is_int(self.threads, 1):
             raise ValueError(f"threads={self.threads!r} must be null or an int >= 1")
-        if self.repeats < 1 or self.warmup < 0 or self.min_time_s < 0:
-            raise ValueError(f"need repeats >= 1, warmup >= 0, min_time_s >= 0; got {self.repeats}, {self.warmup}, {self.min_time_s}")
-        if not isinstance(self.block, int) or self.block < 1:
+        if not _is_int(self.repeats, 1):
+            raise ValueError(f"repeats={self.repeats!r} must be an int >= 1 (timed calls per contender)")
+        if not _is_int(self.warmup, 0):
+            raise ValueError(f"warmup={self.warmup!r} must be an int >= 0 (untimed calls per contender)")
+        if isinstance(self.min_time_s, bool) or not isinstance(self.min_time_s, (int, float)) or not 0 <= self.min_time_s < math.inf:
+            raise ValueError(f"min_time_s={self.min_time_s!r} must be a finite number >= 0 (seconds of timed calls per contender)")
+        if not _is_int(self.block, 1):
             raise ValueError(f"block={self.block!r} must be an int >= 1 (timed calls per contender's turn)")
+        from .bench_train import check_train_options  # here, not at the top: bench_train builds on this module
+
+        check_train_options(self.train)
 
     def timing(self) -> dict[str, Any]:
         """Keyword arguments of :func:`time_interleaved` for this size."""
@@ -144,6 +164,24 @@ class BenchContext:
         """The fields every result carries: what produced it."""
         keys = ("device", "device_name", "threads", "torch")
         return {**{k: self.env[k] for k in keys}, "dtype": dtype}
+
+
+def output_dir(out: str | Path, size: str) -> Path:
+    """Where a run writes: ``out``, except that a ``size=tiny`` run aimed at the committed results
+    (``benchmarks/`` or a folder in it, e.g. the default ``out: benchmarks``) goes to the same place
+    under :data:`TINY_DIR` instead, so its smoke-test numbers never replace the ones the README cites."""
+    path = Path(out)
+    if size != "tiny":
+        return path
+    committed = COMMITTED_DIR.resolve()
+    resolved = path.resolve()
+    if resolved != committed and committed not in resolved.parents:
+        return path
+    redirected = TINY_DIR.resolve() / resolved.relative_to(committed)
+    log.info(
+        "size=tiny: writing to %s, not over the committed results in %s (out=DIR outside benchmarks/ picks another dir)", redirected, path
+    )
+    return redirected
 
 
 SuiteFn = Callable[[BenchContext], dict[str, Any]]
@@ -841,7 +879,8 @@ def run_benchmarks(suite: str, options: BenchOptions, out: str | Path = "benchma
     Args:
         suite: a name in :data:`SUITES`, or ``"all"`` for every registered suite in order.
         options: devices, threads, timing and sizes.
-        out: the output directory (created).
+        out: the output directory (created); a ``size="tiny"`` run aimed at the committed
+            ``benchmarks/`` goes to :data:`TINY_DIR` instead (see :func:`output_dir`).
 
     Returns:
         ``{"suite", "files", "reports": {name: report}}``; each report has ``suite``, ``env``,
@@ -854,7 +893,7 @@ def run_benchmarks(suite: str, options: BenchOptions, out: str | Path = "benchma
         raise ValueError(f"unknown suite {suite!r}; choose from: {', '.join([*SUITES, 'all'])}")
     names = list(SUITES) if suite == "all" else [suite]
     device = resolve_device(options.device)
-    out = Path(out)
+    out = output_dir(out, options.size)
     out.mkdir(parents=True, exist_ok=True)
     threads_before = torch.get_num_threads()
     if options.threads is not None:
@@ -952,24 +991,36 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _config_number(cfg: Any, key: str, kind: type, default: Any = None) -> Any:
-    """``kind(cfg[key])``, with a message naming the key and its value when it is not a number."""
+def _config_number(cfg: Any, key: str, kind: type, default: Any = None, low: float = 0, null: bool = False) -> Any:
+    """``cfg[key]`` as an int or a finite float ``>= low``, else a ``ValueError`` naming the key and its value.
+
+    Nothing is rounded or coerced: ``threads=1.5``, ``repeats=2.9`` and ``threads=true`` are refused
+    (``int()`` would make them 1, 2 and 1); a whole float (``2.0``) and a numeric string pass.
+    """
     value = cfg.get(key, default)
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key}={value!r} must be {'an int' if kind is int else 'a number'}") from None
+    want = ("null or " if null else "") + (f"an int >= {low:g}" if kind is int else f"a number >= {low:g} (finite, not nan or inf)")
+    number: Any = None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    if number is None or not math.isfinite(number) or (kind is int and not number.is_integer()) or number < low:
+        raise ValueError(f"{key}={value!r} must be {want}")
+    if kind is int:
+        return value if isinstance(value, int) else int(number)
+    return number
 
 
 def options_from_config(cfg: Any) -> BenchOptions:
     """:class:`BenchOptions` from the benchmark config's keys (the script's DictConfig)."""
     return BenchOptions(
         device=str(cfg.device),
-        threads=None if cfg.threads is None else _config_number(cfg, "threads", int),
-        repeats=_config_number(cfg, "repeats", int),
+        threads=None if cfg.threads is None else _config_number(cfg, "threads", int, low=1, null=True),
+        repeats=_config_number(cfg, "repeats", int, low=1),
         warmup=_config_number(cfg, "warmup", int),
         min_time_s=_config_number(cfg, "min_time_s", float),
-        block=_config_number(cfg, "block", int, 1),
+        block=_config_number(cfg, "block", int, 1, low=1),
         size=str(cfg.size),
         malloc=str(cfg.get("malloc", "steady")),
         train=dict(cfg.get("train") or {}),

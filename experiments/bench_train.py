@@ -36,6 +36,32 @@ log = logging.getLogger("convlab")
 
 TRAIN_DEFAULTS = {"model": "separable", "data": "fashion_mnist", "trainer": "quick", "steps": 60, "warmup_steps": 10, "full": False}
 TINY = {"steps": 3, "warmup_steps": 1}
+GROUPS = ("model", "data", "trainer")  # train.<key> names a config in conf/<key>/
+
+
+def _choices(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_train_options(train: dict[str, Any]) -> None:
+    """The ``train`` options (conf/benchmark.yaml) before any timing: a mistake costs one line, not minutes.
+
+    Raises:
+        ValueError: an unknown key, a config name not in ``conf/<group>/``, ``steps`` not an int >= 1,
+            ``warmup_steps`` not an int >= 0, ``full`` not true/false; the message names ``train.<key>``.
+    """
+    unknown = sorted(set(train) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown key 'train.{unknown[0]}'; train has: {', '.join(TRAIN_DEFAULTS)}")
+    for group in GROUPS:
+        if group in train and train[group] not in (choices := _choices(group)):
+            raise ValueError(f"unknown train.{group} {train[group]!r}; choose from: {', '.join(choices)}")
+    for key, low, what in (("steps", 1, "timed training steps per side"), ("warmup_steps", 0, "untimed steps first")):
+        value = train.get(key, TRAIN_DEFAULTS[key])
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"train.{key}={value!r} must be a whole number >= {low} ({what})")
+    if not isinstance(train.get("full", False), bool):
+        raise ValueError(f"train.full={train['full']!r} must be true or false")
 
 
 def _run_config(overrides: list[str]) -> DictConfig:

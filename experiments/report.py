@@ -10,8 +10,9 @@ and writes into ``out``:
 - ``runs.csv`` and ``runs.md``: the completed runs, for papers.
 
 Only completed runs enter results, plots and tables. Failed runs (``status: failed``) and
-unfinished ones (``status: running``, unreadable JSON, or a completed record without a test
-accuracy) are listed apart. Every string read from a run is HTML-escaped on the page.
+unfinished ones (``status: running``, unreadable JSON, a completed record without a test
+accuracy, or one with an impossible value: an accuracy outside [0, 1], a cost that is negative,
+not finite or absurdly large) are listed apart, with the bad field named. Every string read from a run is HTML-escaped on the page.
 
 Units, stated once: accuracy in % of the test set, MACs (one multiply-add counts once) and
 params in millions, latency in ms for batch size 1, wall time in seconds.
@@ -65,8 +66,9 @@ class RunRow:
     """One run, flattened from a results.json record: what the tables and plots show.
 
     ``test_acc`` is a fraction in [0, 1]; ``macs`` and ``params`` are counts; ``latency_ms`` is
-    for batch size 1; ``status`` is ``completed``, ``failed``, ``running``, ``unreadable`` or
-    ``incomplete`` (completed without a test accuracy).
+    for batch size 1; ``status`` is ``completed``, ``failed``, ``running``, ``unreadable``,
+    ``incomplete`` (completed without a test accuracy) or ``invalid`` (completed with a value no run
+    can have, see :func:`_impossible_value`).
     """
 
     name: str
@@ -316,6 +318,49 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+# Upper bounds past which a cost is a corrupt record, not a model: 10^15 MACs or params (a
+# thousand times the largest models), 10^7 ms (almost three hours) for one image.
+MAX_COUNT = 1e15
+MAX_LATENCY_MS = 1e7
+_ACC_KEYS = ("test_acc", "val_acc", "train_acc")
+
+
+def _bad_value(key: str, value: Any, low: float, high: float, what: str) -> str | None:
+    """Why ``value`` cannot be ``key`` (``low <= value <= high``, a finite number); None when it can, or is absent."""
+    if value is None:
+        return None
+    number = None if isinstance(value, bool) else _number(value)
+    shown = repr(value) if isinstance(value, (int, float, str)) else f"<a {type(value).__name__}>"
+    if number is None or not low <= number <= high:
+        return f"{key}={shown} is impossible; valid: {low:g} <= {key.rsplit('.', 1)[-1]} <= {high:g} ({what})"
+    return None
+
+
+def _impossible_value(record: dict[str, Any]) -> str | None:
+    """The first field of a completed record that no run can have (accuracy outside [0, 1]; a cost
+    that is not a number, negative, not finite or absurdly large), as a reason; None when all are possible.
+
+    Such a record would put nonsense on the plots (or make matplotlib refuse them), so it goes to
+    the problems list instead of the results.
+    """
+    final = record.get("final") if isinstance(record.get("final"), dict) else {}
+    cost = record.get("cost") if isinstance(record.get("cost"), dict) else {}
+    latency = cost.get("latency_ms") if isinstance(cost.get("latency_ms"), dict) else {}
+    checks = [
+        ("final.test_acc", final.get("test_acc"), 0.0, 1.0, "a fraction of the test set"),
+        ("cost.macs", cost.get("macs"), 0.0, MAX_COUNT, "multiply-adds per image"),
+        ("cost.params", cost.get("params"), 0.0, MAX_COUNT, "parameters"),
+        ('cost.latency_ms["1"]', latency.get("1", latency.get(1)), 0.0, MAX_LATENCY_MS, "milliseconds at batch size 1"),
+    ]
+    for i, h in enumerate(h for h in record.get("history") or [] if isinstance(h, dict)):
+        checks += [(f"history[{i}].{key}", h.get(key), 0.0, 1.0, "a fraction") for key in _ACC_KEYS]
+    for key, value, low, high, what in checks:
+        reason = _bad_value(key, value, low, high, what)
+        if reason:
+            return reason
+    return None
+
+
 def to_row(record: dict[str, Any]) -> RunRow:
     """Flatten one results.json-shaped record into a :class:`RunRow`; the status says where it belongs."""
     final = record.get("final") if isinstance(record.get("final"), dict) else {}
@@ -326,14 +371,17 @@ def to_row(record: dict[str, Any]) -> RunRow:
     status = str(record.get("status") or "unknown")
     reason = _text(record.get("reason"))
     test_acc = _number(final.get("test_acc"))
-    if status == "completed" and test_acc is None:
+    impossible = _impossible_value(record) if status == "completed" else None
+    if impossible:
+        status, reason = "invalid", impossible
+    elif status == "completed" and test_acc is None:
         status, reason = "incomplete", "status is completed but final.test_acc is missing"
     elif status == "running":
         started = record.get("started_at")
         reason = (
             f"still running, or stopped without a result (started {started})" if started else "still running, or stopped without a result"
         )
-    elif status not in ("completed", "failed", "unreadable"):
+    elif status not in ("completed", "failed", "unreadable", "invalid"):
         reason = reason or f"unknown status '{status}'"
     elif status == "failed" and not reason:
         reason = "failed (no reason recorded)"
@@ -366,7 +414,7 @@ def to_row(record: dict[str, Any]) -> RunRow:
 
 
 def split_runs(records: Iterable[dict[str, Any]]) -> tuple[list[RunRow], list[RunRow], list[RunRow]]:
-    """(completed, failed, unfinished) rows; unfinished holds running, unreadable, incomplete and unknown records.
+    """(completed, failed, unfinished) rows; unfinished holds running, unreadable, incomplete, invalid and unknown records.
 
     Completed rows come sorted by test accuracy, best first; the others by path.
     """
@@ -836,7 +884,7 @@ table.sortable th { cursor: pointer; user-select: none; } table.sortable th:hove
 th[aria-sort="ascending"]::after { content: " \\25B2"; font-size: 10px; } th[aria-sort="descending"]::after { content: " \\25BC"; font-size: 10px; }
 tbody tr:hover, tbody tr.hl { background: #eef5fb; }
 .status { font-size: 12px; padding: 1px 8px; border-radius: 10px; background: #e7f4ea; color: #1e6b34; }
-.status.failed { background: #fbe9e7; color: #B3261E; } .status.running, .status.unreadable, .status.incomplete, .status.unknown { background: #fff4d6; color: #8a6d00; }
+.status.failed { background: #fbe9e7; color: #B3261E; } .status.running, .status.unreadable, .status.incomplete, .status.invalid, .status.unknown { background: #fff4d6; color: #8a6d00; }
 footer { color: var(--muted); font-size: 12px; margin-top: 36px; }
 """
 
@@ -913,7 +961,7 @@ def render_html(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinishe
     Args:
         completed: completed runs (plots and the sortable table).
         failed: failed runs, listed apart with their reasons.
-        unfinished: running, unreadable or incomplete runs, listed apart.
+        unfinished: running, unreadable, incomplete or invalid runs, listed apart.
         sources: what was read (dirs or a W&B path), shown in the header.
 
     Returns:

@@ -8,6 +8,7 @@ stem follows the input: ``stem="auto"`` uses a stride-1 3x3 stem for CIFAR-size 
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Sequence
 
 import torch.nn as nn
@@ -46,6 +47,28 @@ def _check_common(name: str, num_classes: int, in_channels: int, image_size: int
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: {key}={value!r} must be an int >= 1")
     check_range("width", width, 0.0, 4.0, low_open=True)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_count(key: str, value: object, what: str) -> int:
+    """A channel count: a whole number >= 1, else a ``ValueError`` naming ``key`` (nothing is clamped)."""
+    if not _is_count(value):
+        problem = "out of range" if isinstance(value, numbers.Integral) and not isinstance(value, bool) else "is not a whole number"
+        raise ValueError(f"{key}={value!r} {problem}; valid: a whole number >= 1 ({what})")
+    return int(value)
+
+
+def _check_counts(key: str, values: object, what: str, example: str) -> list[int]:
+    """A per-stage list (``widths``, ``depths``, ``strides``): every entry a whole number >= 1, else a ``ValueError``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{key}={values!r} is not a list; valid: one whole number >= 1 per stage ({what}), e.g. {key}={example}")
+    for i, value in enumerate(values):
+        if not _is_count(value):
+            raise ValueError(f"{key}={list(values)!r} has {key}[{i}]={value!r}; valid: whole numbers >= 1 ({what})")
+    return [int(v) for v in values]
 
 
 def _check_input_size(name: str, image_size: int, total_stride: int) -> None:
@@ -118,6 +141,10 @@ class BlockNet(_Network):
             raise ValueError(f"unknown block {block!r}; choose from: {', '.join(BLOCKS)}")
         _check_common(block, num_classes, in_channels, image_size, width)
         _check_block_options(block, options)
+        stem_width = _check_count("stem_width", stem_width, "channels of the stem conv")
+        widths = _check_counts("widths", widths, "output channels of each stage", "[32,64,128]")
+        depths = _check_counts("depths", depths, "blocks in each stage", "[2,2,2]")
+        strides = _check_counts("strides", strides, "stride of each stage's first block", "[1,2,2]")
         if not len(widths) == len(depths) == len(strides) >= 1:
             raise ValueError(f"widths, depths and strides need one entry per stage; got {list(widths)}, {list(depths)}, {list(strides)}")
         small = _small_stem(stem, image_size)
@@ -284,6 +311,7 @@ class ResNet(_Network):
         if block not in ("basic", "bottleneck"):
             raise ValueError(f"unknown resnet block {block!r}; choose from: basic, bottleneck")
         _check_block_options(block, options)
+        layers = _check_counts("layers", layers, "blocks in each stage", "[2,2,2,2]")
         expansion = 4 if block == "bottleneck" else 1
         small = _small_stem(stem, image_size)
         in_ch = max(1, int(64 * width))

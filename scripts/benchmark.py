@@ -14,12 +14,16 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from omegaconf import DictConfig
 
-from experiments.bench import markdown_report, options_from_config, run_benchmarks
+from experiments.bench import SUITES, markdown_report, options_from_config, run_benchmarks
 from experiments.cli import check_writable, entry
 
 
 def _check(cfg: DictConfig) -> None:
-    check_writable(str(cfg.out), "out=...")  # before minutes of timing, not after
+    """Before minutes of timing, not after: the suite, every option, then the output dir."""
+    if cfg.suite != "all" and cfg.suite not in SUITES:
+        raise ValueError(f"unknown suite {cfg.suite!r}; choose from: {', '.join([*SUITES, 'all'])}")
+    options_from_config(cfg)
+    check_writable(str(cfg.out), "out=...")
 
 
 @entry("benchmark", check=_check)
