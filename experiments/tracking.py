@@ -69,23 +69,36 @@ class WandbTracker(Tracker):
             raise ValueError(f"logger.mode={mode!r} is not valid; choose from: {', '.join(MODES)}")
         self.mode = ("online" if _has_api_key() else "offline") if mode == "auto" else mode
         self._run = None
+        init = {"project": project, "entity": entity, "name": name, "group": group, "tags": tags, "job_type": job_type, "config": config,
+                "dir": str(run_dir), "id": run_id, "resume": "allow" if run_id else None}  # fmt: skip
         try:
-            import wandb
-
-            os.environ.setdefault("WANDB_SILENT", "true")
-            settings = wandb.Settings(init_timeout=60, console="off", silent=True, x_disable_stats=True)
-            self._run = wandb.init(
-                project=project, entity=entity, name=name, group=group, tags=tags, job_type=job_type, config=config,
-                dir=str(run_dir), id=run_id, resume="allow" if run_id else None, mode=self.mode, settings=settings,
-            )  # fmt: skip
-            self.run_id, self.url = self._run.id, (self._run.url if self.mode == "online" else None)
-            for key in ("val/acc", "test/acc", "train/acc", "train/loss", "lr", "perf/img_per_s"):
-                self._run.define_metric(key, step_metric="epoch")
-            self._run.define_metric("train/loss_step", step_metric="step")
-            if self.mode == "offline":
-                log.info("wandb: offline run in %s; upload it with: wandb sync %s", self._run.dir, Path(self._run.dir).parent)
+            self._start(init)
         except Exception as ex:  # wandb must never stop training
-            self._fail("start", ex)
+            if self.mode != "online":
+                self._fail("start", ex)
+                return
+            # A key but no server (no network, an outage): keep the run offline, to upload later.
+            log.warning(
+                "wandb: could not start online (%s: %s); logging offline instead", type(ex).__name__, " ".join(str(ex).split())[:120]
+            )
+            self.mode = "offline"
+            try:
+                self._start(init)
+            except Exception as again:
+                self._fail("start", again)
+
+    def _start(self, init: dict[str, Any]) -> None:
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        settings = wandb.Settings(init_timeout=60, console="off", silent=True, x_disable_stats=True)
+        self._run = wandb.init(**init, mode=self.mode, settings=settings)
+        self.run_id, self.url = self._run.id, (self._run.url if self.mode == "online" else None)
+        for key in ("val/acc", "test/acc", "train/acc", "train/loss", "lr", "perf/img_per_s"):
+            self._run.define_metric(key, step_metric="epoch")
+        self._run.define_metric("train/loss_step", step_metric="step")
+        if self.mode == "offline":
+            log.info("wandb: offline run in %s; upload it with: wandb sync %s", self._run.dir, Path(self._run.dir).parent)
 
     def _fail(self, what: str, ex: Exception) -> None:
         self.error = f"could not {what}: {type(ex).__name__}: {' '.join(str(ex).split())[:200]}"

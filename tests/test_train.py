@@ -221,6 +221,26 @@ def test_wandb_failure_never_stops_training(compose_cfg, tmp_path, monkeypatch, 
     assert saved["status"] == "completed" and "wandb server unreachable" in saved["wandb"]["error"]
 
 
+def test_wandb_online_that_cannot_start_falls_back_to_offline(compose_cfg, tmp_path, monkeypatch, caplog):
+    """A stored key but no server: the run is kept offline (to upload later), not lost."""
+    import wandb
+
+    real_init, modes = wandb.init, []
+
+    def no_server(*args, **kwargs):
+        modes.append(kwargs["mode"])
+        if kwargs["mode"] == "online":
+            raise ConnectionError("no route to api.wandb.ai")
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", no_server)
+    record = train(compose_cfg("data=synthetic", "trainer=smoke", "logger.mode=online"), tmp_path)
+    assert modes == ["online", "offline"]
+    assert record["status"] == "completed" and record["wandb"]["mode"] == "offline" and record["wandb"]["error"] is None
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{record['wandb']['id']}.wandb"))
+    assert any("could not start online" in r.getMessage() and "logging offline instead" in r.getMessage() for r in caplog.records)
+
+
 def test_time_to_target_counts_only_evaluated_epochs_up_to_the_first_hit():
     history = [
         {"epoch": 1, "test_acc": 0.80, "seconds": 10.0, "eval_seconds": 1.0},
