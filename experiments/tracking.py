@@ -6,6 +6,7 @@ the tracker off; the local records (results.json, checkpoints) are complete eith
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -91,7 +92,9 @@ class WandbTracker(Tracker):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        settings = wandb.Settings(init_timeout=60, console="off", silent=True, x_disable_stats=True)
+        # finish_previous: a run left active in this process (one whose logging failed, in an in-process
+        # sweep) must never be handed back as this job's run.
+        settings = wandb.Settings(init_timeout=60, console="off", silent=True, x_disable_stats=True, reinit="finish_previous")
         self._run = wandb.init(**init, mode=self.mode, settings=settings)
         self.run_id, self.url = self._run.id, (self._run.url if self.mode == "online" else None)
         for key in ("val/acc", "test/acc", "train/acc", "train/loss", "lr", "perf/img_per_s"):
@@ -103,7 +106,10 @@ class WandbTracker(Tracker):
     def _fail(self, what: str, ex: Exception) -> None:
         self.error = f"could not {what}: {type(ex).__name__}: {' '.join(str(ex).split())[:200]}"
         log.warning("wandb: %s; training continues, local records are complete", self.error)
-        self._run = None
+        run, self._run = self._run, None
+        if run is not None and what != "finish":
+            with contextlib.suppress(Exception):  # close it as failed, so it is not left active in this process
+                run.finish(exit_code=1)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self._run is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import sys
@@ -94,6 +95,13 @@ def test_wandb_failing_to_log_mid_run_never_stops_training(compose_cfg, tmp_path
     assert record["status"] == "completed" and record["final"]["test_acc"] is not None
     warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wandb: could not")]
     assert len(warnings) == 1 and "HTTP 500" in warnings[0]  # one warning, then the tracker is off
+    # The broken run is closed: the next run in this process (an in-process sweep's next job) gets a
+    # wandb run of its own, in its own run dir, not the broken one handed back.
+    monkeypatch.undo()
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    following = train(compose_cfg("data=synthetic", "trainer=smoke", "seed=1"), tmp_path / "next")
+    assert following["wandb"]["id"] != record["wandb"]["id"] and following["wandb"]["error"] is None
+    assert glob.glob(str(tmp_path / "next" / "wandb" / "offline-run-*" / f"run-{following['wandb']['id']}.wandb"))
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):
