@@ -293,7 +293,7 @@ def entry(
                 result = hydra_task()
             except KeyboardInterrupt as ex:  # Ctrl-C, or SIGTERM (see experiments.train.Interrupted)
                 what = ex.args[0] if ex.args else "interrupted (Ctrl-C)"
-                fail(f"{what}; what was done is recorded (a training run's results.json says so, and the same command resumes it)",
+                fail(f"{what}; a training run records this in its results.json, and the same command resumes it",
                      code=getattr(ex, "exit_code", 130))  # fmt: skip
             if _state["failed_jobs"]:
                 fail(f"{_state['failed_jobs']} sweep job(s) failed; see the messages above", code=1)
