@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.cli import CONF_DIR, check_writable, entry, fail
 from experiments.records import atomic_write
-from experiments.tables import as_json, build_table, collect_runs, csv_table, format_table, latex_table, row_costs
+from experiments.tables import as_json, build_table, collect_runs, csv_table, format_table, latex_table, row_costs, row_set_keys
 from experiments.train import check_config, resolve_device
 
 log = logging.getLogger("convlab")
@@ -74,6 +74,10 @@ def main(cfg: DictConfig) -> None:
         return compose("config", overrides=[f"experiment={cfg.table}", *passthrough, *extra])
 
     table = compose_row([]).table
+    for override in row_set_keys(table.rows, passthrough):
+        log.warning(
+            "%s: rows of table %s set %s themselves; in those rows their value is used", override, cfg.table, override.split("=")[0]
+        )
     slug = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", ",".join(sorted(passthrough))) or "default"
     out = Path(cfg.out or Path("reproduce") / cfg.table / slug)
     out.mkdir(parents=True, exist_ok=True)

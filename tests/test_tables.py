@@ -131,6 +131,19 @@ def test_time_to_94_table_composes_a_valid_timed_run(compose_cfg):
     assert [row.id for row in cfg.table.rows] == ["resnet18", "resnet50", "mobilenet_v2"]
 
 
+def test_overrides_that_rows_set_themselves_are_named_not_ignored_silently(tmp_path):
+    from experiments.tables import row_set_keys
+
+    rows = OmegaConf.create([{"overrides": ["data.image_size=224", "model.width=1.0"]}, {"overrides": ["+model.shallow=true"]}])
+    assert row_set_keys(rows, ["data.image_size=8", "optim.lr=0.1", "model.shallow=false", "seed=3"]) == [
+        "data.image_size=8",
+        "model.shallow=false",
+    ]
+    proc = run_script("reproduce.py", "table=mobilenet_t7", "cost_only=true", "latency=false", "data.image_size=8", f"out={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "data.image_size=8: rows of table mobilenet_t7 set data.image_size themselves" in proc.stderr
+
+
 def test_bad_table_name():
     assert_one_line_error(
         run_script("reproduce.py", "table=mobilenet_t9", "cost_only=true"), "unknown table 'mobilenet_t9'", "mobilenet_t6", "blocks"
