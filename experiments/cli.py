@@ -224,7 +224,11 @@ _ABSENT = object()
 
 
 def _check_sweeper(cfg: DictConfig) -> None:
-    """convlab's table sweeper (``experiment=...`` sweeps) needs a table and a seed count >= 1."""
+    """joblib's ``n_jobs`` is not 0; convlab's table sweeper (``experiment=...`` sweeps) needs a table and a seed count >= 1."""
+    if "joblib" in str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")).lower():
+        n_jobs = OmegaConf.select(cfg, "hydra.launcher.n_jobs")
+        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0):
+            raise UsageError(f"hydra.launcher.n_jobs={n_jobs!r} must be a whole number >= 1 (parallel jobs), or -1 for one per core")
     if not str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")).endswith("TableSweeper"):
         return
     seeds = OmegaConf.select(cfg, "hydra.sweeper.seeds")

@@ -161,6 +161,10 @@ def test_flags_after_overrides_and_sweeper_mistakes(tmp_path):
     assert_one_line_error(seeds, "hydra.sweeper.seeds=0", ">= 1")
     no_table = run_script("run.py", "-m", "hydra/sweeper=table", "data=synthetic", f"hydra.sweep.dir={tmp_path}/b")
     assert_one_line_error(no_table, "hydra/sweeper=table needs a table", "experiment=NAME")
+    no_jobs = run_script("run.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=0", "model=standard,separable",
+                         f"hydra.sweep.dir={tmp_path}/c")  # fmt: skip
+    assert_one_line_error(no_jobs, "hydra.launcher.n_jobs=0", ">= 1")
+    assert not (tmp_path / "c").exists()
 
 
 def test_resume_path_without_a_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
