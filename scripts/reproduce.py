@@ -65,6 +65,9 @@ def main(cfg: DictConfig) -> None:
     if isinstance(cfg.seeds, bool) or not isinstance(cfg.seeds, int) or cfg.seeds < 1:
         raise ValueError(f"seeds={cfg.seeds!r} must be a whole number >= 1")
     overrides = HydraConfig.get().overrides
+    for override in overrides.hydra:
+        if _key(override) == "hydra.sweeper.seeds":
+            raise ValueError(f"{override}: reproduce.py sets the sweeper's seeds from its own key; pass seeds={override.split('=', 1)[1]}")
     # For run.py and the row configs, which know every key of the table's model: a "+key" (added by
     # the front door for keys only the table's model has) is a plain override there.
     passthrough = [o.removeprefix("+") for o in overrides.task if _key(o) not in OWN_KEYS]

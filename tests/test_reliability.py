@@ -227,6 +227,8 @@ def test_reproduce_knows_the_tables_model_and_checks_run_settings_first(tmp_path
     epochs = run_script("reproduce.py", "table=bottleneck", "data=synthetic", "trainer=smoke", "trainer.epochs=0", f"out={tmp_path}/b")
     assert_one_line_error(epochs, "trainer.epochs=0")
     assert not (tmp_path / "b" / "runs").exists()  # no row was launched
+    sweeper_seeds = run_script("reproduce.py", "table=blocks", "cost_only=true", "hydra.sweeper.seeds=3", f"out={tmp_path}/c")
+    assert_one_line_error(sweeper_seeds, "hydra.sweeper.seeds=3", "pass seeds=3")
     missing = run_script("reproduce.py")
     assert_one_line_error(missing, "no table given", "table=NAME", "mobilenet_t6")
 
