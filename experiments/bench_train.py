@@ -26,7 +26,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from .baseline import baseline_loader, train_baseline
-from .bench import BenchContext, register_suite
+from .bench import BenchContext, _is_int, register_suite
 from .cli import CONF_DIR
 from .config import model_from_config
 from .data import load_data, make_loaders
@@ -58,7 +58,7 @@ def check_train_options(train: dict[str, Any]) -> None:
             raise ValueError(f"unknown train.{group} {train[group]!r}; choose from: {', '.join(choices)}")
     for key, low, what in (("steps", 1, "timed training steps per side"), ("warmup_steps", 0, "untimed steps first")):
         value = train.get(key, TRAIN_DEFAULTS[key])
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not _is_int(value, low):
             raise ValueError(f"train.{key}={value!r} must be a whole number >= {low} ({what})")
     if not isinstance(train.get("full", False), bool):
         raise ValueError(f"train.full={train['full']!r} must be true or false")

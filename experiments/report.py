@@ -923,14 +923,15 @@ _JS = """
 
 def _runs_table(rows: Sequence[RunRow], index: dict[int, int]) -> str:
     sorted_by = ' aria-sort="descending"'  # rows arrive best accuracy first
+    columns = _columns(rows)
     head = "".join(
         f'<th scope="col" class="{"num" if numeric else ""}"{sorted_by if title.startswith("Test acc") else ""}>{_e(title)}</th>'
-        for title, _, _, numeric in _columns(rows)
+        for title, _, _, numeric in columns
     )
     body = []
     for r in rows:
         cells = []
-        for title, raw, shown, numeric in _columns(rows):
+        for title, raw, shown, numeric in columns:
             value, text = raw(r), shown(r)
             if title == "Status":
                 text_html = f'<span class="status {_e(r.status)}">{_e(text)}</span>'

@@ -23,7 +23,17 @@ from .config import input_shape, model_from_config
 from .cost import measure_cost
 from .records import read_json
 
-__all__ = ["Table", "build_table", "collect_runs", "format_table", "latex_table", "markdown_table", "row_costs", "row_set_keys"]
+__all__ = [
+    "Table",
+    "build_table",
+    "collect_runs",
+    "format_table",
+    "latex_table",
+    "markdown_table",
+    "override_key",
+    "row_costs",
+    "row_set_warnings",
+]
 
 Table = list[dict[str, Any]]
 
@@ -60,18 +70,23 @@ def row_costs(table: DictConfig, compose: Any, overrides: list[str], latency: bo
     return out
 
 
-def row_set_keys(rows: Any, overrides: list[str]) -> list[str]:
-    """The command-line overrides that table rows set themselves (a row's value wins in that row).
+def override_key(override: str) -> str:
+    """The key of a command-line override: ``+model.depthwise=true`` -> ``model.depthwise``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def row_set_warnings(table: Any, overrides: list[str]) -> list[str]:
+    """One warning per command-line override that the table's rows set themselves (a row's value wins in that row).
 
     ``reproduce.py table=mobilenet_t7 data.image_size=8``: every row of Table 7 sets the image size,
     so the override changes nothing; the caller says so instead of ignoring it silently.
     """
-
-    def key(text: str) -> str:
-        return text.split("=", 1)[0].lstrip("+~")
-
-    row_keys = {key(o) for row in rows for o in row.overrides}
-    return [o for o in overrides if "=" in o and key(o) in row_keys]
+    row_keys = {override_key(o) for row in table.rows for o in row.overrides}
+    return [
+        f"{o}: rows of table {table.name} set {override_key(o)} themselves; in those rows their value is used"
+        for o in overrides
+        if "=" in o and override_key(o) in row_keys
+    ]
 
 
 def collect_runs(runs_dir: Path) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:

@@ -23,15 +23,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.cli import CONF_DIR, check_writable, entry, fail
 from experiments.records import atomic_write
-from experiments.tables import as_json, build_table, collect_runs, csv_table, format_table, latex_table, row_costs, row_set_keys
+from experiments.tables import (
+    as_json,
+    build_table,
+    collect_runs,
+    csv_table,
+    format_table,
+    latex_table,
+    override_key,
+    row_costs,
+    row_set_warnings,
+)
 from experiments.train import check_config, resolve_device
 
 log = logging.getLogger("convlab")
 OWN_KEYS = {"table", "cost_only", "seeds", "out", "format", "latency"}
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 TABLES = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -66,21 +72,19 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"seeds={cfg.seeds!r} must be a whole number >= 1")
     overrides = HydraConfig.get().overrides
     for override in overrides.hydra:
-        if _key(override) == "hydra.sweeper.seeds":
+        if override_key(override) == "hydra.sweeper.seeds":
             raise ValueError(f"{override}: reproduce.py sets the sweeper's seeds from its own key; pass seeds={override.split('=', 1)[1]}")
     # For run.py and the row configs, which know every key of the table's model: a "+key" (added by
     # the front door for keys only the table's model has) is a plain override there.
-    passthrough = [o.removeprefix("+") for o in overrides.task if _key(o) not in OWN_KEYS]
-    launcher = [o for o in overrides.hydra if _key(o).startswith(("hydra/launcher", "hydra.launcher"))]
+    passthrough = [o.removeprefix("+") for o in overrides.task if override_key(o) not in OWN_KEYS]
+    launcher = [o for o in overrides.hydra if override_key(o).startswith(("hydra/launcher", "hydra.launcher"))]
 
     def compose_row(extra: list[str]) -> DictConfig:
         return compose("config", overrides=[f"experiment={cfg.table}", *passthrough, *extra])
 
     table = compose_row([]).table
-    for override in row_set_keys(table.rows, passthrough):
-        log.warning(
-            "%s: rows of table %s set %s themselves; in those rows their value is used", override, cfg.table, override.split("=")[0]
-        )
+    for warning in row_set_warnings(table, passthrough):
+        log.warning(warning)
     slug = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", ",".join(sorted(passthrough))) or "default"
     out = Path(cfg.out or Path("reproduce") / cfg.table / slug)
     out.mkdir(parents=True, exist_ok=True)

@@ -132,12 +132,14 @@ def test_time_to_94_table_composes_a_valid_timed_run(compose_cfg):
 
 
 def test_overrides_that_rows_set_themselves_are_named_not_ignored_silently(tmp_path):
-    from experiments.tables import row_set_keys
+    from experiments.tables import row_set_warnings
 
-    rows = OmegaConf.create([{"overrides": ["data.image_size=224", "model.width=1.0"]}, {"overrides": ["+model.shallow=true"]}])
-    assert row_set_keys(rows, ["data.image_size=8", "optim.lr=0.1", "model.shallow=false", "seed=3"]) == [
-        "data.image_size=8",
-        "model.shallow=false",
+    table = OmegaConf.create(
+        {"name": "t", "rows": [{"overrides": ["data.image_size=224", "model.width=1.0"]}, {"overrides": ["+model.shallow=true"]}]}
+    )
+    assert row_set_warnings(table, ["data.image_size=8", "optim.lr=0.1", "model.shallow=false", "seed=3"]) == [
+        "data.image_size=8: rows of table t set data.image_size themselves; in those rows their value is used",
+        "model.shallow=false: rows of table t set model.shallow themselves; in those rows their value is used",
     ]
     proc = run_script("reproduce.py", "table=mobilenet_t7", "cost_only=true", "latency=false", "data.image_size=8", f"out={tmp_path}")
     assert proc.returncode == 0, proc.stderr

@@ -46,11 +46,10 @@ class TableSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
         jobs = self.job_overrides(arguments)
-        from experiments.tables import row_set_keys  # here, not at the top: Hydra imports every plugin at start-up
+        from experiments.tables import row_set_warnings  # here, not at the top: Hydra imports every plugin at start-up
 
-        for override in row_set_keys(self.config.table.rows, list(arguments)):
-            log.warning("%s: rows of table %s set %s themselves; in those rows their value is used", override, self.config.table.name,
-                        override.split("=")[0])  # fmt: skip
+        for warning in row_set_warnings(self.config.table, list(arguments)):
+            log.warning(warning)
         self.overrides = list(self.split_overrides_to_chunks(jobs, self.max_batch_size))
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
