@@ -71,6 +71,27 @@ def split_argv(argv: list[str]) -> tuple[list[str], bool, bool]:
     return overrides, multirun, False
 
 
+def _config_flags(argv: list[str], config_name: str) -> tuple[str, bool]:
+    """(primary config name, whether the user brings their own config dir) from Hydra's flags.
+
+    ``--config-name NAME`` must name a YAML file in ``conf/``; a ``--config-path`` or
+    ``--config-dir`` of the user's own is composed by Hydra alone (the preflight knows only ``conf/``).
+    """
+    name, own_dir, tokens = config_name, False, iter(argv)
+    for token in tokens:
+        flag, eq, value = token.partition("=")
+        if flag in ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir"):
+            value = value if eq else next(tokens, "")
+            if flag in ("-cn", "--config-name"):
+                name = value.removesuffix(".yaml")
+            else:
+                own_dir = True
+    if not own_dir and not (CONF_DIR / f"{name}.yaml").is_file():
+        known = ", ".join(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))
+        raise UsageError(f"unknown config name {name!r} (--config-name); conf/ has: {known}")
+    return name, own_dir
+
+
 def _first_values(overrides: list[str], loader: Any, multirun: bool = True) -> list[str]:
     """Check every group choice (each value of a sweep too); return the overrides with sweeps cut to their first value.
 
@@ -190,7 +211,8 @@ def preflight(
     from hydra.core.global_hydra import GlobalHydra
 
     overrides, multirun, pass_through = split_argv(argv)
-    if pass_through:
+    config_name, own_dir = _config_flags(argv, config_name)
+    if pass_through or own_dir:
         return None
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -205,7 +227,9 @@ def preflight(
             raise UsageError(_valid_keys(compose, config_name, first, key) if key else _first_line(ex)) from None
         groups = [o for o in first if "=" in o and loader.get_group_options(o.split("=", 1)[0].lstrip("+~"))]
         values = [o.split("=", 1)[0].lstrip("+") for o in first if "=" in o and o not in groups and not o.startswith("~")]
-        _check_types(cfg, compose(config_name, overrides=groups, return_hydra_config=True), values)
+        base = compose(config_name, overrides=groups, return_hydra_config=True)
+        _check_types(cfg, base, values)
+        _check_appended(first, added, base, lambda key: _valid_keys(compose, config_name, first, key))
         if added:
             # Keys that exist only with the task's own overrides (a table's model.depthwise): Hydra's
             # composition of the script's config lacks them, so they go to it as appends (+key=value).
@@ -221,6 +245,21 @@ def preflight(
 
 
 _ABSENT = object()
+
+
+def _check_appended(overrides: list[str], added: list[str], base: DictConfig, valid: Callable[[str], str]) -> None:
+    """A ``+key=value`` that adds a key no code reads (``+trainer.epoch=3``) is a typo, not a setting.
+
+    ``model.*`` keys are let through (the model builder names the options a block takes), and so
+    are ``hydra.*`` keys (Hydra's own) and keys the script adds itself (``added``).
+    """
+    for text in overrides:
+        if not text.startswith("+") or "=" not in text or text in added:
+            continue
+        key = text.split("=", 1)[0].lstrip("+")
+        if key.split(".")[0] in ("hydra", "model") or OmegaConf.select(base, key, default=_ABSENT) is not _ABSENT:
+            continue
+        raise UsageError(f"{text} adds a key nothing reads: {valid(key)}")
 
 
 def _check_sweeper(cfg: DictConfig) -> None:

@@ -138,12 +138,28 @@ def test_checkpoints_load_with_weights_only(tmp_path):
         (["data.val_split=1.0"], ["data.val_split=1.0", "fraction in [0, 1)"]),
         (["optim=adamw", "optim.beta2=1.5"], ["optim.beta2=1.5", "beta2"]),
         (["seed=99999999999999999999"], ["seed=99999999999999999999", "2**63"]),
+        # a key added with + that nothing reads is a typo, not a setting
+        (["+trainer.epoch=3"], ["+trainer.epoch=3 adds a key nothing reads", "trainer has: epochs"]),
+        (["optim=adamw", "+optim.nesterov=true"], ["+optim.nesterov=true", "optim has: name, lr, momentum, beta2"]),
+        (["+model.expansion=2"], ["block 'separable' has no option 'expansion'", "kernel_size"]),
+        (["--config-name=nope"], ["unknown config name 'nope'", "config, profile"]),
     ],
 )
 def test_bad_model_and_trainer_input_through_run_py(tmp_path, args, needles):
     proc = run_script("run.py", "data=synthetic", "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", *args)
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "run").exists()  # found before Hydra makes the run dir: nothing written
+
+
+def test_appended_keys_and_config_flags_that_are_fine(tmp_path):
+    """++ on a known key, + on a model option (the builder checks it), -cn naming conf/'s own config,
+    and a user's own --config-dir (Hydra alone composes it) all pass the front door."""
+    from experiments.cli import preflight
+
+    run_dir = f"hydra.run.dir={tmp_path / 'run'}"
+    cfg = preflight(["-cn", "config", "++trainer.epochs=1", "+model.expansion=2", run_dir], "config")
+    assert cfg.trainer.epochs == 1 and cfg.model.expansion == 2
+    assert preflight(["--config-dir", str(tmp_path), "+anything=1", run_dir], "config") is None
 
 
 def test_empty_output_dirs_are_refused_not_read_as_the_current_dir(tmp_path):
