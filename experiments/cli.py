@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -46,6 +47,17 @@ def is_multirun() -> bool:
 
 class UsageError(ValueError):
     """Bad input from the command line or a config; printed as one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler's time limit), raised like Ctrl-C."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def raise_interrupted(signum: int, frame: Any) -> None:
+    """A SIGTERM handler: unwind like Ctrl-C, so that what is running records the interruption."""
+    raise Interrupted("interrupted (SIGTERM)")
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
@@ -295,7 +307,10 @@ def _flags_first(argv: list[str]) -> list[str]:
 
 
 def entry(
-    config_name: str, check: Callable[[DictConfig], None] | None = None, extra: Callable[[list[str]], list[str]] | None = None
+    config_name: str,
+    check: Callable[[DictConfig], None] | None = None,
+    extra: Callable[[list[str]], list[str]] | None = None,
+    interrupted: str = "",
 ) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Decorator for a script's task: preflight, then ``@hydra.main``; ``ValueError`` -> one line, exit 2.
 
@@ -304,6 +319,8 @@ def entry(
         check: raises ``ValueError`` on a composed config the task would refuse; run in the
             preflight (not in ``-m`` sweeps), so the mistake costs one line before any run dir exists.
         extra: the overrides the task adds itself, from the command line's (see :func:`preflight`).
+        interrupted: what is kept when the task is interrupted (Ctrl-C, SIGTERM), said after the
+            ``error: interrupted ...`` line.
     """
     import hydra
 
@@ -332,12 +349,12 @@ def entry(
             sys.argv[1:] = [
                 f"+{t}" if "=" in t and not t.startswith(("+", "~")) and t.split("=", 1)[0] in appended else t for t in sys.argv[1:]
             ]
+            signal.signal(signal.SIGTERM, raise_interrupted)
             try:
                 result = hydra_task()
-            except KeyboardInterrupt as ex:  # Ctrl-C, or SIGTERM (see experiments.train.Interrupted)
+            except KeyboardInterrupt as ex:  # Ctrl-C, or SIGTERM (Interrupted)
                 what = ex.args[0] if ex.args else "interrupted (Ctrl-C)"
-                fail(f"{what}; a training run records this in its results.json, and the same command resumes it",
-                     code=getattr(ex, "exit_code", 130))  # fmt: skip
+                fail(f"{what}; {interrupted}" if interrupted else what, code=getattr(ex, "exit_code", 130))
             if _state["failed_jobs"]:
                 fail(f"{_state['failed_jobs']} sweep job(s) failed; see the messages above", code=1)
             return result

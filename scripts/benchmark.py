@@ -26,7 +26,7 @@ def _check(cfg: DictConfig) -> None:
     check_writable(str(cfg.out), "out=...")
 
 
-@entry("benchmark", check=_check)
+@entry("benchmark", check=_check, interrupted="suites that finished before it are written to out; the one in progress is not")
 def main(cfg: DictConfig) -> None:
     if cfg.format not in ("text", "json"):
         raise ValueError(f"format={cfg.format!r} is not valid; choose from: text, json")

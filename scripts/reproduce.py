@@ -63,7 +63,26 @@ def _check(cfg: DictConfig) -> None:
     check_writable(str(cfg.out or "reproduce"), "out=...")
 
 
-@entry("reproduce", check=_check, extra=_table_overlay)
+def _run_to_the_end(command: list[str]) -> None:
+    """Run the sweep; if this process is interrupted, so is the sweep, and it records that before we exit.
+
+    Ctrl-C reaches the sweep too (one process group); SIGTERM (``kill``, a scheduler's limit) reaches
+    only this process and is passed on. A sweep left running would go on writing into ``out`` while
+    the same command, run again, trains the same rows beside it.
+    """
+    sweep = subprocess.Popen(command, stdout=sys.stderr)
+    try:
+        sweep.wait()
+    except KeyboardInterrupt:
+        try:
+            sweep.wait(timeout=5)  # a Ctrl-C it got itself: let it record the interruption
+        except subprocess.TimeoutExpired:
+            sweep.terminate()
+            sweep.wait()
+        raise
+
+
+@entry("reproduce", check=_check, extra=_table_overlay, interrupted="finished runs are kept under out; the same command goes on from them")
 def main(cfg: DictConfig) -> None:
     _check_table(cfg)
     if cfg.format not in ("text", "json"):
@@ -96,7 +115,7 @@ def main(cfg: DictConfig) -> None:
         command = [sys.executable, str(Path(__file__).with_name("run.py")), "-m", f"experiment={cfg.table}", f"hydra.sweep.dir='{out / 'runs'}'",
                    f"hydra.sweeper.seeds={cfg.seeds}", *passthrough, *launcher]  # fmt: skip
         log.info("training %d rows x %d seeds: %s", len(table.rows), cfg.seeds, " ".join(command[1:]))
-        subprocess.run(command, stdout=sys.stderr, check=False)  # failures are read back from results.json
+        _run_to_the_end(command)  # failures are read back from results.json
         runs, failed = collect_runs(out / "runs")
         wanted = {str(r.id) for r in table.rows}
         failed = [r for r in failed if str(r.get("row")) in wanted]

@@ -55,7 +55,7 @@ def _check(cfg: DictConfig) -> None:
         model_from_config(cfg)
 
 
-@entry("config", check=_check)
+@entry("config", check=_check, interrupted="a training run records this in its results.json, and the same command resumes it")
 def main(cfg: DictConfig) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if rank:

@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,7 +219,7 @@ def test_sigterm_is_recorded_as_an_interruption_and_the_run_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert "Traceback" not in stderr and "error: interrupted (SIGTERM)" in stderr
+    assert "Traceback" not in stderr and "error: interrupted (SIGTERM); a training run records this" in stderr
     record = json.loads((tmp_path / "results.json").read_text())
     if record["status"] == "completed":
         pytest.skip("the run finished before SIGTERM arrived")
@@ -226,6 +227,38 @@ def test_sigterm_is_recorded_as_an_interruption_and_the_run_resumes(tmp_path):
     resumed = run_script("run.py", *_run_args(tmp_path, "data.train_size=2048", "trainer.num_threads=1"))
     assert resumed.returncode == 0 and "resume:" in resumed.stderr, resumed.stderr
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "completed"
+
+
+def test_sigterm_to_reproduce_stops_its_sweep_too(tmp_path):
+    """reproduce.py trains through a run.py sweep in a child process: a SIGTERM to reproduce.py alone
+    (kill, a scheduler) must not leave that sweep training on into out/ after reproduce.py has exited."""
+    import signal
+    import subprocess
+    import time
+
+    args = [
+        "table=blocks",
+        "data=synthetic",
+        "trainer=smoke",
+        "data.train_size=2048",
+        "trainer.num_threads=1",
+        "logger=none",
+        f"out={tmp_path}",
+    ]
+    command = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), *args]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
+    deadline = time.time() + 240
+    while not glob.glob(str(tmp_path / "runs" / "*" / "checkpoint-epoch0001.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and stderr.splitlines()[-1].startswith("error: interrupted (SIGTERM); finished runs are kept")
+    records_ = [json.loads(Path(f).read_text()) for f in glob.glob(str(tmp_path / "runs" / "*" / "results.json"))]
+    assert records_ and all(r["status"] != "running" for r in records_), [r["status"] for r in records_]
+    assert any(r.get("reason") == "interrupted (SIGTERM)" for r in records_)
 
 
 def test_non_finite_numbers_are_written_as_null_strict_json(tmp_path):
