@@ -40,8 +40,8 @@ class PILDataset(Dataset):
 
 
 def baseline_loader(split: Split, batch_size: int, *, train: bool, mean: list[float], std: list[float], crop_padding: int, flip: bool,
-                    seed: int = 0, workers: int = 2) -> DataLoader:  # fmt: skip
-    """``transforms.Compose([RandomCrop(size, padding), RandomHorizontalFlip(), ToTensor(), Normalize(mean, std)])``."""
+                    seed: int = 0, workers: int = 2, pin_memory: bool = False) -> DataLoader:  # fmt: skip
+    """``transforms.Compose([RandomCrop(size, padding), RandomHorizontalFlip(), ToTensor(), Normalize(mean, std)])``; ``pin_memory`` for a GPU."""
     import torchvision.transforms as T
 
     size = split.images.shape[-1]
@@ -52,23 +52,33 @@ def baseline_loader(split: Split, batch_size: int, *, train: bool, mean: list[fl
         steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     return DataLoader(PILDataset(split, T.Compose(steps)), batch_size=batch_size, shuffle=train, num_workers=workers, drop_last=train,
-                      generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)  # fmt: skip
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0, pin_memory=pin_memory)  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for a GPU's queued work (bench's ``_sync``; importing it here would be circular)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_baseline(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, lr_at: Any, *, epochs: int = 1,
-                   max_steps: int | None = None, warmup_steps: int = 0, label_smoothing: float = 0.0) -> dict[str, Any]:  # fmt: skip
-    """The tutorial loop: zero_grad, forward, loss, backward, step. Returns images/s (after warm-up) and the final loss.
+                   max_steps: int | None = None, warmup_steps: int = 0, label_smoothing: float = 0.0,
+                   device: torch.device | str = "cpu") -> dict[str, Any]:  # fmt: skip
+    """The tutorial loop: batch to ``device``, zero_grad, forward, loss, backward, step. Returns images/s (after warm-up) and the final loss.
 
     ``lr_at(step)`` sets the learning rate each step, so the baseline follows convlab's schedule.
     Images/s counts the steps after ``warmup_steps`` (the first batches pay for worker start-up).
     """
+    device = torch.device(device)
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     model.train()
     step, images, start, loss = 0, 0, None, torch.tensor(float("nan"))
     for _ in range(epochs):
         for x, y in loader:
             if step == warmup_steps:
+                _sync(device)  # the warm-up steps a GPU still runs are not timed
                 start, images = time.perf_counter(), 0
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             optimizer.zero_grad()
@@ -81,6 +91,7 @@ def train_baseline(model: nn.Module, loader: DataLoader, optimizer: torch.optim.
                 break
         if max_steps is not None and step >= max_steps:
             break
+    _sync(device)  # a GPU's queued steps count
     seconds = time.perf_counter() - start if start is not None else float("nan")
     return {
         "steps": step,

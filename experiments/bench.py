@@ -204,6 +204,30 @@ def register_suite(name: str) -> Callable[[SuiteFn], SuiteFn]:
 # Timing and the machine's limits
 
 
+# On a GPU torch runs fp32 convolutions as TF32 (a 10-bit mantissa) by default and fp32 matrix
+# products in full fp32: a pointwise_conv2d (a matrix product) against nn.Conv2d would compare two
+# precisions. The suites that compare kernels run both in IEEE fp32; the train suite keeps torch's
+# defaults on both sides (what a user's training gets).
+IEEE_FP32_SUITES = ("pointwise", "blocks")
+
+
+@contextlib.contextmanager
+def fp32_math(device: torch.device, ieee: bool) -> Iterable[str]:
+    """IEEE fp32 for cuDNN convolutions and CUDA matmuls inside (``ieee`` on a GPU); yields what fp32 means."""
+    if device.type != "cuda":
+        yield "ieee (cpu)"
+        return
+    if not ieee:
+        yield f"torch defaults (convolutions {torch.backends.cudnn.conv.fp32_precision}, matmuls {torch.backends.cuda.matmul.fp32_precision})"
+        return
+    before = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield "ieee (TF32 off for convolutions and matmuls)"
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -214,10 +238,13 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     if device.type == "cuda":
 
         def cuda_time(fn: Callable[[], object]) -> float:
+            # The stream of ``device``, not of the current device: on cuda:1 while cuda:0 is current,
+            # events on cuda:0's stream would time none of the work.
+            stream = torch.cuda.current_stream(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             fn()
-            end.record()
+            end.record(stream)
             end.synchronize()
             return start.elapsed_time(end) / 1e3  # ms -> s
 
@@ -907,9 +934,10 @@ def run_benchmarks(suite: str, options: BenchOptions, out: str | Path = "benchma
         for name in names:
             ctx = BenchContext(options=options, device=device, env=env, peak=peak, bandwidth=bandwidth, out=out)
             started, load_before, start = now(), _load(), time.perf_counter()
-            body = SUITES[name](ctx)
+            with fp32_math(device, name in IEEE_FP32_SUITES) as fp32:
+                body = SUITES[name](ctx)
             report = {
-                "suite": name, "started": started, "seconds": round(time.perf_counter() - start, 1), "env": env,
+                "suite": name, "started": started, "seconds": round(time.perf_counter() - start, 1), "env": env, "fp32_math": fp32,
                 "load_avg_1_5_15min": {"before": load_before, "after": _load()}, "options": asdict(options),
                 "peak": peak, "bandwidth": bandwidth, **body,
             }  # fmt: skip
@@ -956,7 +984,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"# Benchmark: {report['suite']}",
         "",
         f"{env['device_name']} ({env['device']}, {env['threads']} threads, {env['cpu_count']} logical CPUs, flags: {', '.join(env['cpu_flags']) or '-'}), "
-        f"torch {env['torch']}, git {env['git_commit']}, malloc {env['malloc']}, started {report['started']}, {report['seconds']} s.",
+        f"torch {env['torch']}, git {env['git_commit']}, malloc {env['malloc']}, "
+        f"fp32 math {report.get('fp32_math', 'not recorded')}, started {report['started']}, {report['seconds']} s.",
         "",
         "Machine limits measured in this run: "
         + ", ".join(

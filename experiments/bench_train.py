@@ -26,7 +26,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from .baseline import baseline_loader, train_baseline
-from .bench import BenchContext, _is_int, register_suite
+from .bench import BenchContext, _is_int, _sync, register_suite
 from .cli import CONF_DIR
 from .config import model_from_config
 from .data import load_data, make_loaders
@@ -88,6 +88,7 @@ def _ours_throughput(cfg: DictConfig, data: Any, device: torch.device, steps: in
     while done < warmup + steps:
         for x, y in loader:
             if done == warmup:
+                _sync(device)  # the warm-up steps a GPU still runs are not timed
                 start, images = time.perf_counter(), 0
             for group in optimizer.param_groups:
                 group["lr"] = cfg.optim.lr * lr_factor(
@@ -105,11 +106,12 @@ def _ours_throughput(cfg: DictConfig, data: Any, device: torch.device, steps: in
 
 def _baseline(cfg: DictConfig, data: Any, *, steps: int | None, warmup: int, epochs: int = 1) -> tuple[nn.Module, dict[str, Any]]:
     seed_everything(cfg.seed)
-    model = model_from_config(cfg)  # fp32, NCHW, on the CPU: the tutorial's defaults
+    device = torch.device(cfg.device)  # the device convlab's side trains on: the same hardware
+    model = model_from_config(cfg).to(device)  # fp32, NCHW: the tutorial's defaults
     optimizer = build_optimizer(model, cfg.optim)
     aug = cfg.data.augment
     loader = baseline_loader(data.train, cfg.trainer.batch_size, train=True, mean=list(cfg.data.mean), std=list(cfg.data.std),
-                             crop_padding=aug.crop_padding, flip=aug.flip, seed=cfg.seed)  # fmt: skip
+                             crop_padding=aug.crop_padding, flip=aug.flip, seed=cfg.seed, pin_memory=device.type == "cuda")  # fmt: skip
     total = cfg.trainer.epochs * len(loader)
     warm = round(cfg.sched.warmup_epochs * len(loader))
 
@@ -117,7 +119,7 @@ def _baseline(cfg: DictConfig, data: Any, *, steps: int | None, warmup: int, epo
         return cfg.optim.lr * lr_factor(step, total, warm, cfg.sched.name, cfg.sched.min_lr_ratio)
 
     stats = train_baseline(model, loader, optimizer, lr_at, epochs=epochs, max_steps=None if steps is None else warmup + steps,
-                           warmup_steps=warmup, label_smoothing=cfg.trainer.label_smoothing)  # fmt: skip
+                           warmup_steps=warmup, label_smoothing=cfg.trainer.label_smoothing, device=device)  # fmt: skip
     return model, stats
 
 
@@ -128,9 +130,10 @@ def _baseline_accuracy(model: nn.Module, cfg: DictConfig, data: Any) -> float:
         data.test, 512, train=False, mean=list(cfg.data.mean), std=list(cfg.data.std), crop_padding=0, flip=False, workers=0
     )
     model.eval()
+    device = next(model.parameters()).device
     correct = total = 0
     for x, y in loader:
-        correct += (model(x).argmax(1) == y).sum().item()
+        correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
         total += len(y)
     return correct / total
 

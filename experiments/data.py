@@ -293,12 +293,14 @@ class TensorLoader:
             if self.flip:
                 flips = torch.rand(b, generator=g) < 0.5
             local = slice(self.rank, None, self.world_size)
-            index = index[local].to(self.device)
+            # non_blocking: a plain copy to a GPU waits for the device to finish all queued work
+            # (every step would wait for the one before); from pageable memory it is staged at once.
+            index = index[local].to(self.device, non_blocking=True)
             x = self.images[index]  # (b, C, H, W) uint8
             if self.crop_padding:
-                x = self._crop(x, offsets[local].to(self.device))
+                x = self._crop(x, offsets[local].to(self.device, non_blocking=True))
             if self.flip:
-                x = torch.where(flips[local].to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
+                x = torch.where(flips[local].to(self.device, non_blocking=True).view(-1, 1, 1, 1), x.flip(3), x)
             yield self._normalize(x), self.labels[index]
 
     def _crop(self, x: Tensor, offsets: Tensor) -> Tensor:
@@ -347,7 +349,7 @@ class FolderLoader:
         for x, y in self.loader:
             x = x.to(self.device, non_blocking=True)
             if self.flip:
-                x = torch.where((torch.rand(len(x), generator=g) < 0.5).to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
+                x = torch.where((torch.rand(len(x), generator=g) < 0.5).to(self.device, non_blocking=True).view(-1, 1, 1, 1), x.flip(3), x)
             x = x.to(dtype=torch.float32, memory_format=memory_format)
             yield ((x - self.mean) / self.std), y.to(self.device, non_blocking=True)
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .allocator import steady_malloc
+from .cli import Interrupted, raise_interrupted
 from .config import input_shape, model_from_config, model_options
 from .cost import measure_cost
 from .data import example_count, load_data, make_loaders
@@ -47,16 +48,6 @@ class Divergence(RuntimeError):
     """The loss became non-finite."""
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``timeout``, a batch scheduler's time limit) while training, raised like Ctrl-C."""
-
-    exit_code = 128 + signal.SIGTERM
-
-
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted("interrupted (SIGTERM)")
-
-
 # -------------------------------------------------------------------------------------- checks
 
 
@@ -70,6 +61,9 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device={name!r} is not valid; choose from: auto, cpu, cuda, cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but no CUDA device is available here; use device=cpu or device=auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device={name!r} but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device={name!r} is not supported; choose from: auto, cpu, cuda, cuda:N")
     return device
@@ -104,7 +98,8 @@ def check_config(cfg: DictConfig, device: torch.device) -> None:
         raise ValueError(f"trainer.precision={t.precision!r} is not valid; choose from: {', '.join(PRECISIONS)}")
     if t.precision == "fp16" and device.type != "cuda":
         raise ValueError(f"trainer.precision=fp16 needs a CUDA device (gradient scaling); on {device.type} use bf16 or fp32")
-    if t.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # A GPU without bf16 units (before Ampere) runs bf16 emulated and slowly: refuse it rather than count on torch's default check.
+    if t.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise ValueError(f"trainer.precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 or fp32")
     _number("trainer.label_smoothing", t.label_smoothing, 0.0, 0.99)
     if t.grad_clip is not None:
@@ -275,7 +270,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str
         with _autocast(device, precision):
             logits = model(x)
         totals += torch.stack([(logits.argmax(1) == y).sum().double(), nn.functional.cross_entropy(logits.float(), y, reduction="sum").double(),
-                               torch.tensor(float(len(y)), device=device, dtype=torch.float64)])  # fmt: skip
+                               torch.full((), len(y), device=device, dtype=torch.float64)])  # fmt: skip
     all_reduce_sum(totals)
     model.train()
     return {"acc": (totals[0] / totals[2]).item(), "loss": (totals[1] / totals[2]).item()}
@@ -334,7 +329,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             ``failed: interrupted (...)`` and the checkpoints are kept for a resume.
     """
     main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
+    previous_handler = signal.signal(signal.SIGTERM, raise_interrupted) if main_thread else None
     try:
         return _train(cfg, Path(run_dir))
     finally:
@@ -477,8 +472,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     group["lr"] = cfg.optim.lr * factor
                 loss, logits = train_step(model, x, y, optimizer, scaler, criterion, device, cfg.trainer.precision, cfg.trainer.grad_clip)
                 step += 1
+                # torch.full, not torch.tensor(count, device=...): a copy from the host waits for the GPU to finish the step.
                 sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                     torch.tensor(float(len(y)), device=device, dtype=torch.float64)])  # fmt: skip
+                                     torch.full((), len(y), device=device, dtype=torch.float64)])  # fmt: skip
                 if step % 50 == 0 or i + 1 == steps_per_epoch or step >= total_steps:
                     if not math.isfinite(float(all_reduce_sum(sums[:1].clone()).item())):
                         raise Divergence(

@@ -77,6 +77,7 @@ def test_all_runs_every_registered_suite_and_writes_files(outcome):
         _close(bw["gb_per_s"], bw["bytes"] / (bw["median_ms"] / 1e3) / 1e9)
         markdown = (out / f"{name}.md").read_text()
         assert markdown.count("\n| ") >= len(report["results"])  # a table row per result
+        assert report["fp32_math"] == "ieee (cpu)" and "fp32 math ieee (cpu)" in markdown
     assert (out / "blocks_roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
