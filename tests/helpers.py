@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,17 +70,24 @@ def wandb_summary(records: list) -> dict:
     return summary
 
 
-def kill_when(command: list[str], path: Path, timeout: float = 240.0) -> None:
-    """Start ``command``, SIGKILL it as soon as ``path`` exists (as a crash or pre-emption would)."""
+def signal_when(command: list[str], ready: Callable[[], bool], sig: int, timeout: float = 240.0) -> tuple[int, str]:
+    """Start ``command``, send it ``sig`` as soon as ``ready()`` (or it exits, or ``timeout``); its (exit status, stderr)."""
     import os
-    import signal
     import subprocess
     import time
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
-    while not path.exists() and time.time() < deadline and proc.poll() is None:
+    while not ready() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr
+
+
+def kill_when(command: list[str], path: Path, timeout: float = 240.0) -> None:
+    """Start ``command``, SIGKILL it as soon as ``path`` exists (as a crash or pre-emption would)."""
+    import signal
+
+    signal_when(command, path.exists, signal.SIGKILL, timeout)

@@ -424,26 +424,17 @@ def test_pointwise_under_autocast_matches_conv2d(hw):
 
 def test_sigterm_keeps_the_finished_suites_and_says_so(tmp_path):
     """kill / a scheduler's limit mid-benchmark: one line saying what was kept; suites already written stay."""
-    import os
     import signal
-    import subprocess
     import sys
-    import time
 
     from .conftest import ROOT
+    from .helpers import signal_when
 
     command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "suite=all", "size=tiny", f"out={tmp_path}"]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-    )
-    deadline = time.time() + 240
-    while not (tmp_path / "pointwise.md").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    if proc.returncode == 0:
+    returncode, stderr = signal_when(command, (tmp_path / "pointwise.md").exists, signal.SIGTERM)
+    if returncode == 0:
         pytest.skip("every suite finished before SIGTERM arrived")
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    assert returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
     assert (
         stderr.splitlines()[-1]
         == "error: interrupted (SIGTERM); suites that finished before it are written to out; the one in progress is not"

@@ -6,6 +6,7 @@ import errno
 import glob
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from experiments.records import load_checkpoint, save_checkpoint, write_json
 from experiments.train import train
 
 from .conftest import ROOT, assert_one_line_error, run_script
-from .helpers import kill_when
+from .helpers import kill_when, signal_when
 
 
 def _run_args(run_dir, *extra):
@@ -205,20 +206,9 @@ def test_resume_never_keeps_the_earlier_record(compose_cfg, tmp_path):
 
 def test_sigterm_is_recorded_as_an_interruption_and_the_run_resumes(tmp_path):
     """kill / timeout / a scheduler's time limit send SIGTERM: one line, results.json says so, and the same command resumes."""
-    import signal
-    import subprocess
-    import time
-
     command = [sys.executable, str(ROOT / "scripts" / "run.py"), *_run_args(tmp_path, "data.train_size=2048", "trainer.num_threads=1")]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-    )
-    deadline = time.time() + 240
-    while not (tmp_path / "checkpoint-epoch0001.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    returncode, stderr = signal_when(command, (tmp_path / "checkpoint-epoch0001.pt").exists, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, stderr
     assert "Traceback" not in stderr and "error: interrupted (SIGTERM); a training run records this" in stderr
     record = json.loads((tmp_path / "results.json").read_text())
     if record["status"] == "completed":
@@ -232,10 +222,6 @@ def test_sigterm_is_recorded_as_an_interruption_and_the_run_resumes(tmp_path):
 def test_sigterm_to_reproduce_stops_its_sweep_too(tmp_path):
     """reproduce.py trains through a run.py sweep in a child process: a SIGTERM to reproduce.py alone
     (kill, a scheduler) must not leave that sweep training on into out/ after reproduce.py has exited."""
-    import signal
-    import subprocess
-    import time
-
     args = [
         "table=blocks",
         "data=synthetic",
@@ -246,15 +232,10 @@ def test_sigterm_to_reproduce_stops_its_sweep_too(tmp_path):
         f"out={tmp_path}",
     ]
     command = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), *args]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    returncode, stderr = signal_when(
+        command, lambda: bool(glob.glob(str(tmp_path / "runs" / "*" / "checkpoint-epoch0001.pt"))), signal.SIGTERM
     )
-    deadline = time.time() + 240
-    while not glob.glob(str(tmp_path / "runs" / "*" / "checkpoint-epoch0001.pt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert returncode == 128 + signal.SIGTERM, stderr
     assert "Traceback" not in stderr and stderr.splitlines()[-1].startswith("error: interrupted (SIGTERM); finished runs are kept")
     records_ = [json.loads(Path(f).read_text()) for f in glob.glob(str(tmp_path / "runs" / "*" / "results.json"))]
     assert records_ and all(r["status"] != "running" for r in records_), [r["status"] for r in records_]
