@@ -98,8 +98,10 @@ def check_config(cfg: DictConfig, device: torch.device) -> None:
         raise ValueError(f"trainer.precision={t.precision!r} is not valid; choose from: {', '.join(PRECISIONS)}")
     if t.precision == "fp16" and device.type != "cuda":
         raise ValueError(f"trainer.precision=fp16 needs a CUDA device (gradient scaling); on {device.type} use bf16 or fp32")
-    # A GPU without bf16 units (before Ampere) runs bf16 emulated and slowly: refuse it rather than count on torch's default check.
-    if t.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    # A GPU without bf16 units (before Ampere) runs bf16 emulated and slowly: refuse it. torch's
+    # is_bf16_supported asks about the current GPU, and says yes to emulation; this asks about `device`.
+    native_bf16 = device.type == "cuda" and (bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8)
+    if t.precision == "bf16" and device.type == "cuda" and not native_bf16:
         raise ValueError(f"trainer.precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 or fp32")
     _number("trainer.label_smoothing", t.label_smoothing, 0.0, 0.99)
     if t.grad_clip is not None:

@@ -132,6 +132,20 @@ def test_bf16_is_refused_on_a_gpu_that_would_only_emulate_it(monkeypatch, compos
     check_config(cfg, torch.device("cuda"))
 
 
+def test_bf16_is_checked_on_the_run_device_not_the_current_one(monkeypatch, compose_cfg):
+    """device=cuda:1 on a machine whose current GPU (cuda:0) is an sm_80 and cuda:1 an sm_70."""
+    cfg = compose_cfg("trainer.precision=bf16")
+    _fake_gpu(monkeypatch, major=8)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    majors = {0: 8, 1: 7}
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=majors[torch.device(device).index or 0])
+    )
+    check_config(cfg, torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="bf16 is not supported"):
+        check_config(cfg, torch.device("cuda", 1))
+
+
 def test_a_gpu_index_the_machine_lacks_is_a_value_error(monkeypatch):
     _fake_gpu(monkeypatch, major=8)
     assert resolve_device("auto") == torch.device("cuda")
