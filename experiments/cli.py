@@ -34,6 +34,16 @@ _INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searc
 _PASS_THROUGH = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "--shell-completion", "-sc"}
 
 
+# The configs in conf/ that belong to one script (or are a building block), for --config-name checks.
+NOT_PRIMARY = {
+    "config": "run.py's config",
+    "benchmark": "benchmark.py's config",
+    "profile": "profile.py's config",
+    "report": "report.py's config",
+    "reproduce": "reproduce.py's config",
+    "backbone": "a model building block",
+}
+
 _state: dict[str, Any] = {"failed_jobs": 0, "append": []}  # failures of in-process sweep jobs; see preflight
 
 
@@ -98,9 +108,16 @@ def _config_flags(argv: list[str], config_name: str) -> tuple[str, bool]:
                 name = value.removesuffix(".yaml")
             else:
                 own_dir = True
-    if not own_dir and not (CONF_DIR / f"{name}.yaml").is_file():
+    if own_dir:
+        return name, own_dir
+    if not (CONF_DIR / f"{name}.yaml").is_file():
         known = ", ".join(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))
         raise UsageError(f"unknown config name {name!r} (--config-name); conf/ has: {known}")
+    if name != config_name and name in NOT_PRIMARY:
+        # reproduce.yaml under run.py trained into the current directory (its run dir is ".").
+        raise UsageError(
+            f"--config-name={name} is {NOT_PRIMARY[name]}, not one for this script; it reads {config_name!r} or a config of your own in conf/"
+        )
     return name, own_dir
 
 
