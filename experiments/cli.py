@@ -229,17 +229,21 @@ def preflight(
     config_name: str,
     check: Callable[[DictConfig], None] | None = None,
     extra: Callable[[list[str]], list[str]] | None = None,
+    no_sweep: str = "",
 ) -> DictConfig | None:
     """Compose the config exactly as Hydra will and turn any mistake into a :class:`UsageError`.
 
     ``check(cfg)`` (the script's own, see :func:`entry`) runs after composing and before the run
     dir is created; not for ``-m`` sweeps. ``extra(overrides)`` gives overrides the script will
     add itself (reproduce.py composes ``experiment=<table>``), so their keys are known here too.
+    ``no_sweep``, when given, refuses ``-m`` and says why.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     overrides, multirun, pass_through = split_argv(argv)
+    if multirun and no_sweep and not pass_through:
+        raise UsageError(f"-m is not for this script: {no_sweep}")
     config_name, own_dir = _config_flags(argv, config_name)
     if pass_through or own_dir:
         return None
@@ -328,6 +332,7 @@ def entry(
     check: Callable[[DictConfig], None] | None = None,
     extra: Callable[[list[str]], list[str]] | None = None,
     interrupted: str = "",
+    no_sweep: str = "",
 ) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Decorator for a script's task: preflight, then ``@hydra.main``; ``ValueError`` -> one line, exit 2.
 
@@ -338,6 +343,7 @@ def entry(
         extra: the overrides the task adds itself, from the command line's (see :func:`preflight`).
         interrupted: what is kept when the task is interrupted (Ctrl-C, SIGTERM), said after the
             ``error: interrupted ...`` line.
+        no_sweep: why ``-m`` makes no sense for this script (it is refused in one line); empty: sweeps allowed.
     """
     import hydra
 
@@ -359,7 +365,7 @@ def entry(
         def main() -> Any:
             sys.argv[1:] = _flags_first(sys.argv[1:])
             try:
-                preflight(sys.argv[1:], config_name, check, extra)
+                preflight(sys.argv[1:], config_name, check, extra, no_sweep)
             except ValueError as ex:  # UsageError and the script's own checks
                 fail(str(ex))
             appended = set(_state["append"])

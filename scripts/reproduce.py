@@ -82,7 +82,13 @@ def _run_to_the_end(command: list[str]) -> None:
         raise
 
 
-@entry("reproduce", check=_check, extra=_table_overlay, interrupted="finished runs are kept under out; the same command goes on from them")
+@entry(
+    "reproduce",
+    check=_check,
+    extra=_table_overlay,
+    interrupted="finished runs are kept under out; the same command goes on from them",
+    no_sweep="reproduce.py runs the table's sweep itself; drop -m (seeds=N trains N runs per row)",
+)
 def main(cfg: DictConfig) -> None:
     _check_table(cfg)
     if cfg.format not in ("text", "json"):

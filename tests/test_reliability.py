@@ -264,6 +264,9 @@ def test_reproduce_knows_the_tables_model_and_checks_run_settings_first(tmp_path
     assert_one_line_error(sweeper_seeds, "hydra.sweeper.seeds=3", "pass seeds=3")
     missing = run_script("reproduce.py")
     assert_one_line_error(missing, "no table given", "table=NAME", "mobilenet_t6")
+    swept = run_script("reproduce.py", "-m", "table=blocks", "cost_only=true", f"out={tmp_path}/d")
+    assert_one_line_error(swept, "-m is not for this script", "runs the table's sweep itself", "seeds=N")
+    assert not (tmp_path / "d").exists()
 
 
 def test_run_dir_not_writable(tmp_path):
