@@ -40,7 +40,7 @@ import os
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,7 +212,7 @@ IEEE_FP32_SUITES = ("pointwise", "blocks")
 
 
 @contextlib.contextmanager
-def fp32_math(device: torch.device, ieee: bool) -> Iterable[str]:
+def fp32_math(device: torch.device, ieee: bool) -> Iterator[str]:
     """IEEE fp32 for cuDNN convolutions and CUDA matmuls inside (``ieee`` on a GPU); yields what fp32 means."""
     if device.type != "cuda":
         yield "ieee (cpu)"
