@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .data import Split
+from .records import sync
 
 __all__ = ["PILDataset", "baseline_loader", "train_baseline"]
 
@@ -55,12 +56,6 @@ def baseline_loader(split: Split, batch_size: int, *, train: bool, mean: list[fl
                       generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0, pin_memory=pin_memory)  # fmt: skip
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for a GPU's queued work (bench's ``_sync``; importing it here would be circular)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_baseline(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, lr_at: Any, *, epochs: int = 1,
                    max_steps: int | None = None, warmup_steps: int = 0, label_smoothing: float = 0.0,
                    device: torch.device | str = "cpu") -> dict[str, Any]:  # fmt: skip
@@ -76,7 +71,7 @@ def train_baseline(model: nn.Module, loader: DataLoader, optimizer: torch.optim.
     for _ in range(epochs):
         for x, y in loader:
             if step == warmup_steps:
-                _sync(device)  # the warm-up steps a GPU still runs are not timed
+                sync(device)  # the warm-up steps a GPU still runs are not timed
                 start, images = time.perf_counter(), 0
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for group in optimizer.param_groups:
@@ -91,7 +86,7 @@ def train_baseline(model: nn.Module, loader: DataLoader, optimizer: torch.optim.
                 break
         if max_steps is not None and step >= max_steps:
             break
-    _sync(device)  # a GPU's queued steps count
+    sync(device)  # a GPU's queued steps count
     seconds = time.perf_counter() - start if start is not None else float("nan")
     return {
         "steps": step,

@@ -54,7 +54,7 @@ from models import BLOCKS, pointwise_conv2d
 
 from .allocator import MALLOC_MODES, set_malloc
 from .cost import measure_cost
-from .records import env_info, now, write_json
+from .records import env_info, now, sync, write_json
 
 __all__ = [
     "DTYPES",
@@ -228,11 +228,6 @@ def fp32_math(device: torch.device, ieee: bool) -> Iterator[str]:
         torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     """A function that calls ``fn`` once and returns its wall time in seconds."""
     if device.type == "cuda":
@@ -307,7 +302,7 @@ def time_interleaved(
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    _sync(device)
+    sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     faults = dict.fromkeys(fns, 0)
     gc_was_enabled = gc.isenabled()

@@ -26,10 +26,11 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from .baseline import baseline_loader, train_baseline
-from .bench import BenchContext, _is_int, _sync, register_suite
+from .bench import BenchContext, _is_int, register_suite
 from .cli import CONF_DIR
 from .config import model_from_config
 from .data import load_data, make_loaders
+from .records import sync
 from .train import build_optimizer, lr_factor, seed_everything, train, train_step
 
 log = logging.getLogger("convlab")
@@ -88,7 +89,7 @@ def _ours_throughput(cfg: DictConfig, data: Any, device: torch.device, steps: in
     while done < warmup + steps:
         for x, y in loader:
             if done == warmup:
-                _sync(device)  # the warm-up steps a GPU still runs are not timed
+                sync(device)  # the warm-up steps a GPU still runs are not timed
                 start, images = time.perf_counter(), 0
             for group in optimizer.param_groups:
                 group["lr"] = cfg.optim.lr * lr_factor(

@@ -31,6 +31,12 @@ CHECKPOINT = re.compile(r"checkpoint-epoch(\d+)\.pt$")
 REPO = Path(__file__).resolve().parent.parent
 
 
+def sync(device: torch.device) -> None:
+    """Wait until a GPU has run the work queued on it (a no-op on the CPU): before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

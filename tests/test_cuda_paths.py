@@ -172,7 +172,7 @@ def test_baseline_trains_on_the_device_convlab_trains_on(monkeypatch, compose_cf
 
 def _sync_recorder(monkeypatch, module) -> list:
     events: list = []
-    monkeypatch.setattr(module, "_sync", lambda device: events.append(("sync", torch.device(device))))
+    monkeypatch.setattr(module, "sync", lambda device: events.append(("sync", torch.device(device))))
     return events
 
 
