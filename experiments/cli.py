@@ -212,16 +212,28 @@ def _valid_keys(compose: Callable[..., DictConfig], config_name: str, overrides:
 def check_writable(directory: str, key: str = "hydra.run.dir=... / hydra.sweep.dir=...") -> None:
     """Create ``directory`` (as Hydra will) and a file in it; one line naming ``key`` when that fails.
 
+    The dirs made for the check are removed again: Hydra makes its own, and a ``${now:...}`` in the
+    path can resolve to a later second there, which would leave an empty run dir behind.
     An empty path is refused: it would mean the current directory (the repository, often).
     """
     if not str(directory).strip():
         raise UsageError(f"output dir is empty; pass {key} with a directory path")
+    path = Path(directory).absolute()
+    made = [p for p in (path, *path.parents) if not p.exists()]
     try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as ex:
         raise UsageError(f"output dir {directory!r} is not writable ({ex.strerror or ex}); pass {key} with a writable path") from None
+    finally:
+        for p in made:  # deepest first; one that mkdir never reached is skipped
+            try:
+                p.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
 
 
 def preflight(

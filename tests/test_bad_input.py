@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from experiments import bench
 from experiments.bench import BenchOptions, options_from_config, run_benchmarks
+from experiments.cli import UsageError, check_writable
 from experiments.report import build_report, to_row
 from models import build_model
 from models.networks import ResNet
@@ -230,3 +231,17 @@ def test_possible_values_stay_completed():
     assert row.status == "completed" and row.test_acc == 1.0
     failed = {**_record("bad", "standard", 7.0, 1e300, 1), "status": "failed", "reason": "diverged"}
     assert to_row(failed).status == "failed" and to_row(failed).reason == "diverged"  # not plotted: kept as it is
+
+
+def test_check_writable_leaves_no_dirs_behind(tmp_path):
+    """The pre-flight check makes the run dir to test it and removes it: Hydra makes its own, and a
+    ``${now:...}`` dir resolved a second later would otherwise stay behind, empty."""
+    (tmp_path / "outputs").mkdir()
+    check_writable(str(tmp_path / "outputs" / "m-d" / "2026-11-25_06-51-39"))
+    assert [p.name for p in tmp_path.rglob("*")] == ["outputs"]
+    check_writable(str(tmp_path / "outputs"))  # an existing dir stays
+    assert (tmp_path / "outputs").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="not writable"):
+        check_writable(str(tmp_path / "file" / "run"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "outputs"]
