@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,3 +42,22 @@ class SweepSummary(Callback):
             print(f"error: job failed: {path.parent}: {reason}", file=sys.stderr)
         if failed:
             sys.exit(1)
+
+
+class DropEmptySweepDir(Callback):
+    """After a ``-m`` sweep of a script that writes nothing (profile.py, report.py): remove the dir.
+
+    Hydra makes ``multirun/<date>/`` with one empty dir per job and a ``multirun.yaml`` even when
+    ``output_subdir`` is null; left behind, they are clutter that looks like a sweep's results.
+    A sweep dir holding any other file is kept as it is.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        if any(p.is_file() and p != sweep_dir / "multirun.yaml" for p in sweep_dir.rglob("*")):
+            return
+        shutil.rmtree(sweep_dir)
+        with contextlib.suppress(OSError):  # ``multirun/`` itself, when this sweep was all it held
+            sweep_dir.parent.rmdir()

@@ -53,3 +53,13 @@ def test_unwritable_output_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert_one_line_error(run_script("profile.py", f"hydra.run.dir={blocker}/run"), "not writable", str(blocker))
+
+
+def test_sweep_leaves_no_empty_dirs(tmp_path):
+    """profile.py writes nothing, so a -m sweep must not leave Hydra's multirun/<date>/<job>/ dirs."""
+    (tmp_path / "multirun" / "earlier").mkdir(parents=True)  # a user's own sweep is not touched
+    proc = run_script("profile.py", "-m", "model=standard,depthwise", "format=json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count('"model": "standard"') == 1 and proc.stdout.count('"model": "depthwise"') == 1
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert left == ["multirun", "multirun/earlier"], left
