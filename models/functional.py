@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -156,6 +156,8 @@ def _autocast_operand(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def _pair(value: int | tuple[int, ...], name: str) -> tuple[int, int]:
     """An int or a sequence of one or two ints (as ``F.conv2d`` takes them) -> ``(h, w)``."""
+    if not isinstance(value, int | Sequence) or isinstance(value, bool | str):
+        raise ValueError(f"pointwise_conv2d: {name}={value!r} must be an int or a pair of ints")
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) == 1:
         pair = pair * 2
@@ -175,18 +177,43 @@ def _padding(padding: int | tuple[int, ...] | str, stride: tuple[int, int]) -> t
     return (0, 0)
 
 
-def _channels_last_like(x: Tensor) -> bool:
-    """Whether ``x``'s strides put channels innermost, as torch's ``suggest_memory_format`` reads them.
+def _channels_last_like(t: Tensor) -> bool:
+    """Whether ``t``'s strides read as channels_last, by the rule of torch's ``suggest_memory_format``.
 
-    True for channels_last tensors and their views (a slice of channels, every s-th pixel); False
-    for NCHW, and where the layout is ambiguous (a tensor that is also NCHW-contiguous).
+    Walking C, W, H, N (innermost to outermost in channels_last), each stride must be at least the
+    span of the dimensions inside it; a tensor that could be either (a zero channel stride, an
+    ``N x 1 x 1 x 1`` shape) is NCHW. True for channels_last tensors and their views (a slice of
+    channels, every s-th pixel), False for NCHW and for a channels_last ``(C, H, W)`` with a batch
+    dimension added in front (which F.conv2d also treats as NCHW).
     """
-    if x.is_contiguous():
+    if t.dim() != 4 or t.stride(1) == 0:
         return False
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return True
-    strides = [x.stride(d) for d in (1, 3, 2, 0) if x.shape[d] > 1]  # innermost to outermost in channels_last
-    return x.shape[1] > 1 and all(a <= b for a, b in itertools.pairwise(strides))
+    span = 0
+    for d in (1, 3, 2, 0):
+        size, stride = t.shape[d], t.stride(d)
+        if size == 0 or stride < span or (d == 0 and span == t.stride(1)):
+            return False
+        span = stride * size if size > 1 else stride
+    return True
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype for ``x``'s device when autocast is on there (never on meta: it has none)."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _under_functorch(*tensors: Tensor | None) -> bool:
+    """Whether any operand is wrapped by a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``).
+
+    Those need a batching rule that this module's autograd Functions lack, and ``vmap`` cannot
+    answer memory-format queries, so the product is then built from plain differentiable ops.
+    """
+    if torch.compiler.is_compiling():  # dynamo cannot trace the query (a graph break); it handles transforms itself
+        return False
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def pointwise_conv2d(
@@ -223,7 +250,7 @@ def pointwise_conv2d(
 
     Returns:
         ``(N, K, H_out, W_out)`` with ``H_out = (H + 2 ph - 1) // sh + 1``, channels_last when the
-        input's strides are (as ``F.conv2d`` chooses), else contiguous NCHW.
+        input's or the weight's strides are (as ``F.conv2d`` chooses), else contiguous NCHW.
 
     Raises:
         ValueError: on a weight that is not ``(out, in/groups, 1, 1)``, channels not divisible by
@@ -239,23 +266,29 @@ def pointwise_conv2d(
     if sh < 1 or sw < 1 or ph < 0 or pw < 0:
         raise ValueError(f"pointwise_conv2d: need stride >= 1 and padding >= 0, got stride={stride}, padding={padding}")
     n, c = x.shape[:2]
-    if not isinstance(groups, int) or groups < 1 or c % groups:
+    if x.shape[2] + 2 * ph < 1 or x.shape[3] + 2 * pw < 1:
+        raise ValueError(f"pointwise_conv2d: input shape {tuple(x.shape)} has no pixels (padding={padding}); H and W must be >= 1")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or c % groups:
         raise ValueError(f"pointwise_conv2d: groups={groups} must divide the input's {c} channels (input shape {tuple(x.shape)})")
     k = weight.shape[0]
-    if weight.dim() != 4 or tuple(weight.shape[1:]) != (c // groups, 1, 1) or k % groups:
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (c // groups, 1, 1) or k < 1 or k % groups:
         raise ValueError(
             f"pointwise_conv2d: weight shape {tuple(weight.shape)} does not fit input shape {tuple(x.shape)} "
-            f"with groups={groups}; expected (out, {c // groups}, 1, 1) with out divisible by {groups}"
+            f"with groups={groups}; expected (out, {c // groups}, 1, 1) with out >= 1 and divisible by {groups}"
         )
     if bias is not None and tuple(bias.shape) != (k,):
         raise ValueError(
             f"pointwise_conv2d: bias shape {tuple(bias.shape)} does not match weight shape {tuple(weight.shape)}; expected ({k},)"
         )
-    if not torch.is_autocast_enabled(x.device.type) and any(t is not None and t.dtype != x.dtype for t in (weight, bias)):
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is None and any(t is not None and t.dtype != x.dtype for t in (weight, bias)):
         dtypes = f"weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
         raise ValueError(f"pointwise_conv2d: input is {x.dtype} but {dtypes}; give all three one dtype (or run under autocast)")
 
-    channels_last = _channels_last_like(x)
+    functorch = _under_functorch(x, weight, bias)
+    # A jit trace (fvcore counts MACs on it) records an autograd Function as an opaque op: plain ops there too.
+    plain = functorch or torch.jit.is_tracing()
+    channels_last = not functorch and (_channels_last_like(x) or _channels_last_like(weight))
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))  # zeros: the output there is the bias alone
     if sh > 1 or sw > 1:
@@ -269,23 +302,21 @@ def pointwise_conv2d(
 
     if groups == 1 and channels_last:
         # (N, C, H, W) stored as (N, H, W, C): a free view as (N*H*W, C), one GEMM, no copy.
-        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        rows = x.permute(0, 2, 3, 1).flatten(0, 2)  # flatten: a jit trace records no size arithmetic
+        if plain or torch.compiler.is_compiling():
             # A jit trace records aten::linear, which fvcore's cost model counts; torch.compile lowers
             # it with its own kernels (inductor cannot lower oneDNN's op on a weight that trains).
             out = F.linear(rows, w2d, bias)
         else:
-            if torch.is_autocast_enabled(x.device.type):
+            if autocast_dtype is not None:
                 # Autocast lowers F.linear's operands; this product is not an op autocast knows, so cast
                 # here as autocast would: floating tensors other than float64 go to the autocast dtype.
-                dtype = torch.get_autocast_dtype(x.device.type)
-                rows, w2d, bias = (_autocast_operand(t, dtype) for t in (rows, w2d, bias))
+                rows, w2d, bias = (_autocast_operand(t, autocast_dtype) for t in (rows, w2d, bias))
             out = _RowsPointwise.apply(rows, w2d, bias)  # (N*H*W, K)
         return out.view(n, h, w, k).permute(0, 3, 1, 2)  # channels_last (N, K, H, W)
-    if groups == 1 and torch.jit.is_tracing():
-        # fvcore counts MACs on a jit trace, in which an autograd.Function is an opaque PythonOp: trace
-        # the plain product instead (the same numbers), whose aten::matmul the cost model counts.
-        out = torch.matmul(w2d, x.reshape(n, c, h * w))  # (N, K, H*W)
+    if groups == 1 and plain:
+        # The plain product (the same numbers), whose aten::matmul fvcore's cost model counts.
+        out = torch.matmul(w2d, x.flatten(2))  # (N, K, H*W)
         if bias is not None:
             out = out + bias.view(1, k, 1)
         return out.view(n, k, h, w)
@@ -300,9 +331,10 @@ def pointwise_conv2d(
         out = _BatchedPointwise.apply(x.reshape(n, c, h * w), w2d, bias)  # (N, K, H*W)
         return out.view(n, k, h, w)
     # Groups: (N, G, C/G, H*W) and (G, K/G, C/G) -> one batched product per (n, g).
-    xg = x.reshape(n, groups, c // groups, h * w)
-    out = torch.matmul(w2d.view(groups, k // groups, c // groups), xg)  # (N, G, K/G, H*W)
-    out = out.reshape(n, k, h, w)
+    # unflatten/flatten with -1: a jit trace (fvcore) records no size arithmetic as multiplications.
+    xg = x.unflatten(1, (groups, -1)).flatten(3)
+    out = torch.matmul(w2d.unflatten(0, (groups, -1)), xg)  # (N, G, K/G, H*W)
+    out = out.flatten(1, 2).unflatten(2, (h, w))  # (N, K, H, W)
     if bias is not None:
         out = out + bias.to(out.dtype).view(1, k, 1, 1)  # under autocast out is in the lower dtype: keep it there
     if channels_last:

@@ -183,6 +183,21 @@ def test_grouped_and_scratch_pointwise_are_classified():
     scratch = measure_cost(build_model("separable", image_size=32, pointwise_impl="scratch"), (1, 3, 32, 32))
     assert scratch["by_layer_type"] == torch_impl["by_layer_type"]
     assert "matmul" in scratch["by_operator"] and scratch["macs"] == torch_impl["macs"]
+    # The trace of the scratch product records no shape arithmetic: "not counted by fvcore" lists
+    # the same ops for both, not dozens of phantom aten::mul.
+    assert scratch["unsupported_ops"] == torch_impl["unsupported_ops"]
+    for channels_last in (False, True):
+        model = build_model("mobilenet_v2", image_size=32, pointwise_impl="scratch")
+        shape = (1, 3, 32, 32)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        skipped = measure_cost(model, shape)["unsupported_ops"]
+        assert "aten::mul" not in skipped and "aten::floor_divide" not in skipped, skipped
+    grouped_scratch = measure_cost(build_model("bottleneck", image_size=32, groups=4, pointwise_impl="scratch"), (1, 3, 32, 32))
+    assert (
+        grouped_scratch["unsupported_ops"]
+        == measure_cost(build_model("bottleneck", image_size=32, groups=4), (1, 3, 32, 32))["unsupported_ops"]
+    )
 
 
 def test_batch_multiplies_macs_for_both_pointwise_impls():

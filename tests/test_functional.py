@@ -91,6 +91,8 @@ def test_is_a_per_pixel_linear_layer():
         ((2, 8, 5, 5), (6, 2, 1, 1), 4, "(6, 2, 1, 1)"),  # out not divisible by groups
         ((2, 8, 5, 5), (4, 3, 1, 1), 3, "groups=3"),  # channels not divisible by groups
         ((2, 8), (4, 8, 1, 1), 1, "(2, 8)"),  # neither (N, C, H, W) nor (C, H, W)
+        ((2, 8, 5, 5), (0, 8, 1, 1), 1, "out >= 1"),  # no output channels (F.conv2d refuses it too)
+        ((2, 8, 0, 5), (4, 8, 1, 1), 1, "(2, 8, 0, 5) has no pixels"),  # nothing for the kernel to read
     ],
 )
 def test_bad_shapes_raise_value_error_naming_them(x_shape, w_shape, groups, needle):
@@ -111,6 +113,12 @@ def test_bad_stride_and_padding():
         pointwise_conv2d(x, w, stride=2, padding="same")
     with pytest.raises(ValueError, match="stride=True"):
         pointwise_conv2d(x, w, stride=True)
+    with pytest.raises(ValueError, match=r"stride=2\.0 must be an int or a pair of ints"):
+        pointwise_conv2d(x, w, stride=2.0)
+    with pytest.raises(ValueError, match=r"padding=1\.0 must be an int or a pair of ints"):
+        pointwise_conv2d(x, w, padding=1.0)
+    with pytest.raises(ValueError, match="groups=True"):
+        pointwise_conv2d(x, w, groups=True)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -306,3 +314,76 @@ def test_autocast_leaves_float64_alone_as_conv_does():
 def test_torch_compile_matches_conv(channels_last):
     """trainer.compile=true compiles models that call pointwise_conv2d: forward and gradients still match."""
     _assert_matches_conv(torch.compile(pointwise_conv2d), *_case(channels_last))
+
+
+def _layouts():
+    """Every order of the four dims in memory, shapes with a size-1 dim, and slices of each: the
+    ambiguous layouts where a looser channels_last rule than torch's picks another output format."""
+    for perm in itertools.permutations(range(4)):
+        for shape in [(2, 8, 5, 6), (1, 8, 9, 9), (2, 1, 9, 9), (2, 8, 1, 9), (3, 8, 8, 1)]:
+            stored = torch.randn([shape[d] for d in perm]).permute(*[perm.index(d) for d in range(4)])
+            for view in (stored, stored[:, ::2], stored[:, :, 1:], stored[:, :, :, ::2]):
+                if 0 not in view.shape:
+                    yield view
+
+
+def test_output_memory_format_is_conv2ds_on_every_layout():
+    cases = 0
+    for x in _layouts():
+        w, b = torch.randn(4, x.shape[1], 1, 1), torch.randn(4)
+        for stride, padding in [(1, 0), (2, 0), (1, 1)]:
+            ours, ref = pointwise_conv2d(x, w, b, stride, padding), F.conv2d(x, w, b, stride, padding)
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+            formats = [(t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)) for t in (ours, ref)]
+            assert formats[0] == formats[1], (x.shape, x.stride(), stride, padding, ours.stride(), ref.stride())
+            cases += 1
+    assert cases > 1000
+
+
+def test_channels_last_weight_gives_channels_last_output():
+    """model.to(memory_format=channels_last) fed NCHW input: F.conv2d follows the weight, so do we."""
+    x = torch.randn(2, 8, 5, 5)
+    w = torch.empty_strided((4, 8, 1, 1), (8, 1, 8, 8)).normal_()  # what Module.to(channels_last) makes
+    ours, ref = pointwise_conv2d(x, w), F.conv2d(x, w)
+    assert ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous()
+    assert ours.stride() == ref.stride()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    unbatched = torch.randn(1, 8, 5, 6).contiguous(memory_format=torch.channels_last)[0]  # (C, H, W), C innermost
+    assert pointwise_conv2d(unbatched, w.contiguous()).stride() == F.conv2d(unbatched, w.contiguous()).stride()
+
+
+def test_meta_tensors_give_the_shape():
+    """Shape inference and deferred init run models on the meta device, as F.conv2d allows."""
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.empty(2, 8, 12, 12, device="meta").contiguous(memory_format=fmt)
+        out = pointwise_conv2d(x, torch.empty(4, 8, 1, 1, device="meta"), torch.empty(4, device="meta"), stride=2)
+        assert out.device.type == "meta" and out.shape == (2, 4, 6, 6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_func_transforms(channels_last):
+    """vmap over a batch of batches, and jacrev / grad through the weight, equal F.conv2d's."""
+    _, w, b = _inputs(1, True, channels_last)
+    x = torch.randn(3, 8, 10, 10)  # 100 pixels: NCHW takes the batched product, not the small-image fold
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    xs = torch.stack([x, 2 * x])  # (2, N, C, H, W)
+    torch.testing.assert_close(
+        torch.func.vmap(lambda t: pointwise_conv2d(t, w, b, stride=2))(xs),
+        torch.func.vmap(lambda t: F.conv2d(t, w, b, stride=2))(xs),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    small = x[:1, :, :3, :3].contiguous(memory_format=torch.channels_last) if channels_last else x[:1, :, :3, :3]
+    torch.testing.assert_close(
+        torch.func.jacrev(lambda w_: pointwise_conv2d(small, w_, b))(w),
+        torch.func.jacrev(lambda w_: F.conv2d(small, w_, b))(w),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    for groups in (1, 2):
+        wg = w[:, : 8 // groups].contiguous()
+        grads = [
+            torch.func.grad(lambda x_, conv=conv, wg=wg, groups=groups: conv(x_, wg, b, groups=groups).square().sum())(x)
+            for conv in (pointwise_conv2d, F.conv2d)
+        ]
+        torch.testing.assert_close(*grads, rtol=1e-4, atol=1e-4)
