@@ -47,6 +47,11 @@ NOT_PRIMARY = {
 _state: dict[str, Any] = {"failed_jobs": 0, "append": []}  # failures of in-process sweep jobs; see preflight
 
 
+def count_failed_job() -> None:
+    """One more in-process sweep job failed without a results.json saying so: the sweep exits non-zero at its end."""
+    _state["failed_jobs"] += 1
+
+
 def is_multirun() -> bool:
     """True inside a job of a Hydra ``-m`` sweep."""
     from hydra.core.hydra_config import HydraConfig
@@ -282,6 +287,7 @@ def preflight(
             _state["append"] = [key for key in values if OmegaConf.select(plain, key, default=_ABSENT) is _ABSENT]
         if multirun:
             _check_sweeper(cfg)
+            _check_swept_keys(overrides, cfg)
         if check is not None and not multirun:
             check(cfg)
         check_writable(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
@@ -305,6 +311,23 @@ def _check_appended(overrides: list[str], added: list[str], base: DictConfig, va
         if key.split(".")[0] in ("hydra", "model") or OmegaConf.select(base, key, default=_ABSENT) is not _ABSENT:
             continue
         raise UsageError(f"{text} adds a key nothing reads: {valid(key)}")
+
+
+def _check_swept_keys(overrides: list[str], cfg: DictConfig) -> None:
+    """A sweep over a key that job dir names leave out (``device=cpu,cuda``, ``name=a,b``) would
+    run every job in one dir, each resuming or refusing the one before it: refused, naming the key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
+    if "override_dirname" not in str(sweep.get("subdir")):
+        return
+    excluded = set(OmegaConf.select(cfg, "hydra.job.config.override_dirname.exclude_keys", default=[]) or [])
+    for override, text in zip(OverridesParser.create().parse_overrides(overrides), overrides):
+        if override.is_sweep_override() and override.key_or_group in excluded:
+            raise UsageError(
+                f"{text}: {override.key_or_group} is left out of job dir names, so every job of this sweep "
+                f"would share one run dir; run one sweep per value (or set hydra.sweep.subdir)"
+            )
 
 
 def _check_sweeper(cfg: DictConfig) -> None:
@@ -369,7 +392,7 @@ def entry(
                     fail(str(ex))
                 # In a sweep the other jobs go on; the process exits non-zero at the end.
                 log.error("error: %s", " ".join(str(ex).split()))
-                _state["failed_jobs"] += 1
+                count_failed_job()
                 return None
 
         hydra_task = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(guarded)

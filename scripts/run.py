@@ -19,7 +19,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.cli import entry, fail, is_multirun
+from experiments.cli import count_failed_job, entry, fail, is_multirun
 from experiments.config import model_from_config
 from experiments.train import Divergence, check_config, resolve_device, train
 
@@ -64,14 +64,25 @@ def main(cfg: DictConfig) -> None:
     try:
         record = train(cfg, hydra_dir)
     except (ValueError, Divergence) as ex:
-        if is_multirun():  # the sweep goes on; SweepSummary reports the failure and exits non-zero
+        if is_multirun():  # the sweep goes on, and the process exits non-zero at its end
             log.error("error: %s", " ".join(str(ex).split()))
+            if not _failure_recorded(hydra_dir):  # else SweepSummary counts it from results.json
+                count_failed_job()
             return
         fail(str(ex), code=2 if isinstance(ex, ValueError) else 1)
     finally:
         _cleanup_rank_dir(rank, hydra_dir)
     if rank == 0:
         print(json.dumps(record) if cfg.format == "json" else _summary(record), flush=True)
+
+
+def _failure_recorded(run_dir: Path) -> bool:
+    """Whether the run dir's results.json records a failure (a job can fail before writing one,
+    e.g. on a device the machine lacks, or beside a completed run with another config)."""
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status") != "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _cleanup_rank_dir(rank: int, hydra_dir: Path) -> None:

@@ -162,6 +162,24 @@ def test_multirun_with_a_bad_job_keeps_the_good_jobs(tmp_path):
     assert "error: job failed" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_multirun_job_failing_before_its_record_still_fails_the_sweep(tmp_path):
+    """A job can fail before it writes results.json (here: beside a completed run with another
+    config): the sweep still names it and exits 1, rather than 'sweep finished: 1 of 1 completed'."""
+    common = ["-m", "model=separable,pointwise", "data=synthetic", "data.image_size=8", "trainer=smoke", "logger=none",
+              "hydra.sweep.subdir=job", f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    proc = run_script("run.py", *common)
+    assert proc.returncode == 1, proc.stderr
+    assert "holds a completed run with another config" in proc.stderr and "1 sweep job(s) failed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sweeping_a_key_left_out_of_dir_names_is_refused(tmp_path):
+    for sweep in ("device=cpu,auto", "name=a,b"):
+        proc = run_script("run.py", "-m", sweep, "data=synthetic", "trainer=smoke", "logger=none", f"hydra.sweep.dir={tmp_path}/s")
+        assert_one_line_error(proc, sweep, "every job of this sweep would share one run dir")
+    assert not (tmp_path / "s").exists()
+
+
 def test_parallel_launcher_jobs_write_only_their_own_dirs(tmp_path):
     proc = run_script("run.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "model=separable,pointwise", "data=synthetic",
                       "data.image_size=8", "trainer=smoke", "trainer.num_threads=1", "logger=none", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
