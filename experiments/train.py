@@ -29,7 +29,7 @@ from .config import input_shape, model_from_config, model_options
 from .cost import measure_cost
 from .data import example_count, load_data, make_loaders
 from .distributed import all_reduce_sum, broadcast_object, convert_sync_bn, init_distributed
-from .records import env_info, load_checkpoint, now, read_json, save_checkpoint, write_json
+from .records import env_info, list_checkpoints, load_checkpoint, now, read_json, save_checkpoint, write_json
 from .tracking import Tracker, make_tracker
 
 __all__ = ["Divergence", "check_config", "evaluate", "lr_factor", "measure_latency", "resolve_device", "train", "train_step"]
@@ -339,6 +339,26 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             signal.signal(signal.SIGTERM, previous_handler)
 
 
+def _set_aside_previous_run(run_dir: Path) -> None:
+    """``resume=never`` in a used run dir: the earlier record becomes ``results.previous.json`` and its
+    checkpoints move to ``previous/``. Left in place, they would outrank the fresh run's: its
+    epoch-1 checkpoint pruned as the oldest, and after a crash the same command would resume the
+    earlier run."""
+    results_path = run_dir / "results.json"
+    if results_path.exists():
+        results_path.replace(run_dir / "results.previous.json")
+        log.info("resume=never: the run dir's earlier results.json is kept as results.previous.json")
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        aside = run_dir / "previous"
+        aside.mkdir(exist_ok=True)
+        for old in list_checkpoints(aside):  # one earlier run is kept, like results.previous.json
+            old.unlink()
+        for path in checkpoints:
+            path.replace(aside / path.name)
+        log.info("resume=never: the earlier run's %d checkpoint(s) moved to %s", len(checkpoints), aside)
+
+
 def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True)
     device = resolve_device(cfg.device)
@@ -364,11 +384,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             write_json(results_path, rec)
 
     previous = read_json(results_path)
-    if cfg.resume == "never" and results_path.exists() and main:
-        # A fresh start in a used run dir: keep the old record beside it rather than overwrite it.
-        kept = results_path.with_name("results.previous.json")
-        results_path.replace(kept)
-        log.info("resume=never: the run dir's earlier results.json is kept as %s", kept.name)
+    if cfg.resume == "never" and main:
+        _set_aside_previous_run(run_dir)
     if cfg.resume == "auto" and previous and previous.get("status") == "completed":
         difference = _config_difference(previous.get("config", {}), config)
         if difference is None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from experiments import records
-from experiments.records import load_checkpoint, save_checkpoint, write_json
+from experiments.records import list_checkpoints, load_checkpoint, save_checkpoint, write_json
 from experiments.train import train
 
 from .conftest import ROOT, assert_one_line_error, run_script
@@ -203,6 +203,22 @@ def test_resume_never_keeps_the_earlier_record(compose_cfg, tmp_path):
     kept, now_ = (json.loads((tmp_path / name).read_text()) for name in ("results.previous.json", "results.json"))
     assert (kept["seed"], kept["status"], kept["final"]) == (0, "completed", first["final"])
     assert (now_["seed"], now_["status"], now_["final"]) == (1, "completed", second["final"])
+
+
+def test_resume_never_sets_the_earlier_checkpoints_aside(compose_cfg, tmp_path):
+    """Left in place, an earlier run's later-epoch checkpoints outranked the fresh run's: its
+    epoch-1 checkpoint was pruned at once, and after a crash resume=auto picked the earlier run."""
+    first = compose_cfg(
+        "data=synthetic", "trainer=smoke", "trainer.epochs=3", "trainer.max_steps=null", "data.train_size=64", "logger=none"
+    )
+    train(first, tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-epoch0003.pt", "checkpoint-epoch0002.pt"]
+    fresh = compose_cfg("data=synthetic", "trainer=smoke", "trainer.epochs=1", "trainer.max_steps=null", "data.train_size=64", "logger=none",
+                        "resume=never", "seed=1")  # fmt: skip
+    train(fresh, tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-epoch0001.pt"]
+    assert torch.load(tmp_path / "checkpoint-epoch0001.pt", weights_only=False)["config"]["seed"] == 1
+    assert [p.name for p in list_checkpoints(tmp_path / "previous")] == ["checkpoint-epoch0003.pt", "checkpoint-epoch0002.pt"]
 
 
 def test_sigterm_is_recorded_as_an_interruption_and_the_run_resumes(tmp_path):
