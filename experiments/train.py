@@ -309,8 +309,10 @@ def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
         return out
 
     a, b = (flat(d) for d in (old, new))
+    # The target only times a run, unless the run stops at it: then it changes what is trained.
+    stops = a.get("trainer.stop_at_target.") or b.get("trainer.stop_at_target.")
     for key in sorted(set(a) | set(b)):
-        if any(key.startswith(v + ".") or key == v + "." for v in VOLATILE):
+        if any(key.startswith(v + ".") or key == v + "." for v in VOLATILE) and not (stops and key == "trainer.target_acc."):
             continue
         if a.get(key) != b.get(key):
             return f"{key.rstrip('.')}: {a.get(key)!r} there, {b.get(key)!r} now"
@@ -390,6 +392,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         difference = _config_difference(previous.get("config", {}), config)
         if difference is None:
             log.info("run dir %s already holds a completed run with this config; not training again", run_dir)
+            old_target = (previous.get("target") or {}).get("acc")
+            if old_target != target_acc:  # a new target for the same run: time it on the recorded history
+                previous["target"] = time_to_target(previous.get("history") or [], target_acc)
+                previous["config"]["trainer"]["target_acc"] = target_acc
+                save(previous)
             return previous
         raise ValueError(
             f"run dir {run_dir} holds a completed run with another config ({difference}); use another hydra.run.dir or resume=never"
@@ -401,6 +408,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         check_config(cfg, device)
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
+            record["env"] = env_info(device, dist_info.world_size)  # it records the threads the run uses
         seed_everything(cfg.seed)
         model = model_from_config(cfg)  # before the data: a model that cannot be built fails at once
 

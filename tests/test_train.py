@@ -272,6 +272,13 @@ def test_stop_at_target_ends_the_run_at_the_first_epoch_that_reached_it(compose_
     assert len(missed["history"]) == 3 and missed["target"]["reached"] is False
     untimed = train(compose_cfg(*base, "trainer.epochs=1"), tmp_path / "none")
     assert untimed["target"] is None
+    # A run that stopped at its target is not another target's run: the same dir refuses it.
+    with pytest.raises(ValueError, match=r"trainer\.target_acc: 0\.001 there, 0\.99 now"):
+        train(compose_cfg(*base, "trainer.target_acc=0.99", "trainer.stop_at_target=true"), tmp_path / "stop")
+    # Without stopping, a target only times the run: the same run answers a new one from its history.
+    retimed = train(compose_cfg(*base, "trainer.epochs=1", "trainer.target_acc=0.001"), tmp_path / "none")
+    assert retimed["history"] == untimed["history"] and retimed["target"]["acc"] == 0.001 and retimed["target"]["reached"]
+    assert json.loads((tmp_path / "none" / "results.json").read_text())["target"] == retimed["target"]
 
 
 def test_lr_schedules():
