@@ -32,6 +32,13 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 VAL_SPLIT_SEED = 20_231_124  # the validation split is the same for every run seed
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's data order and augmentation: ``seed * 100003 + epoch``, wrapped into
+    the 64 bits a torch generator takes (seeds up to 2**63 are valid; the formula is kept so that
+    recorded runs replay)."""
+    return (seed * 100_003 + epoch) % 2**64
+
+
 @dataclass
 class Split:
     """Images ``(N, C, H, W)`` uint8 and labels ``(N,)`` int64."""
@@ -283,7 +290,7 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.labels)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
@@ -345,7 +352,7 @@ class FolderLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        g = torch.Generator().manual_seed(self.seed * 100_003 + getattr(self, "epoch", 0))
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, getattr(self, "epoch", 0)))
         for x, y in self.loader:
             x = x.to(self.device, non_blocking=True)
             if self.flip:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from experiments.data import DEBIAN_FASHION_MNIST, Split, TensorLoader, load_data, read_cifar, read_idx
+from experiments.data import DEBIAN_FASHION_MNIST, Split, TensorLoader, epoch_seed, load_data, read_cifar, read_idx
 
 from .helpers import write_cifar10
 
@@ -124,3 +124,15 @@ def test_synthetic_is_seeded(compose_cfg):
     cfg = OmegaConf.merge(compose_cfg("data=synthetic").data, {"train_size": 64, "test_size": 16})
     assert torch.equal(load_data(cfg, seed=1).train.images, load_data(cfg, seed=1).train.images)
     assert not torch.equal(load_data(cfg, seed=1).train.images, load_data(cfg, seed=2).train.images)
+
+
+def test_epoch_seed_takes_every_valid_run_seed():
+    """Seeds up to 2**63 are valid; seed * 100003 overflowed the generator's 64 bits ('Overflow when
+    unpacking long long' after the run dir and data were made). Small seeds keep their streams."""
+    assert epoch_seed(3, 2) == 3 * 100_003 + 2
+    for seed in (2**63 - 1, 10**15):
+        for epoch in (0, 7):
+            value = epoch_seed(seed, epoch)
+            assert 0 <= value < 2**64
+            torch.Generator().manual_seed(value)
+    assert epoch_seed(2**63 - 1, 0) != epoch_seed(2**63 - 1, 1)

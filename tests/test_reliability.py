@@ -38,6 +38,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     args = _run_args(tmp_path / "whole", "data.train_size=1024", "trainer.num_threads=1")
     whole = run_script("run.py", *args)
     assert whole.returncode == 0, whole.stderr
+    assert json.loads((tmp_path / "whole" / "results.json").read_text())["env"]["threads"] == 1  # the threads it ran on
     # a crash during epoch 3, then the newest checkpoint found truncated
     run = tmp_path / "crashed"
     command = [sys.executable, str(ROOT / "scripts" / "run.py"), *_run_args(run, "data.train_size=1024", "trainer.num_threads=1")]
