@@ -325,14 +325,17 @@ MAX_LATENCY_MS = 1e7
 _ACC_KEYS = ("test_acc", "val_acc", "train_acc")
 
 
-def _bad_value(key: str, value: Any, low: float, high: float, what: str) -> str | None:
-    """Why ``value`` cannot be ``key`` (``low <= value <= high``, a finite number); None when it can, or is absent."""
+def _bad_value(key: str, value: Any, low: float, high: float, what: str, whole: bool = False) -> str | None:
+    """Why ``value`` cannot be ``key`` (``low <= value <= high``, a finite number, ``whole`` for a
+    count); None when it can, or is absent."""
     if value is None:
         return None
     number = None if isinstance(value, bool) else _number(value)
     shown = repr(value) if isinstance(value, (int, float, str)) else f"<a {type(value).__name__}>"
     if number is None or not low <= number <= high:
         return f"{key}={shown} is impossible; valid: {low:g} <= {key.rsplit('.', 1)[-1]} <= {high:g} ({what})"
+    if whole and number != int(number):
+        return f"{key}={shown} is impossible; valid: a whole number ({what})"
     return None
 
 
@@ -348,17 +351,25 @@ def _impossible_value(record: dict[str, Any]) -> str | None:
     latency = cost.get("latency_ms") if isinstance(cost.get("latency_ms"), dict) else {}
     checks = [
         ("final.test_acc", final.get("test_acc"), 0.0, 1.0, "a fraction of the test set"),
-        ("cost.macs", cost.get("macs"), 0.0, MAX_COUNT, "multiply-adds per image"),
-        ("cost.params", cost.get("params"), 0.0, MAX_COUNT, "parameters"),
+        ("cost.macs", cost.get("macs"), 0.0, MAX_COUNT, "multiply-adds per image", True),
+        ("cost.params", cost.get("params"), 0.0, MAX_COUNT, "parameters", True),
         ('cost.latency_ms["1"]', latency.get("1", latency.get(1)), 0.0, MAX_LATENCY_MS, "milliseconds at batch size 1"),
     ]
-    for i, h in enumerate(h for h in record.get("history") or [] if isinstance(h, dict)):
+    if record.get("history") is not None and not isinstance(record.get("history"), list):
+        return f"history={_text(record.get('history'))} is not a list of epochs"
+    for i, h in enumerate(h for h in _history(record)):
         checks += [(f"history[{i}].{key}", h.get(key), 0.0, 1.0, "a fraction") for key in _ACC_KEYS]
-    for key, value, low, high, what in checks:
-        reason = _bad_value(key, value, low, high, what)
+    for key, value, low, high, what, *whole in checks:
+        reason = _bad_value(key, value, low, high, what, *whole)
         if reason:
             return reason
     return None
+
+
+def _history(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The record's epochs; nothing when ``history`` is not a list (a hand-edited or foreign file)."""
+    history = record.get("history")
+    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
 
 
 def to_row(record: dict[str, Any]) -> RunRow:
@@ -366,7 +377,7 @@ def to_row(record: dict[str, Any]) -> RunRow:
     final = record.get("final") if isinstance(record.get("final"), dict) else {}
     cost = record.get("cost") if isinstance(record.get("cost"), dict) else {}
     latency = cost.get("latency_ms") if isinstance(cost.get("latency_ms"), dict) else {}
-    history = [h for h in record.get("history") or [] if isinstance(h, dict)]
+    history = _history(record)
     path = str(record.get("path") or record.get("run_dir") or "?")
     status = str(record.get("status") or "unknown")
     reason = _text(record.get("reason"))

@@ -202,6 +202,7 @@ def _record(name: str, model: str, acc: float, macs: float, params: float) -> di
         ("cost.params", 1e300, "cost.params=1e+300 is impossible; valid: 0 <= params <= 1e+15"),  # "Axis limits cannot be NaN or Inf"
         ("cost.macs", 1e300, "cost.macs=1e+300 is impossible"),
         ("cost.macs", -5, "cost.macs=-5 is impossible"),
+        ("cost.macs", 1e-320, "cost.macs=1e-320 is impossible; valid: a whole number"),  # "math domain error" on the log axis
         ("cost.latency_ms", {"1": 1e300}, 'cost.latency_ms["1"]=1e+300 is impossible'),
         ("final.test_acc", 1.5, "final.test_acc=1.5 is impossible; valid: 0 <= test_acc <= 1"),  # plotted at 150%
         ("final.test_acc", -1, "final.test_acc=-1 is impossible"),
@@ -224,6 +225,13 @@ def test_report_lists_impossible_values_as_problems(tmp_path, field, value, need
     for stem in ("acc_vs_macs", "acc_vs_params", "acc_vs_latency"):
         assert (tmp_path / "out" / f"{stem}.png").is_file()
     assert "standard" not in (tmp_path / "out" / "runs.csv").read_text()
+
+
+@pytest.mark.parametrize("history", [5, True, "epochs"])
+def test_report_lists_a_history_that_is_not_a_list_as_invalid(history):
+    """It crashed the dashboard with "'int' object is not iterable" and a traceback."""
+    row = to_row({**_record("odd", "standard", 0.8, 1e7, 1e5), "history": history, "path": "x/results.json"})
+    assert row.status == "invalid" and f"history={history} is not a list of epochs" in row.reason
 
 
 def test_possible_values_stay_completed():
