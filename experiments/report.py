@@ -25,11 +25,12 @@ import html
 import json
 import logging
 import math
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from itertools import pairwise
+from itertools import pairwise, product
 from pathlib import Path
 from typing import Any
 
@@ -567,6 +568,20 @@ def _model_colors(rows: Sequence[RunRow]) -> dict[str, str]:
     return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(sorted({r.model for r in rows}))}
 
 
+def by_data(rows: Sequence[RunRow]) -> dict[str, list[RunRow]]:
+    """Runs grouped by dataset, in name order. Accuracies on different test sets are not comparable,
+    so each dataset gets its own accuracy-vs-cost plots and Pareto front."""
+    groups: dict[str, list[RunRow]] = {}
+    for r in rows:
+        groups.setdefault(r.data or "?", []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def _file_part(text: str) -> str:
+    """A dataset name as part of a file name: letters, digits, ``-`` and ``_`` only."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "data"
+
+
 def _scatter_points(rows: Sequence[RunRow], key: str) -> list[tuple[float, float, RunRow]]:
     """(x in plot units, accuracy in %, row) for the runs that have both values; MACs and params in millions."""
     scale = 1.0 if key == "latency_ms" else 1e6
@@ -590,7 +605,9 @@ def _use_log(xs: Sequence[float], log: bool | None) -> bool:
 def write_figures(completed: Sequence[RunRow], out: Path) -> list[Path]:
     """Write the three accuracy-vs-cost scatter plots as PNG (matplotlib, Agg), Pareto front as a step line.
 
-    A plot whose x value no run has (latency of runs that did not measure it) is not written.
+    One set per dataset: ``acc_vs_macs.png`` when the runs share one, ``acc_vs_macs_<data>.png``
+    for each when they do not (a front across test sets would compare the incomparable). A plot
+    whose x value no run has (latency of runs that did not measure it) is not written.
 
     Args:
         completed: completed runs.
@@ -607,12 +624,15 @@ def write_figures(completed: Sequence[RunRow], out: Path) -> list[Path]:
     from matplotlib.ticker import NullFormatter
 
     colors = _model_colors(completed)
+    groups = by_data(completed)
+    for _, _, _, stem, _ in SCATTERS:  # no stale figure from an earlier report into the same dir
+        for old in (out / f"{stem}.png", *out.glob(f"{stem}_*.png")):
+            old.unlink(missing_ok=True)
     written = []
-    for key, what, unit, stem, log in SCATTERS:
-        points = _scatter_points(completed, key)
-        path = out / f"{stem}.png"
+    for (data, rows), (key, what, unit, stem, log) in product(groups.items(), SCATTERS):
+        points = _scatter_points(rows, key)
+        path = out / (f"{stem}.png" if len(groups) == 1 else f"{stem}_{_file_part(data)}.png")
         if not points:
-            path.unlink(missing_ok=True)  # no stale figure from an earlier report into the same dir
             continue
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         log_x = _use_log(xs, log)
@@ -651,7 +671,7 @@ def write_figures(completed: Sequence[RunRow], out: Path) -> list[Path]:
             ax.set_xticks(ticks, [_tick_label(t) for t in ticks])
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(_axis_label(what, unit, log_x))
-        ax.set_ylabel("Test accuracy (%)")
+        ax.set_ylabel(f"Test accuracy on {_mpl_text(data)} (%)")
         ax.grid(True, which="major", color="#e5e5e5", linewidth=0.8)
         ax.spines[["top", "right"]].set_visible(False)
         ax.legend(fontsize=7, frameon=False, loc="lower right")
@@ -866,7 +886,7 @@ _CSS = """
 * { box-sizing: border-box; }
 body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: var(--fg); background: var(--bg); }
 main { max-width: 1280px; margin: 0 auto; padding: 24px 28px 48px; }
-h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 32px 0 10px; border-bottom: 1px solid var(--line); padding-bottom: 6px; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 32px 0 10px; border-bottom: 1px solid var(--line); padding-bottom: 6px; } h3 { font-size: 14px; margin: 16px 0 8px; }
 .meta { color: var(--muted); margin: 0; } .meta code { font-size: 12px; }
 .counts { display: flex; gap: 12px; margin: 14px 0 4px; flex-wrap: wrap; }
 .count { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 8px 14px; }
@@ -981,9 +1001,23 @@ def render_html(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinishe
     """
     index = {id(r): i for i, r in enumerate(completed)}
     colors = _model_colors(completed)
+    groups = by_data(completed) or {"": []}
     scatters = "".join(
-        f"<figure><figcaption>Test accuracy vs {_e(scatter[1])}</figcaption>{_scatter_svg(completed, index, scatter, colors)}</figure>"
-        for scatter in SCATTERS
+        (f"<h3>{_e(data)}</h3>" if len(groups) > 1 else "")
+        + '<div class="grid3">'
+        + "".join(
+            f"<figure><figcaption>Test accuracy{f' on {_e(data)}' if data else ''} vs {_e(scatter[1])}</figcaption>"
+            f"{_scatter_svg(rows, index, scatter, colors)}</figure>"
+            for scatter in SCATTERS
+        )
+        + "</div>"
+        for data, rows in groups.items()
+    )
+    data_note = (
+        f'<p class="note">Runs on {len(groups)} datasets ({_e(", ".join(groups))}): each has its own plots and Pareto front, '
+        "as accuracies on different test sets do not compare.</p>"
+        if len(groups) > 1
+        else ""
     )
     curves = (
         f"<figure><figcaption>Test accuracy per epoch</figcaption>{_curve_svg(completed, index, 'test_acc', 'Test accuracy (%)', colors)}</figure>"
@@ -1011,8 +1045,8 @@ def render_html(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinishe
 <div class="counts"><div class="count"><b>{total}</b>runs found</div><div class="count"><b>{len(completed)}</b>completed</div>
 <div class="count bad"><b>{len(failed)}</b>failed</div><div class="count wait"><b>{len(unfinished)}</b>unfinished</div></div>
 <h2>Accuracy vs cost</h2>
-<div class="legend">{legend}</div>
-<div class="grid3">{scatters}</div>
+<div class="legend">{legend}</div>{data_note}
+{scatters}
 <p class="note">Pareto front: runs no other run beats on both accuracy and cost; the dashed step is the best accuracy reachable at each cost.
 MACs: one multiply-add counts once (conv + linear, as the MobileNet papers count). Hover a point for its run.</p>{device_note}
 <h2>Training curves</h2>

@@ -130,10 +130,34 @@ def test_html_lists_every_run_and_the_problems_apart(report):
 
 def test_html_marks_the_pareto_front(report):
     page = (report[1] / "index.html").read_text()
-    macs_chart = page.split("<figcaption>Test accuracy vs MACs</figcaption>")[1].split("</svg>")[0]
+    macs_chart = page.split("<figcaption>Test accuracy on cifar10 vs MACs</figcaption>")[1].split("</svg>")[0]
     front_titles = re.findall(r'<circle class="pt front-pt"[^>]*><title>([^<\n]*)', macs_chart)
     assert sorted(front_titles) == ["depthwise-cifar10", "separable-cifar10", "standard-cifar10"]
     assert '<polyline class="front"' in macs_chart
+
+
+def test_each_dataset_gets_its_own_plots_and_front(tmp_path):
+    """A Pareto front across test sets compares the incomparable: a 91% CIFAR-10 run would 'dominate'
+    every Fashion-MNIST run below 91%. Each dataset is plotted apart, with its own front."""
+    runs = tmp_path / "runs"
+    cases = [("sep-c10", "separable", 21.3, "cifar10", 0.91), ("std-c10", "standard", 40.0, "cifar10", 0.92),
+             ("sep-fm", "separable", 21.3, "fashion_mnist", 0.89), ("dw-fm", "depthwise", 5.0, "fashion_mnist", 0.85)]  # fmt: skip
+    for name, model, macs, data, acc in cases:
+        (runs / name).mkdir(parents=True)
+        (runs / name / "results.json").write_text(json.dumps({**_record(name, model, macs, 0.1, acc, 1.0), "data": data}))
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "acc_vs_macs.png").write_bytes(b"stale")  # from an earlier single-dataset report into the same dir
+    summary = build_report([str(runs)], out=out)
+    pngs = sorted(p.name for p in out.glob("acc_vs_*.png"))
+    assert pngs == sorted(f"acc_vs_{k}_{d}.png" for k in ("macs", "params", "latency") for d in ("cifar10", "fashion_mnist"))
+    assert all(str(out / name) in summary["files"] for name in pngs)
+    page = (out / "index.html").read_text()
+    assert "Runs on 2 datasets (cifar10, fashion_mnist): each has its own plots and Pareto front" in page
+    for data, expected in (("cifar10", ["sep-c10", "std-c10"]), ("fashion_mnist", ["dw-fm", "sep-fm"])):
+        chart = page.split(f"<figcaption>Test accuracy on {data} vs MACs</figcaption>")[1].split("</svg>")[0]
+        assert chart.count('<circle class="pt') == 2
+        assert sorted(re.findall(r'<circle class="pt front-pt"[^>]*><title>([^<\n]*)', chart)) == expected
 
 
 def test_html_is_self_contained(report):
