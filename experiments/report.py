@@ -28,7 +28,7 @@ import math
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import pairwise, product
 from pathlib import Path
@@ -426,11 +426,22 @@ def to_row(record: dict[str, Any]) -> RunRow:
 
 
 def split_runs(records: Iterable[dict[str, Any]]) -> tuple[list[RunRow], list[RunRow], list[RunRow]]:
-    """(completed, failed, unfinished) rows; unfinished holds running, unreadable, incomplete, invalid and unknown records.
+    """(completed, failed, unfinished) rows; unfinished holds running, unreadable, incomplete, invalid, duplicate and unknown records.
 
     Completed rows come sorted by test accuracy, best first; the others by path.
     """
-    rows = [to_row(r) for r in records]
+    rows, seen = [], {}
+    for record in sorted(records, key=lambda r: str(r.get("path") or "")):
+        row = to_row(record)
+        # A copied run dir (a backup, a second sweep folder) is one run, not two: the same run dir,
+        # start time and seed. The first path keeps it; a copy is listed apart, not counted twice.
+        identity = (record.get("run_dir"), record.get("started_at"), record.get("seed"))
+        if row.status == "completed" and identity[0] and identity[1]:
+            if identity in seen:
+                row = replace(row, status="duplicate", reason=f"a copy of the run at {seen[identity]}")
+            else:
+                seen[identity] = row.path
+        rows.append(row)
     completed = sorted((r for r in rows if r.status == "completed"), key=lambda r: (-(r.test_acc or 0.0), r.name, r.path))
     failed = sorted((r for r in rows if r.status == "failed"), key=lambda r: r.path)
     unfinished = sorted((r for r in rows if r.status not in ("completed", "failed")), key=lambda r: r.path)

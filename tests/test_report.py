@@ -160,6 +160,19 @@ def test_each_dataset_gets_its_own_plots_and_front(tmp_path):
         assert sorted(re.findall(r'<circle class="pt front-pt"[^>]*><title>([^<\n]*)', chart)) == expected
 
 
+def test_a_copied_run_is_counted_once(tmp_path):
+    record = {**_record("sep", "separable", 21.3, 0.14, 0.91, 1.9), "run_dir": "/runs/sep/2026-11-24_12-00-00"}
+    for copy in ("a", "b"):  # the same run in a sweep folder and in a backup of it
+        (tmp_path / copy).mkdir()
+        (tmp_path / copy / "results.json").write_text(json.dumps(record))
+    (tmp_path / "c").mkdir()  # the same config run again later: a second run, not a copy
+    (tmp_path / "c" / "results.json").write_text(json.dumps({**record, "started_at": "2026-11-25T08:00:00+00:00"}))
+    completed, _, unfinished = split_runs(load_local_runs([tmp_path]))
+    assert sorted(r.path for r in completed) == [str(tmp_path / d / "results.json") for d in ("a", "c")]
+    (copy,) = unfinished
+    assert copy.status == "duplicate" and copy.reason == f"a copy of the run at {tmp_path / 'a' / 'results.json'}"
+
+
 def test_html_is_self_contained(report):
     page = (report[1] / "index.html").read_text()
     assert not re.search(r"\b(src|href)\s*=", page), "the page must load nothing"
