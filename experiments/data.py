@@ -191,12 +191,26 @@ def _imagenet(cfg: Any, root: Path) -> tuple[Any, Any]:
 # ------------------------------------------------------------------------------------ load + split
 
 
-def example_count(value: float | int, total: int, key: str) -> int:
-    """A fraction (0 < v < 1) or a count (v >= 1) of ``total`` examples."""
+def check_example_form(value: Any, key: str) -> None:
+    """``value`` is a fraction in [0, 1) or a whole count; before any data is read."""
     # A float >= 1 is refused even when whole: 1.0 reads as "all of it", but would be a count of one.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value >= 1 and not isinstance(value, int)):
         raise ValueError(f"{key}={value!r} must be a fraction in [0, 1) or a whole count of examples (an int, e.g. 5000)")
-    return int(value) if value >= 1 else math.floor(value * total)
+
+
+def check_subset_form(value: Any) -> None:
+    """``data.subset`` is null or a whole number >= 1; before any data is read."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"data.subset={value!r} must be a whole number of examples >= 1 (or null for all)")
+
+
+def example_count(value: float | int, total: int, key: str) -> int:
+    """A fraction (0 < v < 1) or a count (v >= 1) of ``total`` examples."""
+    check_example_form(value, key)
+    count = int(value) if value >= 1 else math.floor(value * total)
+    if count == 0 and value > 0:  # silently none would mean no validation set (or no training data)
+        raise ValueError(f"{key}={value!r} is less than one of the {total} examples; use at least {1 / total:.2g} or a count >= 1")
+    return count
 
 
 def load_data(cfg: Any, seed: int = 0) -> Data:
@@ -230,8 +244,7 @@ def load_data(cfg: Any, seed: int = 0) -> Data:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
         val, train = train.take(order[:n_val]), train.take(order[n_val:])
     if cfg.subset is not None:
-        if isinstance(cfg.subset, bool) or not isinstance(cfg.subset, int) or cfg.subset < 1:
-            raise ValueError(f"data.subset={cfg.subset!r} must be a whole number of examples >= 1 (or null for all)")
+        check_subset_form(cfg.subset)
         if cfg.subset > len(train):
             raise ValueError(f"data.subset={cfg.subset} is larger than the {len(train)}-example {cfg.name} training split")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))

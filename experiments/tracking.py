@@ -24,6 +24,8 @@ class Tracker:
 
     run_id: str | None = None
     mode: str = "none"
+    project: str | None = None
+    group: str | None = None
     url: str | None = None
     error: str | None = None
 
@@ -69,6 +71,7 @@ class WandbTracker(Tracker):
         if mode not in MODES:
             raise ValueError(f"logger.mode={mode!r} is not valid; choose from: {', '.join(MODES)}")
         self.mode = ("online" if _has_api_key() else "offline") if mode == "auto" else mode
+        self.project, self.group = project, group  # as the run is filed: results.json says the same
         self._run = None
         init = {"project": project, "entity": entity, "name": name, "group": group, "tags": tags, "job_type": job_type, "config": config,
                 "dir": str(run_dir), "id": run_id, "resume": "allow" if run_id else None}  # fmt: skip

@@ -27,7 +27,7 @@ from .allocator import steady_malloc
 from .cli import Interrupted, raise_interrupted
 from .config import input_shape, model_from_config, model_options
 from .cost import measure_cost
-from .data import example_count, load_data, make_loaders
+from .data import check_example_form, check_subset_form, load_data, make_loaders
 from .distributed import all_reduce_sum, broadcast_object, convert_sync_bn, init_distributed
 from .records import env_info, list_checkpoints, load_checkpoint, now, read_json, save_checkpoint, write_json
 from .tracking import Tracker, make_tracker
@@ -145,8 +145,9 @@ def _check_data(d: DictConfig) -> None:
     _whole("data.in_channels", d.in_channels)
     _whole("data.num_classes", d.num_classes, low=2)
     _whole("data.image_size", d.image_size)
-    if "val_split" in d:
-        example_count(d.val_split, 1, "data.val_split")  # its form; whether it leaves training examples is known after loading
+    if "val_split" in d:  # their forms; whether the split holds enough examples is known after loading
+        check_example_form(d.val_split, "data.val_split")
+    check_subset_form(d.get("subset"))
     for key in ("train_size", "test_size"):  # synthetic only
         if key in d:
             _whole(f"data.{key}", d[key])
@@ -473,7 +474,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
         if main:
             tracker = make_tracker(cfg, run_dir, config, run_id=wandb_id)
-            record["wandb"] = {**tracker.info(), "project": cfg.logger.get("project"), "group": cfg.logger.get("group")}
+            record["wandb"] = {**tracker.info(), "project": tracker.project, "group": tracker.group}
             cost = record["cost"]
             tracker.summary({"cost/macs": cost["macs"], "cost/params": cost["params"], "cost/fvcore_flops": cost["fvcore_flops"]})
             tracker.table("cost/by_layer_type", ["layer_type", "layers", "macs", "params", "macs_share"],

@@ -58,6 +58,7 @@ def test_subset_and_val_split(compose_cfg, tmp_path):
         (["data.subset=0"], "data.subset=0"),
         (["data.val_split=1.5"], "data.val_split=1.5"),
         (["data.val_split=200"], "must leave some"),
+        (["data.val_split=0.001"], "data.val_split=0.001 is less than one of the 200 examples"),  # was silently no validation set
     ],
 )
 def test_bad_data_options(compose_cfg, tmp_path, overrides, message):

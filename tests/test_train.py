@@ -57,6 +57,7 @@ def test_smoke_run_on_cifar_format_files_with_offline_wandb(cifar_root, tmp_path
     assert summary["cost/by_layer_type/_type"] == "table-file" and summary["cost/by_layer_type/nrows"] == 6
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.run_group == "separable" and {"separable", "cifar10"} <= set(run.tags) and run.job_type == "train"
+    assert (record["wandb"]["group"], record["wandb"]["project"]) == (run.run_group, run.project)  # as the run is filed
     config_keys = {item.key for r in records if r.WhichOneof("record_type") == "run" for item in r.run.config.update}
     assert {"model", "data", "trainer", "optim"} <= config_keys
     exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
