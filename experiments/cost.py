@@ -4,7 +4,7 @@ Convention, stated once: **MACs** are multiply-accumulates of convolution and li
 multiply-add counted once, exactly as the MobileNet papers count "Mult-Adds". fvcore also counts
 one multiply-add as one "flop", so for conv/linear its count *is* the MAC count; FLOPs in the
 2-per-MAC sense are ``2 * macs``. ``fvcore_flops`` is fvcore's own total, which adds BatchNorm
-(one per element in eval mode) and pooling, and is reported as fvcore names it.
+(two per element with an affine BatchNorm in eval mode, fvcore's ``batchnorm_flop_jit``) and pooling, and is reported as fvcore names it.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def measure_cost(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> 
 
     Returns:
         ``input_shape``, ``params``, ``macs``, ``fvcore_flops``, ``by_operator`` ({op: flops}),
-        ``by_module`` ({top-level child: macs}), ``by_layer_type`` ({type: {macs, params,
+        ``by_module`` ({top-level child: fvcore flops}, so BatchNorm and pooling included), ``by_layer_type`` ({type: {macs, params,
         layers}} over standard/pointwise/depthwise/grouped/linear, plus ``other`` for the params
         of norms), ``unsupported_ops`` ({op: calls} fvcore could not count).
     """

@@ -442,6 +442,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if cfg.trainer.max_steps:
             total_steps = min(total_steps, cfg.trainer.max_steps)
         warmup_steps = round(cfg.sched.warmup_epochs * steps_per_epoch)
+        if warmup_steps >= total_steps > 0:
+            log.warning("sched.warmup_epochs=%g is %d steps but the run has %d: the learning rate never reaches optim.lr=%g",
+                        cfg.sched.warmup_epochs, warmup_steps, total_steps, cfg.optim.lr)  # fmt: skip
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16")
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
 
@@ -493,7 +496,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             loader.set_epoch(epoch)
             progress = Progress(cfg.trainer.progress if main else False, steps_per_epoch, f"epoch {epoch + 1}/{cfg.trainer.epochs}")
             sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count (local)
-            epoch_start = time.perf_counter()
+            epoch_start, epoch_first_step = time.perf_counter(), step
             for i, (x, y) in enumerate(loader):
                 factor = lr_factor(step, total_steps, warmup_steps, cfg.sched.name, cfg.sched.min_lr_ratio)
                 for group in optimizer.param_groups:
@@ -517,7 +520,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             all_reduce_sum(sums)
             entry = {"epoch": epoch + 1, "train_loss": (sums[0] / sums[2]).item(), "train_acc": (sums[1] / sums[2]).item(),
                      "val_acc": None, "test_acc": None, "eval_seconds": None, "lr": cfg.optim.lr * factor, "seconds": seconds,
-                     "img_per_s": sums[2].item() / seconds}  # fmt: skip
+                     "img_per_s": sums[2].item() / seconds, "steps": step - epoch_first_step, "images": int(sums[2].item())}  # fmt: skip
             last = epoch + 1 == cfg.trainer.epochs or step >= total_steps
             if last or (epoch + 1) % cfg.trainer.eval_every == 0:
                 eval_start = time.perf_counter()
@@ -553,9 +556,12 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         best_by = "val" if history and history[-1]["val_acc"] is not None else "test"
         scored = [h for h in history if h[f"{best_by}_acc"] is not None]
         best = max(scored, key=lambda h: h[f"{best_by}_acc"]) if scored else None
+        # Epochs before a resume add their training and evaluation time; what the run did is counted in steps and
+        # images too (trainer.max_steps can end an epoch early; entries from before these keys have neither).
         final = {"test_acc": history[-1]["test_acc"], "train_loss": history[-1]["train_loss"],
-                 "wall_seconds": time.perf_counter() - wall_start + sum(h["seconds"] for h in history[: start_epoch]),
-                 "best_epoch": best["epoch"] if best else None, "best_by": best_by, "epochs": len(history)}  # fmt: skip
+                 "wall_seconds": time.perf_counter() - wall_start + sum(h["seconds"] + (h.get("eval_seconds") or 0.0) for h in history[:start_epoch]),
+                 "best_epoch": best["epoch"] if best else None, "best_by": best_by, "epochs": len(history), "steps": step,
+                 "steps_per_epoch": steps_per_epoch, "images_seen": sum(h.get("images", 0) for h in history)}  # fmt: skip
         if main:
             record["cost"]["latency_ms"] = {str(b): measure_latency(raw_model, input_shape(cfg, int(b)), device, cfg.trainer.channels_last)
                                             for b in cfg.latency_batch_sizes}  # fmt: skip

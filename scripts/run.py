@@ -36,8 +36,11 @@ def _summary(record: dict) -> str:
             if target["reached"]
             else f"{goal} not reached"
         )
+    length = f"{final['epochs']} epochs"
+    if final.get("steps") is not None and final["steps"] < final["epochs"] * final.get("steps_per_epoch", 0):
+        length += f" ({final['steps']} steps, {final['images_seen']} images: trainer.max_steps)"
     return (
-        f"{record['name']} (seed {record['seed']}): test acc {100 * final['test_acc']:.2f}% after {final['epochs']} epochs"
+        f"{record['name']} (seed {record['seed']}): test acc {100 * final['test_acc']:.2f}% after {length}"
         + (f" ({timed})" if target else "")
         + " | "
         f"{cost['params'] / 1e6:.2f} M params | {cost['macs'] / 1e6:.1f} M MACs"

@@ -21,7 +21,7 @@ from .helpers import kill_when, read_wandb_records, wandb_summary, write_cifar10
 
 RESULT_KEYS = {"schema", "status", "reason", "name", "model", "data", "experiment", "row", "seed", "run_dir", "started_at", "finished_at",
                "config", "cost", "history", "final", "env", "wandb", "target"}  # fmt: skip
-HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_acc", "test_acc", "eval_seconds", "lr", "seconds", "img_per_s"}
+HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_acc", "test_acc", "eval_seconds", "lr", "seconds", "img_per_s", "steps", "images"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,10 @@ def test_smoke_run_on_cifar_format_files_with_offline_wandb(cifar_root, tmp_path
     assert set(record) >= RESULT_KEYS and record["status"] == "completed" and record["reason"] is None
     assert record["model"] == "separable" and record["data"] == "cifar10" and record["config"]["data"]["root"] == str(cifar_root)
     assert set(record["history"][0]) == HISTORY_KEYS and record["history"][0]["val_acc"] is not None
+    # trainer=smoke stops after 3 steps of 32: the record says so, not just "1 epoch"
+    assert (record["final"]["steps"], record["final"]["images_seen"], record["final"]["epochs"]) == (3, 96, 1)
+    assert (record["history"][0]["steps"], record["history"][0]["images"]) == (3, 96)
+    assert "sched.warmup_epochs=1 is" in proc.stderr and "never reaches optim.lr" in proc.stderr
     assert set(record["final"]) >= {"test_acc", "train_loss", "wall_seconds", "best_epoch"} and record["final"]["best_by"] == "val"
     assert 0.0 <= record["final"]["test_acc"] <= 1.0
     assert record["cost"]["macs"] == 7_050_496 and "by_layer_type" in record["cost"] and record["cost"]["latency_ms"]["1"] > 0
