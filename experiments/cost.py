@@ -73,9 +73,11 @@ def measure_cost(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> 
 
     Returns:
         ``input_shape``, ``params``, ``macs``, ``fvcore_flops``, ``by_operator`` ({op: flops}),
-        ``by_module`` ({top-level child: fvcore flops}, so BatchNorm and pooling included), ``by_layer_type`` ({type: {macs, params,
-        layers}} over standard/pointwise/depthwise/grouped/linear, plus ``other`` for the params
-        of norms), ``unsupported_ops`` ({op: calls} fvcore could not count).
+        ``by_module`` ({top-level child: fvcore flops}, so BatchNorm and pooling included),
+        ``by_layer_type`` ({type: {macs, params, weights, layers}} over
+        standard/pointwise/depthwise/grouped/linear, plus ``other`` for the params of norms;
+        ``weights`` leaves out biases, as MobileNets Table 2 counts parameters),
+        ``unsupported_ops`` ({op: calls} fvcore could not count).
     """
     was_training = model.training
     device = next(model.parameters()).device
@@ -92,7 +94,7 @@ def measure_cost(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> 
     finally:
         model.train(was_training)
 
-    by_type = {t: {"macs": 0, "params": 0, "layers": 0} for t in LAYER_TYPES}
+    by_type = {t: {"macs": 0, "params": 0, "weights": 0, "layers": 0} for t in LAYER_TYPES}
     typed_params = 0
     for name, module in model.named_modules():
         kind = layer_type(module)
@@ -101,10 +103,11 @@ def measure_cost(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> 
         params = sum(p.numel() for p in module.parameters(recurse=False))
         by_type[kind]["macs"] += int(by_module.get(name, 0))
         by_type[kind]["params"] += params
+        by_type[kind]["weights"] += module.weight.numel()  # no bias: what MobileNets Table 2 counts as parameters
         by_type[kind]["layers"] += 1
         typed_params += params
     params = count_params(model)
-    by_type["other"] = {"macs": 0, "params": params - typed_params, "layers": 0}
+    by_type["other"] = {"macs": 0, "params": params - typed_params, "weights": 0, "layers": 0}
     macs = sum(v["macs"] for v in by_type.values())
     return {
         "input_shape": list(input_shape),
@@ -124,28 +127,35 @@ def cost_report(cfg: Any, batch_size: int = 1) -> dict[str, Any]:
 
     model = model_from_config(cfg)
     report = measure_cost(model, input_shape(cfg, batch_size))
-    return {"model": cfg.model.name, "model_options": model_options(cfg.model), "data": cfg.data.name, **report}
+    # model.stem=auto picks the stem by input size: say which one was built (ImageNet at 64 px gets CIFAR's).
+    stem = getattr(model, "stem_kind", None)
+    return {"model": cfg.model.name, "model_options": model_options(cfg.model), "data": cfg.data.name, "stem": stem, **report}
 
 
 def format_cost(report: dict[str, Any]) -> str:
     """A readable table of a cost report: totals, then each layer type's share."""
     macs, params = report["macs"], report["params"]
     shape = "x".join(str(d) for d in report["input_shape"])
+    stem = {"small": ", stem small (3x3 stride 1, for inputs <= 64 px)", "large": ", stem large (strided, the papers')"}
     lines = [
-        f"{report.get('model', 'model')} on {report.get('data', '?')}, input {shape}",
+        f"{report.get('model', 'model')} on {report.get('data', '?')}, input {shape}{stem.get(report.get('stem'), '')}",
         f"  params        {params:>15,}  ({params / 1e6:.2f} M)",
         f"  MACs          {macs:>15,}  ({macs / 1e6:.1f} M multiply-adds of conv + linear layers)",
         f"  fvcore flops  {report['fvcore_flops']:>15,}  (fvcore's total: conv + linear + BatchNorm + pooling)",
         "",
-        f"  {'layer type':<11} {'layers':>6} {'MACs':>15} {'MACs %':>7} {'params':>12} {'params %':>8}",
+        f"  {'layer type':<11} {'layers':>6} {'MACs':>15} {'MACs %':>7} {'params':>12} {'params %':>8} {'weights %':>9}",
     ]
-    for kind, row in report["by_layer_type"].items():
+    by_type = report["by_layer_type"]
+    weights = sum(row.get("weights", 0) for row in by_type.values())
+    for kind, row in by_type.items():
         if not row["layers"] and not row["params"]:
             continue
+        share = f"{100 * row['weights'] / max(weights, 1):>8.2f}%" if "weights" in row and row["layers"] else ""
         lines.append(
-            f"  {kind:<11} {row['layers']:>6} {row['macs']:>15,} {100 * row['macs'] / max(macs, 1):>6.1f}% "
-            f"{row['params']:>12,} {100 * row['params'] / max(params, 1):>7.1f}%"
+            f"  {kind:<11} {row['layers']:>6} {row['macs']:>15,} {100 * row['macs'] / max(macs, 1):>6.2f}% "
+            f"{row['params']:>12,} {100 * row['params'] / max(params, 1):>7.2f}% {share}".rstrip()
         )
+    lines.append("  weights %: conv and linear weights without biases and norms, as MobileNets Table 2 counts parameters")
     skipped = report["unsupported_ops"]
     lines.append("")
     lines.append(

@@ -427,7 +427,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         # model and cost
         log.info("model: %s %s", cfg.model.name, model_options(cfg.model))
         if main:
-            record["cost"] = {"model": cfg.model.name, "data": cfg.data.name, **measure_cost(model, input_shape(cfg))}
+            record["cost"] = {"model": cfg.model.name, "data": cfg.data.name, "stem": getattr(model, "stem_kind", None),
+                              **measure_cost(model, input_shape(cfg))}  # fmt: skip
             log.info("cost: %.2f M params, %.1f M MACs", record["cost"]["params"] / 1e6, record["cost"]["macs"] / 1e6)
         memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
         model = model.to(device=device, memory_format=memory_format)

@@ -148,6 +148,7 @@ class BlockNet(_Network):
         if not len(widths) == len(depths) == len(strides) >= 1:
             raise ValueError(f"widths, depths and strides need one entry per stage; got {list(widths)}, {list(depths)}, {list(strides)}")
         small = _small_stem(stem, image_size)
+        self.stem_kind = "small" if small else "large"  # what stem="auto" chose, for cost reports
         ch = max(1, int(stem_width * width))
         # CIFAR-size: 3x3 stride 1; ImageNet-size: 3x3 stride 2 then 3x3 max-pool stride 2 (as ResNet).
         self.stem = nn.Sequential(ConvNormAct(in_channels, ch, 3, 1 if small else 2))
@@ -208,6 +209,7 @@ class MobileNetV1(_Network):
             return max(8, int(c * width))
 
         small = _small_stem(stem, image_size)
+        self.stem_kind = "small" if small else "large"  # what stem="auto" chose, for cost reports
         in_ch = ch(32)
         self.stem = ConvNormAct(in_channels, in_ch, 3, 1 if small else 2, act=act)
         self.total_stride = 1 if small else 2
@@ -255,6 +257,7 @@ class MobileNetV2(_Network):
         _check_common("mobilenet_v2", num_classes, in_channels, image_size, width)
         check_range("expansion", expansion, 1, 16)
         small = _small_stem(stem, image_size)
+        self.stem_kind = "small" if small else "large"  # what stem="auto" chose, for cost reports
         in_ch = make_divisible(32 * width)
         last_ch = make_divisible(1280 * max(1.0, width))
         self.stem = ConvNormAct(in_channels, in_ch, 3, 1 if small else 2, act=act)
@@ -314,6 +317,7 @@ class ResNet(_Network):
         layers = _check_counts("layers", layers, "blocks in each stage", "[2,2,2,2]")
         expansion = 4 if block == "bottleneck" else 1
         small = _small_stem(stem, image_size)
+        self.stem_kind = "small" if small else "large"  # what stem="auto" chose, for cost reports
         in_ch = max(1, int(64 * width))
         if small:
             self.stem = nn.Sequential(ConvNormAct(in_channels, in_ch, 3, 1))

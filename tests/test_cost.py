@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn as nn
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from experiments.cost import LAYER_TYPES, cost_report, layer_type, measure_cost
+from experiments.cost import LAYER_TYPES, cost_report, format_cost, layer_type, measure_cost
 from models import MobileNetV1, build_model
 
 from .conftest import CONF
@@ -164,12 +165,17 @@ def test_every_layer_type_by_hand():
     )
     report = measure_cost(model, (1, 3, 8, 8))
     want = {
-        "standard": {"macs": 9 * 3 * 8 * 8 * 8, "params": 9 * 3 * 8 + 8, "layers": 1},
-        "depthwise": {"macs": 9 * 16 * 4 * 4, "params": 9 * 16, "layers": 1},
-        "pointwise": {"macs": 16 * 12 * 4 * 4, "params": 16 * 12, "layers": 1},
-        "grouped": {"macs": 9 * 3 * 12 * 4 * 4 + 4 * 6 * 4 * 4, "params": 9 * 3 * 12 + 4 * 6 + 6, "layers": 2},
-        "linear": {"macs": 6 * 10, "params": 6 * 10 + 10, "layers": 1},
-        "other": {"macs": 0, "params": 2 * 8, "layers": 0},  # BatchNorm weight and bias
+        "standard": {"macs": 9 * 3 * 8 * 8 * 8, "params": 9 * 3 * 8 + 8, "weights": 9 * 3 * 8, "layers": 1},
+        "depthwise": {"macs": 9 * 16 * 4 * 4, "params": 9 * 16, "weights": 9 * 16, "layers": 1},
+        "pointwise": {"macs": 16 * 12 * 4 * 4, "params": 16 * 12, "weights": 16 * 12, "layers": 1},
+        "grouped": {
+            "macs": 9 * 3 * 12 * 4 * 4 + 4 * 6 * 4 * 4,
+            "params": 9 * 3 * 12 + 4 * 6 + 6,
+            "weights": 9 * 3 * 12 + 4 * 6,
+            "layers": 2,
+        },
+        "linear": {"macs": 6 * 10, "params": 6 * 10 + 10, "weights": 6 * 10, "layers": 1},
+        "other": {"macs": 0, "params": 2 * 8, "weights": 0, "layers": 0},  # BatchNorm weight and bias
     }
     assert report["by_layer_type"] == want
     assert report["macs"] == 13_824 + 2_304 + 3_072 + 5_568 + 60
@@ -218,11 +224,15 @@ def test_mobilenet_table_2_resources_per_layer_type():
     report = measure_cost(model, (1, 3, 224, 224))
     by_type = report["by_layer_type"]
     weights = {kind: 0 for kind in ("pointwise", "depthwise", "standard", "linear")}
-    for module in model.modules():
+    for module in model.modules():  # counted by hand, to check the report's own "weights"
         kind = layer_type(module)
         if kind:
             weights[kind] += module.weight.numel()
+    assert {kind: by_type[kind]["weights"] for kind in weights} == weights and by_type["other"]["weights"] == 0
     total = sum(weights.values())
+    printed = format_cost(report)  # profile.py's table prints both shares to the paper's two decimals
+    for kind, (macs_pct, params_pct) in {"pointwise": ("94.86", "74.59"), "linear": ("0.18", "24.33")}.items():
+        assert re.search(rf"{kind} .* {macs_pct}% .* {params_pct}%$", printed, re.MULTILINE), printed
     paper = {"pointwise": (94.86, 74.59), "depthwise": (3.06, 1.06), "standard": (1.91, 0.02), "linear": (0.18, 24.33)}
     for kind, (macs_pct, params_pct) in paper.items():
         assert round(100 * by_type[kind]["macs"] / report["macs"], 2) == macs_pct, kind

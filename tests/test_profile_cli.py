@@ -25,7 +25,7 @@ def test_profile_json_fields():
     report = json.loads(proc.stdout)  # stdout is exactly one JSON object
     for key in ("model", "input_shape", "params", "macs", "fvcore_flops", "by_layer_type", "unsupported_ops", "by_operator", "by_module"):
         assert key in report
-    assert report["model"] == "mobilenet_v1" and report["input_shape"] == [1, 3, 224, 224]
+    assert report["model"] == "mobilenet_v1" and report["input_shape"] == [1, 3, 224, 224] and report["stem"] == "large"
     assert round(report["macs"] / 1e6) == 569 and round(report["params"] / 1e6, 1) == 4.2
     assert set(report["by_layer_type"]["pointwise"]) >= {"macs", "params"}
 
@@ -63,3 +63,15 @@ def test_sweep_leaves_no_empty_dirs(tmp_path):
     assert proc.stdout.count('"model": "standard"') == 1 and proc.stdout.count('"model": "depthwise"') == 1
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
     assert left == ["multirun", "multirun/earlier"], left
+
+
+def test_profile_says_which_stem_auto_chose():
+    """model.stem=auto builds CIFAR's stride-1 stem for inputs <= 64 px, even on ImageNet: ResNet-50 at
+    64 px then costs more than at 224 px. The output names the stem, so the figure is not misread."""
+    small = run_script("profile.py", "model=resnet50", "data=imagenet", "data.image_size=64")
+    assert small.returncode == 0, small.stderr
+    assert "input 1x3x64x64, stem small (3x3 stride 1, for inputs <= 64 px)" in small.stdout
+    large = run_script("profile.py", "model=resnet50", "data=imagenet", "data.image_size=64", "model.stem=large", "format=json")
+    assert large.returncode == 0, large.stderr
+    report = json.loads(large.stdout)
+    assert report["stem"] == "large" and report["params"] == 25_557_032  # torchvision's ResNet-50
