@@ -12,6 +12,7 @@ import io
 import json
 import math
 import statistics
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +111,14 @@ def _digits(value: float) -> int:
 
 
 def _diff(ours: float, paper: float) -> str:
-    """Ours minus the paper's, at the precision the paper printed: "0" means they agree."""
+    """Ours minus the paper's, at the precision the paper printed: "0" means they agree.
+
+    Ours is rounded half up in decimal, as papers round (149.5 M -> 150), not half to even on the
+    binary float (``round(2.5) == 2``).
+    """
     digits = _digits(paper)
-    delta = round(round(ours, digits) - paper, digits)
+    step = Decimal(1).scaleb(-digits)
+    delta = Decimal(repr(ours)).quantize(step, rounding=ROUND_HALF_UP) - Decimal(repr(paper)).quantize(step)
     return "0" if delta == 0 else f"{delta:+.{digits}f}"
 
 
@@ -257,7 +263,7 @@ def latex_table(rows: Table, table: DictConfig) -> str:
              r"\toprule", " & ".join(_tex(name) for name, _ in cols) + r" \\", r"\midrule"]  # fmt: skip
     for i in range(len(rows)):
         lines.append(" & ".join(_tex(values[i]) for _, values in cols) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", rf"\label{{tab:{_tex(str(table.name))}}}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\label{{tab:{table.name}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 

@@ -28,7 +28,16 @@ def test_cost_only_tables_agree_with_the_paper(table, tmp_path):
         assert row["macs_diff"] == "0" or (row["note"] and row["macs_diff"] in ("+1", "+1.0")), row
     for suffix in ("md", "csv", "tex"):
         assert (tmp_path / f"{table}.{suffix}").stat().st_size > 200
-    assert r"\begin{tabular}" in (tmp_path / f"{table}.tex").read_text()
+    tex = (tmp_path / f"{table}.tex").read_text()
+    assert r"\begin{tabular}" in tex and rf"\label{{tab:{table}}}" in tex  # a label is a key, not text: no \_
+
+
+def test_difference_rounds_half_up_as_papers_do():
+    """Half to even on binary floats read 2.5 against a printed 3 as -1, and 0.25 against 0.3 as -0.1."""
+    from experiments.tables import _diff
+
+    assert (_diff(2.5, 3), _diff(0.25, 0.3), _diff(149.5, 150), _diff(149.497088, 149)) == ("0", "0", "0", "0")
+    assert (_diff(290.6752, 290), _diff(4.15, 4.2), _diff(4.14, 4.2), _diff(1.5, 2.0)) == ("+1", "0", "-0.1", "-0.5")
 
 
 def test_cost_only_markdown_on_stdout(tmp_path):
