@@ -298,8 +298,9 @@ def time_to_target(history: list[dict[str, Any]], target: float | None) -> dict[
     return {"acc": target, "reached": False, "epoch": None, "test_acc": None, "train_seconds": None, "seconds_with_eval": None}
 
 
-def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """The first key (dotted) whose value differs, ignoring VOLATILE keys; None when equal."""
+def config_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first key (dotted) whose value differs, ignoring VOLATILE keys and an option that is off on
+    one side and absent on the other (added since); None when equal."""
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):
@@ -315,6 +316,8 @@ def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     for key in sorted(set(a) | set(b)):
         if any(key.startswith(v + ".") or key == v + "." for v in VOLATILE) and not (stops and key == "trainer.target_acc."):
             continue
+        if (key not in a and b[key] in (None, False)) or (key not in b and a[key] in (None, False)):
+            continue  # an option that is off, added (or dropped) after the other run was made: the same run
         if a.get(key) != b.get(key):
             return f"{key.rstrip('.')}: {a.get(key)!r} there, {b.get(key)!r} now"
     return None
@@ -390,7 +393,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.resume == "never" and main:
         _set_aside_previous_run(run_dir)
     if cfg.resume == "auto" and previous and previous.get("status") == "completed":
-        difference = _config_difference(previous.get("config", {}), config)
+        difference = config_difference(previous.get("config", {}), config)
         if difference is None:
             log.info("run dir %s already holds a completed run with this config; not training again", run_dir)
             old_target = (previous.get("target") or {}).get("acc")
@@ -457,7 +460,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             raise ValueError(f"resume={cfg.resume!r} holds no loadable checkpoint (checkpoint-epochNNNN.pt); use resume=auto or never")
         if loaded is not None:
             state, path = loaded
-            difference = _config_difference(state.get("config", {}), config)
+            difference = config_difference(state.get("config", {}), config)
             if difference is not None:
                 raise ValueError(f"checkpoint {path} was written with another config ({difference}); use resume=never or another run dir")
             raw_model.load_state_dict(state["model"])

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 # The repo root replaces scripts/ on the path: scripts/profile.py must not shadow the stdlib's profile module.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -34,7 +35,7 @@ from experiments.tables import (
     row_costs,
     row_set_warnings,
 )
-from experiments.train import check_config, resolve_device
+from experiments.train import check_config, config_difference, resolve_device
 
 log = logging.getLogger("convlab")
 OWN_KEYS = {"table", "cost_only", "seeds", "out", "format", "latency"}
@@ -82,6 +83,39 @@ def _run_to_the_end(command: list[str]) -> None:
         raise
 
 
+def _this_sweep(table: DictConfig, runs: dict, failed: list, compose_row: Any, seeds: range, runs_dir: Path) -> tuple[dict, list]:
+    """Only the runs this command's sweep makes: its rows and seeds, with its settings.
+
+    ``out/runs`` keeps every run ever trained into it (another seed count, another ``optim.lr``
+    passed with the same ``out=``); pooled, they would make a row's mean and n describe runs this
+    command did not ask for. The others are named in one warning and left out.
+    """
+    kept: dict[str, list] = {}
+    left_out: list[str] = []
+
+    def wanted(record: dict) -> bool:
+        row = rows.get(str(record.get("row")))
+        if row is None or record.get("seed") not in seeds:
+            left_out.append(f"row {record.get('row')} seed {record.get('seed')}")
+            return False
+        expected = compose_row([*row.overrides, f"row={row.id}", f"seed={record['seed']}"])
+        difference = config_difference(record.get("config") or {}, OmegaConf.to_container(expected, resolve=True))
+        if difference:
+            left_out.append(f"row {row.id} seed {record['seed']} ({difference})")
+        return difference is None
+
+    rows = {str(r.id): r for r in table.rows}
+    for row_id, records in runs.items():
+        mine = [r for r in records if wanted(r)]
+        if mine:
+            kept[row_id] = mine
+    failed = [r for r in failed if r.get("row") is None or wanted(r)]
+    if left_out:
+        log.warning("%d earlier run(s) in %s were made with other rows, seeds or settings and are left out: %s",
+                    len(left_out), runs_dir, "; ".join(left_out[:5]) + (" ..." if len(left_out) > 5 else ""))  # fmt: skip
+    return kept, failed
+
+
 @entry(
     "reproduce",
     check=_check,
@@ -123,8 +157,7 @@ def main(cfg: DictConfig) -> None:
         log.info("training %d rows x %d seeds: %s", len(table.rows), cfg.seeds, " ".join(command[1:]))
         _run_to_the_end(command)  # failures are read back from results.json
         runs, failed = collect_runs(out / "runs")
-        wanted = {str(r.id) for r in table.rows}
-        failed = [r for r in failed if str(r.get("row")) in wanted]
+        runs, failed = _this_sweep(table, runs, failed, compose_row, range(cfg.seed, cfg.seed + cfg.seeds), out / "runs")
 
     rows = build_table(table, costs, runs)
     atomic_write(out / f"{cfg.table}.md", format_table(rows, table, failed).encode())

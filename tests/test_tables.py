@@ -73,6 +73,16 @@ def test_train_rows_with_seeds_then_reuse(tmp_path):
     again = run_script("reproduce.py", *args)
     assert again.returncode == 0 and again.stderr.count("not training again") == 8
     assert json.loads(again.stdout)["rows"] == rows
+    # The same out= with one seed, then another lr: each table holds only its own runs (the earlier
+    # ones were pooled in, n=2 and a mean over two learning rates), and says which it left out.
+    one = run_script("reproduce.py", *[a for a in args if a != "seeds=2"], "seeds=1")
+    assert one.returncode == 0, one.stderr
+    assert all(r["seeds"] == 1 and r["acc_std"] is None for r in json.loads(one.stdout)["rows"])
+    assert "4 earlier run(s)" in one.stderr and "row standard seed 1" in one.stderr
+    other_lr = run_script("reproduce.py", *[a for a in args if a != "seeds=2"], "seeds=1", "optim.lr=0.05")
+    assert other_lr.returncode == 0, other_lr.stderr
+    assert all(r["seeds"] == 1 for r in json.loads(other_lr.stdout)["rows"])
+    assert "8 earlier run(s)" in other_lr.stderr and "optim.lr: 0.2 there, 0.05 now" in other_lr.stderr
 
 
 @pytest.mark.slow
@@ -218,11 +228,12 @@ def test_table_sweeper_jobs(compose_cfg):
     # one job per row x seed, rows outermost; seeds count up from the config's seed
     jobs = sweeper.job_overrides([])
     assert jobs == [[*overrides, f"row={row}", f"seed={seed}"] for row, overrides in rows for seed in (5, 6, 7)]
-    # a command-line sweep multiplies every row; a seed given there replaces the seeds
+    # a command-line sweep multiplies every row; seed=K starts the seeds there, a seed sweep replaces them
     lr_jobs = sweeper.job_overrides(["optim.lr=0.1,0.2"])
     assert lr_jobs == [[f"optim.lr={lr}", *overrides, f"row={row}", f"seed={seed}"]
                        for row, overrides in rows for lr in (0.1, 0.2) for seed in (5, 6, 7)]  # fmt: skip
-    assert sweeper.job_overrides(["seed=9"]) == [["seed=9", *overrides, f"row={row}"] for row, overrides in rows]
+    assert sweeper.job_overrides(["seed=9"]) == [[*overrides, f"row={row}", f"seed={s}"] for row, overrides in rows for s in (9, 10, 11)]
+    assert sweeper.job_overrides(["seed=1,4"]) == [[f"seed={s}", *overrides, f"row={row}"] for row, overrides in rows for s in (1, 4)]
     # a job's overrides compose into that row's run
     job = compose_cfg("experiment=mobilenet_t5", *jobs[-1])
     assert (job.row, job.seed, job.model.width, job.model.shallow) == ("shallow", 7, 1.0, True)

@@ -38,9 +38,13 @@ class TableSweeper(BasicSweeper):
             raise HydraException("hydra/sweeper=table needs a config with table.rows (use experiment=NAME)")
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         parsed = parser.parse_overrides([*self._parse_config(), *arguments])
+        # seed=K is where the seeds start: K, K+1, ... (it was taken as the only seed, silently
+        # dropping seeds=N). A seed sweep (seed=0,1,2) names the seeds itself and replaces them.
+        swept_seed = any(o.get_key_element() == "seed" and o.is_sweep_override() for o in parsed)
+        base = next((int(o.value()) for o in parsed if o.get_key_element() == "seed" and not o.is_sweep_override()), self.config.seed)
+        parsed = [o for o in parsed if o.get_key_element() != "seed" or o.is_sweep_override()]
         combos = self.split_arguments(parsed, None)[0]
-        has_seed = any(o.get_key_element() == "seed" for o in parsed)
-        seeds = [[]] if has_seed else [[f"seed={self.config.seed + i}"] for i in range(self.seeds)]
+        seeds = [[]] if swept_seed else [[f"seed={base + i}"] for i in range(self.seeds)]
         return [[*combo, *row.overrides, f"row={row.id}", *seed] for row in rows for combo in combos for seed in seeds]
 
     def sweep(self, arguments: list[str]) -> Any:
