@@ -14,6 +14,7 @@ report test accuracy, so a speed-up is only claimed at equal accuracy.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -119,6 +120,8 @@ def _baseline(cfg: DictConfig, data: Any, *, steps: int | None, warmup: int, epo
     def lr_at(step: int) -> float:
         return cfg.optim.lr * lr_factor(step, total, warm, cfg.sched.name, cfg.sched.min_lr_ratio)
 
+    if steps is not None:  # as many epochs as the timed steps need, as convlab's side loops (a small data set has few batches)
+        epochs = max(epochs, math.ceil((warmup + steps) / len(loader)))
     stats = train_baseline(model, loader, optimizer, lr_at, epochs=epochs, max_steps=None if steps is None else warmup + steps,
                            warmup_steps=warmup, label_smoothing=cfg.trainer.label_smoothing, device=device)  # fmt: skip
     return model, stats
@@ -151,6 +154,8 @@ def train_suite(ctx: BenchContext) -> dict[str, Any]:
     steps, warmup = int(opts["steps"]), int(opts["warmup_steps"])
     ours = _ours_throughput(cfg, data, ctx.device, steps, warmup)
     _, base = _baseline(cfg, data, steps=steps, warmup=warmup)
+    if base["steps"] != warmup + steps:  # both sides time the same steps, or the ratio means nothing
+        raise RuntimeError(f"the baseline ran {base['steps']} steps, not warmup + steps = {warmup + steps}")
     log.info(
         "train %s: convlab %.0f img/s, baseline %.0f img/s (%.2fx)",
         cfg.model.name,

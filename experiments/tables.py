@@ -8,9 +8,11 @@ come only from the ``results.json`` files of trained runs, mean +- std over seed
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
+import re
 import statistics
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .allocator import steady_malloc
+from .cli import CONF_DIR
 from .config import input_shape, model_from_config
 from .cost import measure_cost
 from .records import read_json
@@ -76,6 +79,15 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def out_dir_name(overrides: list[str]) -> str:
+    """reproduce.py's default out dir name: the overrides that change results, as run.py names sweep
+    jobs (data.root, logger, device... left out: moving the data does not retrain the table). A
+    long one keeps its start and a hash, under the file system's 255-byte limit."""
+    excluded = set(OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
+    text = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", ",".join(sorted(o for o in overrides if override_key(o) not in excluded))) or "default"
+    return text if len(text) <= 120 else f"{text[:100]}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+
+
 def row_set_warnings(table: Any, overrides: list[str]) -> list[str]:
     """One warning per command-line override that the table's rows set themselves (a row's value wins in that row).
 
@@ -126,7 +138,7 @@ def build_table(table: DictConfig, costs: list[dict[str, Any]], runs: dict[str, 
     """One dict per row: setting, accuracy (ours and paper), MACs and params (ours, paper, difference), latency, note."""
     out = []
     for item in costs:
-        row, cost = item["row"], item["cost"] or {"macs": math.nan, "params": math.nan}
+        row, cost = item["row"], item["cost"] or {}  # no cost: a row whose model could not be built
         paper = OmegaConf.to_container(row.paper) if row.get("paper") else {}
         records = (runs or {}).get(str(row.id), [])
         accs = [100 * r["final"]["test_acc"] for r in records]
@@ -136,7 +148,7 @@ def build_table(table: DictConfig, costs: list[dict[str, Any]], runs: dict[str, 
         if measured:  # measured on the training device after training
             latency = statistics.median(measured)
             device = records[0]["cost"].get("latency_device")
-        macs_m, params_m = cost["macs"] / 1e6, cost["params"] / 1e6
+        macs_m, params_m = (cost[key] / 1e6 if key in cost else None for key in ("macs", "params"))  # None: JSON null, not NaN
         targets = [r["target"] for r in records if isinstance(r.get("target"), dict)]  # trainer.target_acc runs
         reached = [t["train_seconds"] for t in targets if t.get("reached")]
         out.append({
@@ -279,4 +291,5 @@ def format_table(rows: Table, table: DictConfig, failed: list[dict[str, Any]] | 
 
 
 def as_json(rows: Table, table: DictConfig, failed: list[dict[str, Any]]) -> str:
-    return json.dumps({"table": table.name, "title": table.title, "source": table.source, "rows": rows, "failed": failed}, default=str)
+    body = {"table": table.name, "title": table.title, "source": table.source, "rows": rows, "failed": failed}
+    return json.dumps(body, default=str, allow_nan=False)  # strict JSON: a missing figure is null

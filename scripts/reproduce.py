@@ -9,7 +9,6 @@ an interrupted reproduction continues where it stopped and finished rows are not
 """
 
 import logging
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from experiments.tables import (
     csv_table,
     format_table,
     latex_table,
+    out_dir_name,
     override_key,
     row_costs,
     row_set_warnings,
@@ -61,7 +61,7 @@ def _check(cfg: DictConfig) -> None:
     """Before any row trains: the table, the run settings every row shares, and the output dir."""
     _check_table(cfg)
     check_config(cfg, resolve_device(cfg.device))
-    check_writable(str(cfg.out or "reproduce"), "out=...")
+    check_writable(str(cfg.out) if cfg.out is not None else "reproduce", "out=...")  # out= (empty) is refused there
 
 
 def _run_to_the_end(command: list[str]) -> None:
@@ -144,10 +144,13 @@ def main(cfg: DictConfig) -> None:
     table = compose_row([]).table
     for warning in row_set_warnings(table, passthrough):
         log.warning(warning)
-    slug = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", ",".join(sorted(passthrough))) or "default"
-    out = Path(cfg.out or Path("reproduce") / cfg.table / slug)
-    out.mkdir(parents=True, exist_ok=True)
     costs = row_costs(table, compose_row, passthrough, latency=cfg.latency and cfg.cost_only)
+    unbuilt = [c for c in costs if c["cost"] is None]
+    if len(unbuilt) == len(costs):  # nothing to count or train: one line, nothing written
+        raise ValueError(f"no row of table {cfg.table} can be built: {unbuilt[0]['error']}")
+    out = Path(cfg.out) if cfg.out is not None else Path("reproduce") / cfg.table / out_dir_name(passthrough)
+    check_writable(str(out), "out=...")
+    out.mkdir(parents=True, exist_ok=True)
 
     runs, failed = None, []
     if not cfg.cost_only:
@@ -167,6 +170,10 @@ def main(cfg: DictConfig) -> None:
     log.info("wrote %s/%s.{md,csv,tex}", out, cfg.table)
     if failed:
         fail(f"{len(failed)} run(s) failed or did not finish; they are listed apart and left out of the table", code=1)
+    if cfg.cost_only and unbuilt:
+        fail(
+            f"{len(unbuilt)} row(s) could not be built ({', '.join(str(c['row'].id) for c in unbuilt)}); the table's notes say why", code=1
+        )
 
 
 if __name__ == "__main__":

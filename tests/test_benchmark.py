@@ -441,3 +441,15 @@ def test_sigterm_keeps_the_finished_suites_and_says_so(tmp_path):
     )
     assert json.loads((tmp_path / "pointwise.json").read_text())["results"]
     assert not (tmp_path / "train.json").exists()
+
+
+def test_baseline_times_every_step_asked_for_across_epochs():
+    """With fewer batches in an epoch than warm-up + timed steps, the baseline stopped at the epoch's
+    end: it timed fewer steps than the record said, or none (a TypeError on img/s = None)."""
+    from experiments import bench_train
+
+    cfg = bench_train._run_config(["data=synthetic", "data.train_size=96", "data.test_size=32", "trainer=smoke", "trainer.batch_size=32",
+                                   "logger=none", "device=cpu"])  # fmt: skip
+    data = bench_train.load_data(cfg.data, seed=0)
+    _, stats = bench_train._baseline(cfg, data, steps=5, warmup=2)  # 3 batches an epoch, 7 steps
+    assert stats["steps"] == 7 and stats["img_per_s"] > 0

@@ -99,7 +99,7 @@ def test_failed_row_is_listed_apart(tmp_path):
         cwd=tmp_path,
     )
     (out,) = (tmp_path / "reproduce" / "blocks").iterdir()
-    assert out.name == "data.image_size=8,data=synthetic,logger=none,model.widths=_48,96,96_,trainer=smoke"
+    assert out.name == "data.image_size=8,data=synthetic,model.widths=_48,96,96_,trainer=smoke"  # logger=none changes no result
     assert (out / "blocks.md").is_file() and len(list((out / "runs").glob("*/results.json"))) == 7, proc.stderr
 
     assert proc.returncode == 1
@@ -163,6 +163,29 @@ def test_overrides_that_rows_set_themselves_are_named_not_ignored_silently(tmp_p
     proc = run_script("reproduce.py", "table=mobilenet_t7", "cost_only=true", "latency=false", "data.image_size=8", f"out={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert "data.image_size=8: rows of table mobilenet_t7 set data.image_size themselves" in proc.stderr
+
+
+def test_cost_only_rows_that_cannot_be_built(tmp_path):
+    """Some rows: the table is written with the reasons in its notes, strict JSON (null, not NaN),
+    exit 1. Every row: one line, exit 2, nothing written."""
+    proc = run_script("reproduce.py", "table=blocks", "cost_only=true", "latency=false", "model.widths=[48,96,128]", f"out={tmp_path}/some",
+                      "format=json")  # fmt: skip
+    assert proc.returncode == 1 and "1 row(s) could not be built (depthwise)" in proc.stderr
+    rows = {r["id"]: r for r in json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))["rows"]}
+    assert rows["depthwise"]["macs_m"] is None and "cannot map 32 to 48" in rows["depthwise"]["note"]
+    assert rows["standard"]["macs_m"] > 0 and (tmp_path / "some" / "blocks.md").is_file()
+    none = run_script("reproduce.py", "table=blocks", "cost_only=true", "latency=false", "data.image_size=2", f"out={tmp_path}/none")
+    assert_one_line_error(none, "no row of table blocks can be built", "image_size=2")
+    assert not (tmp_path / "none").exists()
+
+
+def test_out_dir_names(tmp_path):
+    from experiments.tables import out_dir_name
+
+    assert out_dir_name(["data=fashion_mnist", "logger=none", "data.root=/elsewhere", "device=cpu"]) == "data=fashion_mnist"
+    long = out_dir_name([f"data.root={'a' * 300}", *[f"+model.k{i}={'x' * 20}" for i in range(20)]])
+    assert len(long) <= 120 and long.startswith("+model.k0=")
+    assert_one_line_error(run_script("reproduce.py", "table=mobilenet_t4", "cost_only=true", "out="), "output dir is empty", "out=")
 
 
 def test_bad_table_name():
