@@ -123,6 +123,8 @@ class BenchOptions:
         for name in self.dtypes:
             if name not in DTYPES:
                 raise ValueError(f"unknown dtype {name!r}; choose from: {', '.join(DTYPES)}")
+        if len(set(self.dtypes)) != len(self.dtypes):  # each would be timed and counted twice
+            raise ValueError(f"dtypes={list(self.dtypes)} names a dtype twice; give each once, e.g. [fp32,bf16]")
         if self.threads is not None and not _is_int(self.threads, 1):
             raise ValueError(f"threads={self.threads!r} must be null or an int >= 1")
         if not _is_int(self.repeats, 1):
@@ -651,7 +653,8 @@ def _pointwise_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     f"{t['ours']['rel_iqr']:.0%} / {t['torch']['rel_iqr']:.0%}",
                 ])  # fmt: skip
             peak = chosen[0]["peak_gflops"]
-            title = f"{dtype}, {pass_name} (N=8; GFLOP/s = {FLOPS_PER_MAC[pass_name]} x MACs / median time; peak {peak:.1f} GFLOP/s)"
+            batch = ", ".join(str(n) for n in sorted({r["n"] for r in chosen}))
+            title = f"{dtype}, {pass_name} (N={batch}; GFLOP/s = {FLOPS_PER_MAC[pass_name]} x MACs / median time; peak {peak:.1f} GFLOP/s)"
             tables.append({"title": title, "columns": columns, "rows": body})
     return tables
 

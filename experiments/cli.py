@@ -126,7 +126,7 @@ def _config_flags(argv: list[str], config_name: str) -> tuple[str, bool]:
     return name, own_dir
 
 
-def _first_values(overrides: list[str], loader: Any, multirun: bool = True) -> list[str]:
+def _first_values(overrides: list[str], loader: Any, multirun: bool = True, sweeps: bool = True) -> list[str]:
     """Check every group choice (each value of a sweep too); return the overrides with sweeps cut to their first value.
 
     A sweep (``a,b``, ``range(...)``) without ``-m`` is a :class:`UsageError` naming the fix.
@@ -145,6 +145,8 @@ def _first_values(overrides: list[str], loader: Any, multirun: bool = True) -> l
             first.append(text)
             continue
         if override.is_sweep_override() and not multirun:
+            if not sweeps:  # a script that refuses -m (reproduce.py): "add -m" would lead to another error
+                raise UsageError(f"{text} sweeps over several values, which this script does not take: run it once per value")
             raise UsageError(f"{text} sweeps over several values: add -m to run one job per value, or give one value")
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
         options = loader.get_group_options(key)  # [] when key is not a config group
@@ -267,7 +269,7 @@ def preflight(
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        first = _first_values(overrides, loader, multirun)
+        first = _first_values(overrides, loader, multirun, sweeps=not no_sweep)
         added = extra(first) if extra is not None else []
         first += added
         try:

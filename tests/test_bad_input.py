@@ -100,6 +100,7 @@ CFG = {"device": "cpu", "threads": None, "repeats": 5, "warmup": 1, "min_time_s"
         ("min_time_s", math.nan, "min_time_s=nan must be a number >= 0"),  # accepted
         ("min_time_s", math.inf, "min_time_s=inf must be a number >= 0"),
         ("min_time_s", "nan", "min_time_s='nan' must be a number >= 0"),
+        ("dtypes", ["fp32", "fp32"], r"dtypes=\['fp32', 'fp32'\] names a dtype twice"),  # every row timed and counted twice
     ],
 )
 def test_timing_options_not_rounded(key, value, needle):

@@ -319,7 +319,9 @@ def test_cli_json(tmp_path):
     report = result["reports"]["pointwise"]
     assert report["options"]["size"] == "tiny" and report["env"]["malloc"].startswith(("steady", "default (mallopt"))
     assert json.loads((tmp_path / "pointwise.json").read_text())["results"] == report["results"]
-    assert "| group |" in (tmp_path / "pointwise.md").read_text()
+    markdown = (tmp_path / "pointwise.md").read_text()
+    batches = sorted({r["n"] for r in report["results"]})
+    assert "| group |" in markdown and f"fwd (N={', '.join(map(str, batches))};" in markdown and "N=8" not in markdown  # tiny: not N=8
 
 
 def test_cli_unknown_suite_one_line(tmp_path):

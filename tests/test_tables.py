@@ -260,3 +260,9 @@ def test_table_sweeper_jobs(compose_cfg):
     # a job's overrides compose into that row's run
     job = compose_cfg("experiment=mobilenet_t5", *jobs[-1])
     assert (job.row, job.seed, job.model.width, job.model.shallow) == ("shallow", 7, 1.0, True)
+
+
+def test_a_sweep_value_is_refused_without_pointing_at_the_refused_m():
+    proc = run_script("reproduce.py", "table=blocks", "cost_only=true", "optim.lr=0.1,0.2")
+    assert_one_line_error(proc, "optim.lr=0.1,0.2 sweeps over several values, which this script does not take")
+    assert "add -m" not in proc.stderr
