@@ -35,6 +35,7 @@ __all__ = [
     "latex_table",
     "markdown_table",
     "override_key",
+    "recipe",
     "row_costs",
     "row_set_warnings",
 ]
@@ -226,8 +227,44 @@ def _time_to_target(row: dict[str, Any]) -> str:
     return _fmt(row["time_to_target_s"], ".1f") + reached
 
 
-def markdown_table(rows: Table, table: DictConfig) -> str:
-    """The table in Markdown, with the source and each row's note as footnotes."""
+def _short_commit(commit: Any) -> str:
+    text = str(commit or "?")
+    return text[:10] + ("-dirty" if text.endswith("-dirty") else "")
+
+
+def recipe(runs: dict[str, list[dict[str, Any]]] | None) -> str | None:
+    """What produced a table's accuracies, read from the runs themselves: data, epochs, batch,
+    optimizer, schedule, precision, seeds and the convlab commit. A value that differs between
+    rows is listed with a slash. None for a table without trained runs."""
+    records = [r for rs in (runs or {}).values() for r in rs]
+    if not records:
+        return None
+
+    def values(*path: str, fmt: str = "{}") -> str:
+        found = []
+        for r in records:
+            value: Any = r.get("config") or {}
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            text = "?" if value is None else fmt.format(value)
+            if text not in found:
+                found.append(text)
+        return "/".join(found)
+
+    subset = values("data", "subset")
+    data = values("data", "name") + ("" if subset == "?" else f" (subset {subset})") + f" at {values('data', 'image_size')} px"
+    seeds = sorted({r.get("seed") for r in records if isinstance(r.get("seed"), int)})
+    commits = sorted({_short_commit((r.get("env") or {}).get("git_commit")) for r in records})
+    return (
+        f"{data}; {values('trainer', 'epochs')} epochs, batch {values('trainer', 'batch_size')}, "
+        f"{values('optim', 'name')} lr {values('optim', 'lr')} wd {values('optim', 'weight_decay')}, "
+        f"{values('sched', 'name')} schedule, {values('trainer', 'precision')}; "
+        f"seeds {', '.join(map(str, seeds))}; convlab {', '.join(commits)}"
+    )
+
+
+def markdown_table(rows: Table, table: DictConfig, trained: str | None = None) -> str:
+    """The table in Markdown, with the source, what trained its runs (:func:`recipe`) and each row's note as footnotes."""
     cols = _columns(rows, table)
     lines = [
         "| " + " | ".join(name for name, _ in cols) + " |",
@@ -236,7 +273,7 @@ def markdown_table(rows: Table, table: DictConfig) -> str:
     for i in range(len(rows)):
         lines.append("| " + " | ".join(values[i].replace("|", r"\|") for _, values in cols) + " |")
     notes = [f"- {r['setting']}: {r['note']}" for r in rows if r["note"]]
-    head = f"**{table.title}** ({table.source})"
+    head = f"**{table.title}** ({table.source})" + (f"\n\nTrained: {trained}." if trained else "")
     delta = "Δ = ours rounded to the paper's printed digits minus the paper's figure; 0 means they agree."
     extra = [delta] if any(r["macs_diff"] is not None for r in rows) else []
     return "\n".join([head, "", *lines, "", *extra, *notes]).rstrip() + "\n"
@@ -267,11 +304,12 @@ def _tex(text: str) -> str:
     return text
 
 
-def latex_table(rows: Table, table: DictConfig) -> str:
-    """A booktabs ``table`` environment ready to paste into a paper."""
+def latex_table(rows: Table, table: DictConfig, trained: str | None = None) -> str:
+    """A booktabs ``table`` environment ready to paste into a paper; the caption says what trained it."""
     cols = _columns(rows, table)
     spec = "l" + "r" * (len(cols) - 1)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(str(table.title))} ({_tex(str(table.source))})}}", rf"\begin{{tabular}}{{{spec}}}",
+    caption = f"{table.title} ({table.source})" + (f". Trained: {trained}." if trained else "")
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(caption)}}}", rf"\begin{{tabular}}{{{spec}}}",
              r"\toprule", " & ".join(_tex(name) for name, _ in cols) + r" \\", r"\midrule"]  # fmt: skip
     for i in range(len(rows)):
         lines.append(" & ".join(_tex(values[i]) for _, values in cols) + r" \\")
@@ -279,9 +317,9 @@ def latex_table(rows: Table, table: DictConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_table(rows: Table, table: DictConfig, failed: list[dict[str, Any]] | None = None) -> str:
+def format_table(rows: Table, table: DictConfig, failed: list[dict[str, Any]] | None = None, trained: str | None = None) -> str:
     """What reproduce.py prints: the Markdown table, then failed or unfinished runs apart."""
-    text = markdown_table(rows, table)
+    text = markdown_table(rows, table, trained)
     if failed:
         text += "\nFailed or unfinished runs (not in the table):\n"
         text += "".join(
@@ -290,6 +328,6 @@ def format_table(rows: Table, table: DictConfig, failed: list[dict[str, Any]] | 
     return text
 
 
-def as_json(rows: Table, table: DictConfig, failed: list[dict[str, Any]]) -> str:
-    body = {"table": table.name, "title": table.title, "source": table.source, "rows": rows, "failed": failed}
+def as_json(rows: Table, table: DictConfig, failed: list[dict[str, Any]], trained: str | None = None) -> str:
+    body = {"table": table.name, "title": table.title, "source": table.source, "trained": trained, "rows": rows, "failed": failed}
     return json.dumps(body, default=str, allow_nan=False)  # strict JSON: a missing figure is null

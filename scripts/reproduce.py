@@ -32,6 +32,7 @@ from experiments.tables import (
     latex_table,
     out_dir_name,
     override_key,
+    recipe,
     row_costs,
     row_set_warnings,
 )
@@ -162,11 +163,11 @@ def main(cfg: DictConfig) -> None:
         runs, failed = collect_runs(out / "runs")
         runs, failed = _this_sweep(table, runs, failed, compose_row, range(cfg.seed, cfg.seed + cfg.seeds), out / "runs")
 
-    rows = build_table(table, costs, runs)
-    atomic_write(out / f"{cfg.table}.md", format_table(rows, table, failed).encode())
+    rows, trained = build_table(table, costs, runs), recipe(runs)
+    atomic_write(out / f"{cfg.table}.md", format_table(rows, table, failed, trained).encode())
     atomic_write(out / f"{cfg.table}.csv", csv_table(rows, table).encode())
-    atomic_write(out / f"{cfg.table}.tex", latex_table(rows, table).encode())
-    print(as_json(rows, table, failed) if cfg.format == "json" else format_table(rows, table, failed), flush=True)
+    atomic_write(out / f"{cfg.table}.tex", latex_table(rows, table, trained).encode())
+    print(as_json(rows, table, failed, trained) if cfg.format == "json" else format_table(rows, table, failed, trained), flush=True)
     log.info("wrote %s/%s.{md,csv,tex}", out, cfg.table)
     if failed:
         fail(f"{len(failed)} run(s) failed or did not finish; they are listed apart and left out of the table", code=1)

@@ -65,8 +65,11 @@ def test_train_rows_with_seeds_then_reuse(tmp_path):
     ]
     first = run_script("reproduce.py", *args)
     assert first.returncode == 0, first.stderr
-    rows = json.loads(first.stdout)["rows"]
+    rows, trained = json.loads(first.stdout)["rows"], json.loads(first.stdout)["trained"]
     assert [r["id"] for r in rows] == ["standard", "standard_se", "depthwise", "depthwise_se"]
+    # what produced the accuracies, read back from the runs: data, recipe, seeds, commit
+    assert trained.startswith("synthetic at 16 px; 2 epochs, batch 32, sgd lr 0.2") and "; seeds 0, 1; convlab " in trained
+    assert f"Trained: {trained}." in (tmp_path / "bottleneck.md").read_text()
     assert all(r["seeds"] == 2 and r["acc"] is not None and r["acc_std"] is not None for r in rows)
     assert rows[2]["macs_m"] < rows[0]["macs_m"]  # depthwise 3x3 costs less
     assert len(list((tmp_path / "runs").glob("*/results.json"))) == 8
