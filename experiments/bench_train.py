@@ -150,7 +150,10 @@ def train_suite(ctx: BenchContext) -> dict[str, Any]:
     if ctx.options.size == "tiny":
         overrides += ["data=synthetic", "data.train_size=256", "data.test_size=64", "trainer.batch_size=32"]
     cfg = _run_config(overrides)
-    data = load_data(cfg.data, seed=cfg.seed)
+    try:
+        data = load_data(cfg.data, seed=cfg.seed)
+    except ValueError as ex:  # its advice names run.py's data.root, which benchmark.py reads from the environment
+        raise ValueError(f"{ex} (benchmark.py: data.root is $CONVLAB_DATA, now {cfg.data.root})") from None
     steps, warmup = int(opts["steps"]), int(opts["warmup_steps"])
     ours = _ours_throughput(cfg, data, ctx.device, steps, warmup)
     _, base = _baseline(cfg, data, steps=steps, warmup=warmup)
