@@ -137,7 +137,8 @@ def _first_values(overrides: list[str], loader: Any, multirun: bool = True, swee
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as ex:
-        raise UsageError(f"cannot parse the command line: {str(ex).splitlines()[0]}") from None
+        hint = " (quote a value that holds '=' or ',', e.g. out='runs/a=1,b=2')" if "mismatched input" in str(ex) else ""
+        raise UsageError(f"cannot parse the command line: {str(ex).splitlines()[0]}{hint}") from None
     first = []
     for override, text in zip(parsed, overrides):
         key = override.key_or_group

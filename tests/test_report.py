@@ -359,6 +359,7 @@ def test_cli_wandb_offline_fails_in_one_line(tmp_path):
         (["runs=[{tmp}/empty,{tmp}/empty2]"], ["no results.json found under", "empty", "empty2"]),
         (["runs={tmp}/runs", "source=s3"], ["source='s3'", "local, wandb"]),
         (["runs={tmp}/runs", "format=xml"], ["format='xml'", "text, json"]),
+        (["runs={tmp}/model=a,seed=0"], ["cannot parse the command line", "quote a value that holds '=' or ','"]),  # a sweep job's dir
         (["runs={tmp}/runs", "out={tmp}/blocker/out"], ["out dir", "blocker", "not writable"]),
         (["source=wandb"], ["source=wandb needs project=NAME"]),
         ([], ["no runs dirs given"]),
