@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,19 +44,33 @@ class SweepSummary(Callback):
 
 
 class DropEmptySweepDir(Callback):
-    """After a ``-m`` sweep of a script that writes nothing (profile.py, report.py): remove the dir.
+    """After a ``-m`` sweep of a script that writes nothing (profile.py, report.py): remove what it made.
 
     Hydra makes ``multirun/<date>/`` with one empty dir per job and a ``multirun.yaml`` even when
     ``output_subdir`` is null; left behind, they are clutter that looks like a sweep's results.
-    A sweep dir holding any other file is kept as it is.
+    Only what this sweep created goes: a sweep dir that existed before it is left alone, and so
+    is one holding anything but ``multirun.yaml`` and empty dirs (and the parent only when this
+    sweep made it too).
     """
+
+    def __init__(self) -> None:
+        self._new: list[Path] = []
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self._new = [p for p in (sweep_dir, sweep_dir.parent) if not p.exists()]
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir():
+        if sweep_dir not in self._new or not sweep_dir.is_dir():
             return
-        if any(p.is_file() and p != sweep_dir / "multirun.yaml" for p in sweep_dir.rglob("*")):
+        entries = sorted(sweep_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True)  # deepest first
+        if any(p.is_symlink() or not p.is_dir() for p in entries if p != sweep_dir / "multirun.yaml"):
             return
-        shutil.rmtree(sweep_dir)
-        with contextlib.suppress(OSError):  # ``multirun/`` itself, when this sweep was all it held
-            sweep_dir.parent.rmdir()
+        (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+        for path in [*entries, sweep_dir]:
+            if path.is_dir():
+                path.rmdir()
+        if sweep_dir.parent in self._new:  # ``multirun/`` itself, when this sweep made it
+            with contextlib.suppress(OSError):
+                sweep_dir.parent.rmdir()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import signal
 import sys
@@ -226,20 +227,24 @@ def check_writable(directory: str, key: str = "hydra.run.dir=... / hydra.sweep.d
     """
     if not str(directory).strip():
         raise UsageError(f"output dir is empty; pass {key} with a directory path")
-    path = Path(directory).absolute()
-    made = [p for p in (path, *path.parents) if not p.exists()]
+    path = Path(os.path.abspath(directory))  # ".." resolved: "a/../b" must not leave "a" behind
+    made: list[Path] = []  # only the levels this check created: another process's new dir is not ours
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        for level in reversed([path, *path.parents]):
+            if not level.exists():
+                try:
+                    os.mkdir(level)
+                    made.append(level)
+                except FileExistsError:
+                    pass
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as ex:
         raise UsageError(f"output dir {directory!r} is not writable ({ex.strerror or ex}); pass {key} with a writable path") from None
     finally:
-        for p in made:  # deepest first; one that mkdir never reached is skipped
+        for level in reversed(made):  # deepest first
             try:
-                p.rmdir()
-            except FileNotFoundError:
-                continue
+                level.rmdir()
             except OSError:
                 break
 

@@ -21,6 +21,7 @@ params in millions, latency in ms for batch size 1, wall time in seconds.
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
 import logging
@@ -430,11 +431,18 @@ def split_runs(records: Iterable[dict[str, Any]]) -> tuple[list[RunRow], list[Ru
 
     Completed rows come sorted by test accuracy, best first; the others by path.
     """
+
+    def copy_first(record: dict[str, Any]) -> tuple[bool, str]:  # the file in its own run_dir is the original
+        path, run_dir = record.get("path"), record.get("run_dir")
+        original = bool(path and run_dir) and Path(str(path)).parent.resolve() == Path(str(run_dir)).resolve()
+        return (not original, str(path or ""))
+
     rows, seen = [], {}
-    for record in sorted(records, key=lambda r: str(r.get("path") or "")):
+    for record in sorted(records, key=copy_first):
         row = to_row(record)
         # A copied run dir (a backup, a second sweep folder) is one run, not two: the same run dir,
-        # start time and seed. The first path keeps it; a copy is listed apart, not counted twice.
+        # start time and seed. The file in that run dir (else the first path) keeps it; a copy is
+        # listed apart, not counted twice.
         identity = (record.get("run_dir"), record.get("started_at"), record.get("seed"))
         if row.status == "completed" and identity[0] and identity[1]:
             if identity in seen:
@@ -589,8 +597,10 @@ def by_data(rows: Sequence[RunRow]) -> dict[str, list[RunRow]]:
 
 
 def _file_part(text: str) -> str:
-    """A dataset name as part of a file name: letters, digits, ``-`` and ``_`` only."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "data"
+    """A dataset name as part of a file name: letters, digits, ``-`` and ``_``; a name that had to be
+    changed gets a short hash of itself, so "cifar 10" and "cifar/10" do not share (and overwrite) a file."""
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "data"
+    return safe if safe == text else f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
 
 
 def _scatter_points(rows: Sequence[RunRow], key: str) -> list[tuple[float, float, RunRow]]:
@@ -926,7 +936,7 @@ table.sortable th { cursor: pointer; user-select: none; } table.sortable th:hove
 th[aria-sort="ascending"]::after { content: " \\25B2"; font-size: 10px; } th[aria-sort="descending"]::after { content: " \\25BC"; font-size: 10px; }
 tbody tr:hover, tbody tr.hl { background: #eef5fb; }
 .status { font-size: 12px; padding: 1px 8px; border-radius: 10px; background: #e7f4ea; color: #1e6b34; }
-.status.failed { background: #fbe9e7; color: #B3261E; } .status.running, .status.unreadable, .status.incomplete, .status.invalid, .status.unknown { background: #fff4d6; color: #8a6d00; }
+.status.failed { background: #fbe9e7; color: #B3261E; } .status.duplicate { background: #ececf0; color: var(--muted); } .status.running, .status.unreadable, .status.incomplete, .status.invalid, .status.unknown { background: #fff4d6; color: #8a6d00; }
 footer { color: var(--muted); font-size: 12px; margin-top: 36px; }
 """
 
@@ -1047,6 +1057,8 @@ def render_html(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinishe
     data = [{k: v for k, v in asdict(r).items() if k != "history"} for r in completed]
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     total = len(completed) + len(failed) + len(unfinished)
+    copies = sum(r.status == "duplicate" for r in unfinished)
+    copies_box = f'<div class="count"><b>{copies}</b>copies (not counted)</div>' if copies else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>convlab report</title><style>{_CSS}</style></head>
@@ -1054,7 +1066,7 @@ def render_html(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinishe
 <h1>convlab report</h1>
 <p class="meta">Generated {generated} from {", ".join(f"<code>{_e(s)}</code>" for s in sources)}</p>
 <div class="counts"><div class="count"><b>{total}</b>runs found</div><div class="count"><b>{len(completed)}</b>completed</div>
-<div class="count bad"><b>{len(failed)}</b>failed</div><div class="count wait"><b>{len(unfinished)}</b>unfinished</div></div>
+<div class="count bad"><b>{len(failed)}</b>failed</div><div class="count wait"><b>{len(unfinished) - copies}</b>unfinished</div>{copies_box}</div>
 <h2>Accuracy vs cost</h2>
 <div class="legend">{legend}</div>{data_note}
 {scatters}
@@ -1129,11 +1141,13 @@ def build_report(
     files = write_tables(completed, out_dir) + write_figures(completed, out_dir)
     index = out_dir / "index.html"
     index.write_text(render_html(completed, failed, unfinished, sources), encoding="utf-8")
+    copies = sum(r.status == "duplicate" for r in unfinished)
     return {
         "runs": len(records),
         "completed": len(completed),
         "failed": len(failed),
-        "unfinished": len(unfinished),
+        "unfinished": len(unfinished) - copies,
+        "duplicates": copies,
         "sources": sources,
         "index": str(index),
         "files": [str(index), *(str(f) for f in files)],
@@ -1146,6 +1160,7 @@ def format_summary(summary: dict[str, Any], limit: int = 10) -> str:
     lines = [
         f"{summary['runs']} runs from {', '.join(summary['sources'])}: "
         f"{summary['completed']} completed, {summary['failed']} failed, {summary['unfinished']} unfinished"
+        + (f", {summary['duplicates']} copies of runs already counted" if summary.get("duplicates") else "")
     ]
     for problem in summary["problems"][:limit]:
         lines.append(f"  {problem['status']}: {problem['name']}: {problem['reason']} ({problem['path']})")

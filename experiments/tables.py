@@ -84,7 +84,10 @@ def out_dir_name(overrides: list[str]) -> str:
     """reproduce.py's default out dir name: the overrides that change results, as run.py names sweep
     jobs (data.root, logger, device... left out: moving the data does not retrain the table). A
     long one keeps its start and a hash, under the file system's 255-byte limit."""
-    excluded = set(OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
+    from .train import VOLATILE  # here: train imports much that tables' other users do not need
+
+    # run.py's exclusions that change no result (not `name`: a run dir refuses a run of another name)
+    excluded = set(OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys) & set(VOLATILE)
     text = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", ",".join(sorted(o for o in overrides if override_key(o) not in excluded))) or "default"
     return text if len(text) <= 120 else f"{text[:100]}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
 

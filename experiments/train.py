@@ -298,6 +298,11 @@ def time_to_target(history: list[dict[str, Any]], target: float | None) -> dict[
     return {"acc": target, "reached": False, "epoch": None, "test_acc": None, "train_seconds": None, "seconds_with_eval": None}
 
 
+def _off(value: Any) -> bool:
+    """An option that is off: null or false (not 0, which ``in (None, False)`` would also match)."""
+    return value is None or value is False
+
+
 def config_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """The first key (dotted) whose value differs, ignoring VOLATILE keys and an option that is off on
     one side and absent on the other (added since); None when equal."""
@@ -316,7 +321,7 @@ def config_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     for key in sorted(set(a) | set(b)):
         if any(key.startswith(v + ".") or key == v + "." for v in VOLATILE) and not (stops and key == "trainer.target_acc."):
             continue
-        if (key not in a and b[key] in (None, False)) or (key not in b and a[key] in (None, False)):
+        if (key not in a and _off(b[key])) or (key not in b and _off(a[key])):
             continue  # an option that is off, added (or dropped) after the other run was made: the same run
         if a.get(key) != b.get(key):
             return f"{key.rstrip('.')}: {a.get(key)!r} there, {b.get(key)!r} now"

@@ -65,7 +65,7 @@ def _check(cfg: DictConfig) -> None:
     check_writable(str(cfg.out) if cfg.out is not None else "reproduce", "out=...")  # out= (empty) is refused there
 
 
-def _run_to_the_end(command: list[str]) -> None:
+def _run_to_the_end(command: list[str]) -> int:
     """Run the sweep; if this process is interrupted, so is the sweep, and it records that before we exit.
 
     Ctrl-C reaches the sweep too (one process group); SIGTERM (``kill``, a scheduler's limit) reaches
@@ -74,7 +74,7 @@ def _run_to_the_end(command: list[str]) -> None:
     """
     sweep = subprocess.Popen(command, stdout=sys.stderr)
     try:
-        sweep.wait()
+        return sweep.wait()
     except KeyboardInterrupt:
         try:
             sweep.wait(timeout=5)  # a Ctrl-C it got itself: let it record the interruption
@@ -153,13 +153,13 @@ def main(cfg: DictConfig) -> None:
     check_writable(str(out), "out=...")
     out.mkdir(parents=True, exist_ok=True)
 
-    runs, failed = None, []
+    runs, failed, status = None, [], 0
     if not cfg.cost_only:
         # The dir is quoted: its name holds the overrides (data=x,trainer=y), which Hydra would read as a sweep.
         command = [sys.executable, str(Path(__file__).with_name("run.py")), "-m", f"experiment={cfg.table}", f"hydra.sweep.dir='{out / 'runs'}'",
                    f"hydra.sweeper.seeds={cfg.seeds}", *passthrough, *launcher]  # fmt: skip
         log.info("training %d rows x %d seeds: %s", len(table.rows), cfg.seeds, " ".join(command[1:]))
-        _run_to_the_end(command)  # failures are read back from results.json
+        status = _run_to_the_end(command)  # failures are read back from results.json
         runs, failed = collect_runs(out / "runs")
         runs, failed = _this_sweep(table, runs, failed, compose_row, range(cfg.seed, cfg.seed + cfg.seeds), out / "runs")
 
@@ -171,6 +171,8 @@ def main(cfg: DictConfig) -> None:
     log.info("wrote %s/%s.{md,csv,tex}", out, cfg.table)
     if failed:
         fail(f"{len(failed)} run(s) failed or did not finish; they are listed apart and left out of the table", code=1)
+    if status:  # a job can fail before it writes a record (beside a completed run of another config)
+        fail(f"the training sweep exited with status {status}; its messages above name the jobs that failed", code=1)
     if cfg.cost_only and unbuilt:
         fail(
             f"{len(unbuilt)} row(s) could not be built ({', '.join(str(c['row'].id) for c in unbuilt)}); the table's notes say why", code=1

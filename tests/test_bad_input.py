@@ -254,3 +254,21 @@ def test_check_writable_leaves_no_dirs_behind(tmp_path):
     with pytest.raises(UsageError, match="not writable"):
         check_writable(str(tmp_path / "file" / "run"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "outputs"]
+    check_writable(str(tmp_path / "up" / ".." / "down" / "run"))  # ".." is resolved: no "up" left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "outputs"]
+
+
+def test_check_writable_keeps_a_dir_another_process_made_meanwhile(tmp_path, monkeypatch):
+    """Only the levels this check created are removed: a parallel run's fresh dir is not its to remove."""
+    from experiments import cli
+
+    real_mkdir = cli.os.mkdir
+
+    def mkdir(path, *args):
+        if Path(path).name == "shared":
+            real_mkdir(path)  # another process gets there first
+        return real_mkdir(path, *args)
+
+    monkeypatch.setattr(cli.os, "mkdir", mkdir)
+    check_writable(str(tmp_path / "shared" / "run"))
+    assert (tmp_path / "shared").is_dir() and not (tmp_path / "shared" / "run").exists()

@@ -63,6 +63,13 @@ def test_sweep_leaves_no_empty_dirs(tmp_path):
     assert proc.stdout.count('"model": "standard"') == 1 and proc.stdout.count('"model": "depthwise"') == 1
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
     assert left == ["multirun", "multirun/earlier"], left
+    # a sweep dir the user already had is not this sweep's to remove, even when it holds no files
+    mine = tmp_path / "mine"
+    (mine / "empty").mkdir(parents=True)
+    (mine / "link").symlink_to(tmp_path / "nowhere")
+    proc = run_script("profile.py", "-m", "model=standard,depthwise", "format=json", f"hydra.sweep.dir={mine}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (mine / "empty").is_dir() and (mine / "link").is_symlink()
 
 
 def test_profile_says_which_stem_auto_chose():

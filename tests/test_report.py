@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from experiments.report import build_report, load_local_runs, load_wandb_runs, pareto_front, split_runs
+from experiments.report import build_report, format_summary, load_local_runs, load_wandb_runs, pareto_front, split_runs
 
 from .conftest import assert_one_line_error, run_script
 
@@ -158,6 +158,13 @@ def test_each_dataset_gets_its_own_plots_and_front(tmp_path):
         chart = page.split(f"<figcaption>Test accuracy on {data} vs MACs</figcaption>")[1].split("</svg>")[0]
         assert chart.count('<circle class="pt') == 2
         assert sorted(re.findall(r'<circle class="pt front-pt"[^>]*><title>([^<\n]*)', chart)) == expected
+    # names a file system cannot take are made safe, and two that would become one stay apart
+    for name, data in (("a", "cifar 10"), ("b", "cifar/10")):
+        (runs / name).mkdir()
+        (runs / name / "results.json").write_text(json.dumps({**_record(name, "separable", 21.3, 0.1, 0.9, 1.0), "data": data}))
+    summary = build_report([str(runs)], out=out)
+    macs = sorted(p.name for p in out.glob("acc_vs_macs_cifar-10-*.png"))
+    assert len(macs) == 2 and len(set(summary["files"])) == len(summary["files"])
 
 
 def test_a_copied_run_is_counted_once(tmp_path):
@@ -171,6 +178,21 @@ def test_a_copied_run_is_counted_once(tmp_path):
     assert sorted(r.path for r in completed) == [str(tmp_path / d / "results.json") for d in ("a", "c")]
     (copy,) = unfinished
     assert copy.status == "duplicate" and copy.reason == f"a copy of the run at {tmp_path / 'a' / 'results.json'}"
+    summary = build_report([str(tmp_path)], out=tmp_path / "out")
+    assert (summary["completed"], summary["unfinished"], summary["duplicates"]) == (2, 0, 1)  # a copy is not "unfinished"
+    assert "1 copies of runs already counted" in format_summary(summary)
+
+
+def test_the_run_in_its_own_run_dir_is_the_original(tmp_path):
+    """A backup that sorts first is still the copy: the original is the file in the recorded run_dir."""
+    home = tmp_path / "z-runs" / "sep"
+    home.mkdir(parents=True)
+    record = {**_record("sep", "separable", 21.3, 0.14, 0.91, 1.9), "run_dir": str(home)}
+    (home / "results.json").write_text(json.dumps(record))
+    (tmp_path / "a-backup").mkdir()
+    (tmp_path / "a-backup" / "results.json").write_text(json.dumps(record))
+    completed, _, (copy,) = split_runs(load_local_runs([tmp_path]))
+    assert [r.path for r in completed] == [str(home / "results.json")] and copy.path.startswith(str(tmp_path / "a-backup"))
 
 
 def test_html_is_self_contained(report):

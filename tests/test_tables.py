@@ -86,6 +86,9 @@ def test_train_rows_with_seeds_then_reuse(tmp_path):
     assert other_lr.returncode == 0, other_lr.stderr
     assert all(r["seeds"] == 1 for r in json.loads(other_lr.stdout)["rows"])
     assert "8 earlier run(s)" in other_lr.stderr and "optim.lr: 0.2 there, 0.05 now" in other_lr.stderr
+    # Jobs refused before they write a record (their dirs hold runs of another name) fail the table too.
+    named = run_script("reproduce.py", *[a for a in args if a != "seeds=2"], "seeds=1", "name=other")
+    assert named.returncode == 1 and "the training sweep exited with status 1" in named.stderr, named.stderr
 
 
 @pytest.mark.slow
