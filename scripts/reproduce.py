@@ -133,7 +133,8 @@ def main(cfg: DictConfig) -> None:
     overrides = HydraConfig.get().overrides
     for override in overrides.hydra:
         if override_key(override) == "hydra.sweeper.seeds":
-            raise ValueError(f"{override}: reproduce.py sets the sweeper's seeds from its own key; pass seeds={override.split('=', 1)[1]}")
+            shown = override.lstrip("+")  # the front door may have added a "+" the user did not type
+            raise ValueError(f"{shown}: reproduce.py sets the sweeper's seeds from its own key; pass seeds={override.split('=', 1)[1]}")
     # For run.py and the row configs, which know every key of the table's model: a "+key" (added by
     # the front door for keys only the table's model has) is a plain override there.
     passthrough = [o.removeprefix("+") for o in overrides.task if override_key(o) not in OWN_KEYS]

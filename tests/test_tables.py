@@ -272,3 +272,9 @@ def test_a_sweep_value_is_refused_without_pointing_at_the_refused_m():
     proc = run_script("reproduce.py", "table=blocks", "cost_only=true", "optim.lr=0.1,0.2")
     assert_one_line_error(proc, "optim.lr=0.1,0.2 sweeps over several values, which this script does not take")
     assert "add -m" not in proc.stderr
+
+
+def test_sweeper_seeds_key_points_at_seeds():
+    proc = run_script("reproduce.py", "table=blocks", "cost_only=true", "hydra.sweeper.seeds=3")
+    assert_one_line_error(proc, "hydra.sweeper.seeds=3: reproduce.py sets the sweeper's seeds from its own key; pass seeds=3")
+    assert "+hydra" not in proc.stderr  # as the user typed it
