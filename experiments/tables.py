@@ -121,12 +121,14 @@ def collect_runs(runs_dir: Path) -> tuple[dict[str, list[dict[str, Any]]], list[
     return done, other
 
 
-def _digits(value: float) -> int:
-    text = repr(value)
+def _digits(value: float | str) -> int:
+    """Decimals the paper printed. A figure with a trailing zero ("4.20") must be written as a
+    string in the table's YAML: as a float it reads 4.2, one digit less."""
+    text = value if isinstance(value, str) else repr(value)
     return len(text.split(".")[1]) if "." in text else 0
 
 
-def _diff(ours: float, paper: float) -> str:
+def _diff(ours: float, paper: float | str) -> str:
     """Ours minus the paper's, at the precision the paper printed: "0" means they agree.
 
     Ours is rounded half up in decimal, as papers round (149.5 M -> 150), not half to even on the
@@ -134,7 +136,8 @@ def _diff(ours: float, paper: float) -> str:
     """
     digits = _digits(paper)
     step = Decimal(1).scaleb(-digits)
-    delta = Decimal(repr(ours)).quantize(step, rounding=ROUND_HALF_UP) - Decimal(repr(paper)).quantize(step)
+    printed = Decimal(paper if isinstance(paper, str) else repr(paper))
+    delta = Decimal(repr(ours)).quantize(step, rounding=ROUND_HALF_UP) - printed.quantize(step)
     return "0" if delta == 0 else f"{delta:+.{digits}f}"
 
 

@@ -38,6 +38,7 @@ def test_difference_rounds_half_up_as_papers_do():
 
     assert (_diff(2.5, 3), _diff(0.25, 0.3), _diff(149.5, 150), _diff(149.497088, 149)) == ("0", "0", "0", "0")
     assert (_diff(290.6752, 290), _diff(4.15, 4.2), _diff(4.14, 4.2), _diff(1.5, 2.0)) == ("+1", "0", "-0.1", "-0.5")
+    assert (_diff(4.231976, "4.20"), _diff(4.2, "4.20")) == ("+0.03", "0")  # a printed trailing zero, kept as a string
 
 
 def test_cost_only_markdown_on_stdout(tmp_path):
