@@ -224,7 +224,18 @@ def load_data(cfg: Any, seed: int = 0) -> Data:
         raise ValueError(f"unknown dataset {cfg.name!r}; choose from: {', '.join(DATASETS)}")
     root = Path(cfg.root).expanduser().resolve()
     if cfg.name == "imagenet":
+        if cfg.get("val_split"):  # held-out examples of a streamed folder: not built; ImageNet's val is its test split here
+            raise ValueError(f"data.val_split={cfg.val_split} is not supported for imagenet; use data.val_split=0")
         train, test = _imagenet(cfg, root)
+        if cfg.get("subset") is not None:
+            check_subset_form(cfg.subset)
+            if cfg.subset > len(train):
+                raise ValueError(f"data.subset={cfg.subset} is larger than the {len(train)}-example imagenet training split")
+            from torch.utils.data import Subset
+
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+            train = Subset(train, order[: cfg.subset].tolist())
+        log.info("data: imagenet train %d, test %d (streamed from %s)", len(train), len(test), root / "imagenet")
         return Data(cfg.name, train, None, test, cfg.num_classes)
     if cfg.name == "synthetic":
         train, test = _synthetic(cfg, seed)
@@ -347,10 +358,13 @@ class FolderLoader:
 
     def __init__(self, dataset: Any, batch_size: int, *, train: bool, device: torch.device, mean: list[float], std: list[float],
                  flip: bool, seed: int, channels_last: bool, rank: int = 0, world_size: int = 1, workers: int = 8) -> None:  # fmt: skip
-        from torch.utils.data import DataLoader, DistributedSampler
+        from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-        self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed, drop_last=train)
-        self.loader = DataLoader(dataset, batch_size // world_size, sampler=self.sampler, num_workers=workers, drop_last=train,
+        if train:
+            self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+        else:  # every example once over all ranks: DistributedSampler pads by repeating examples
+            dataset, self.sampler = Subset(dataset, range(rank, len(dataset), world_size)), None
+        self.loader = DataLoader(dataset, max(1, batch_size // world_size), sampler=self.sampler, num_workers=workers, drop_last=train,
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0)  # fmt: skip
         self.device, self.flip, self.channels_last, self.seed, self.train = device, flip and train, channels_last, seed, train
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
@@ -360,7 +374,8 @@ class FolderLoader:
         return len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:

@@ -16,7 +16,15 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["DistInfo", "GlobalBatchNorm2d", "all_reduce_sum", "broadcast_object", "convert_sync_bn", "init_distributed"]
+__all__ = [
+    "DistInfo",
+    "GlobalBatchNorm2d",
+    "all_reduce_sum",
+    "broadcast_buffers",
+    "broadcast_object",
+    "convert_sync_bn",
+    "init_distributed",
+]
 
 
 @dataclass
@@ -58,6 +66,13 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 class _AllReduceSum(torch.autograd.Function):

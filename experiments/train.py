@@ -28,7 +28,7 @@ from .cli import Interrupted, raise_interrupted
 from .config import input_shape, model_from_config, model_options
 from .cost import measure_cost
 from .data import check_example_form, check_subset_form, load_data, make_loaders
-from .distributed import all_reduce_sum, broadcast_object, convert_sync_bn, init_distributed
+from .distributed import all_reduce_sum, broadcast_buffers, broadcast_object, convert_sync_bn, init_distributed
 from .records import env_info, list_checkpoints, load_checkpoint, now, read_json, save_checkpoint, write_json
 from .tracking import Tracker, make_tracker
 
@@ -533,6 +533,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             last = epoch + 1 == cfg.trainer.epochs or step >= total_steps
             if last or (epoch + 1) % cfg.trainer.eval_every == 0:
                 eval_start = time.perf_counter()
+                # Each rank scores its share of the test set with the model rank 0 saves: DDP syncs BatchNorm's
+                # running statistics at the start of a forward, so after the last step each rank holds its own.
+                broadcast_buffers(raw_model)
                 if "val" in loaders:
                     entry["val_acc"] = evaluate(raw_model, loaders["val"], device, cfg.trainer.precision)["acc"]
                 entry["test_acc"] = evaluate(raw_model, loaders["test"], device, cfg.trainer.precision)["acc"]

@@ -192,6 +192,8 @@ class Bottleneck(nn.Module):
     ) -> None:
         super().__init__()
         check_range("expansion", expansion, 1, 16)
+        if expansion != int(expansion):  # out_ch // int(1.5) silently built expansion 1
+            raise ValueError(f"bottleneck expansion={expansion} must be a whole number (out/mid channel ratio), e.g. 4")
         mid_ch = out_ch // int(expansion)
         if mid_ch < 1:
             raise ValueError(f"bottleneck out_ch={out_ch} is too narrow for expansion={expansion}; need out_ch >= expansion")

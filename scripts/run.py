@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # The repo root replaces scripts/ on the path: scripts/profile.py must not shadow the stdlib's profile module.
@@ -72,7 +73,10 @@ def main(cfg: DictConfig) -> None:
             if not _failure_recorded(hydra_dir):  # else SweepSummary counts it from results.json
                 count_failed_job()
             return
-        fail(str(ex), code=2 if isinstance(ex, ValueError) else 1)
+        code = 2 if isinstance(ex, ValueError) else 1
+        if rank:  # under torchrun rank 0 says it, once
+            sys.exit(code)
+        fail(str(ex), code=code)
     finally:
         _cleanup_rank_dir(rank, hydra_dir)
     if rank == 0:
@@ -89,10 +93,10 @@ def _failure_recorded(run_dir: Path) -> bool:
 
 
 def _cleanup_rank_dir(rank: int, hydra_dir: Path) -> None:
-    """Under torchrun every rank's Hydra made a run dir; ranks > 0 remove theirs when it holds no results."""
+    """Under torchrun ranks > 0 remove the temporary dir their Hydra wrote into (see the bottom of this file)."""
     import torch.distributed as dist
 
-    if rank and not (hydra_dir / "results.json").exists() and not list(hydra_dir.glob("checkpoint-*")):
+    if rank:
         logging.shutdown()
         shutil.rmtree(hydra_dir, ignore_errors=True)
     if dist.is_available() and dist.is_initialized():
@@ -100,4 +104,10 @@ def _cleanup_rank_dir(rank: int, hydra_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("RANK", "0")) > 0:
+        # Ranks > 0 train into rank 0's run dir (train() broadcasts it); their own Hydra output goes to a
+        # temporary dir of their own. Sharing rank 0's dir and removing it when it held no results.json
+        # raced rank 0's failure record: the run dir, or its .hydra and log, could vanish.
+        sys.argv = [a for a in sys.argv if not a.lstrip("+").startswith("hydra.run.dir=")]
+        sys.argv.append(f"hydra.run.dir={tempfile.mkdtemp(prefix='convlab-rank')}")
     main()

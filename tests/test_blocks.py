@@ -129,3 +129,12 @@ def test_strided_depthwise_runs_fp32_under_cpu_bf16_autocast():
             y = layer(x)
         assert y.dtype == dtype
         torch.testing.assert_close(y.float(), layer(x), rtol=2e-2, atol=2e-2)
+
+
+def test_bottleneck_expansion_must_be_whole():
+    """out_ch // int(1.5) built expansion 1 from the Python API, silently (the CLI refused it)."""
+    from models.blocks import Bottleneck
+
+    with pytest.raises(ValueError, match=r"expansion=1\.5 must be a whole number"):
+        Bottleneck(64, 96, 1, expansion=1.5)
+    assert Bottleneck(64, 96, 1, expansion=2.0).conv1.conv.out_channels == 48

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,33 @@ def test_epoch_seed_takes_every_valid_run_seed():
             assert 0 <= value < 2**64
             torch.Generator().manual_seed(value)
     assert epoch_seed(2**63 - 1, 0) != epoch_seed(2**63 - 1, 1)
+
+
+def _image_folder(root: Path, counts: dict[str, int]) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in counts.items():
+        for i in range(n):
+            folder = root / "imagenet" / split / ("a" if i % 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_imagenet_folders_subset_and_every_test_image_once_across_ranks(compose_cfg, tmp_path):
+    """data.subset was silently ignored for ImageNet, and evaluation over 2 ranks read 6 of 5 images
+    (DistributedSampler pads by repeating); val_split, which a streamed folder does not build, is refused."""
+    from experiments.data import FolderLoader
+
+    _image_folder(tmp_path, {"train": 6, "val": 5})
+    base = ("data=imagenet", f"data.root={tmp_path}", "data.image_size=32", "data.num_classes=2")
+    data = load_data(compose_cfg(*base, "data.subset=4").data, seed=0)
+    assert (len(data.train), data.val, len(data.test)) == (4, None, 5)
+    seen = []
+    for rank in (0, 1):
+        loader = FolderLoader(data.test, 1, train=False, device=torch.device("cpu"), mean=[0.5] * 3, std=[0.25] * 3, flip=False, seed=0,
+                              channels_last=False, rank=rank, world_size=2, workers=0)  # fmt: skip
+        seen += [y.item() for _, y in loader]
+    assert len(seen) == 5 and sorted(seen) == sorted(label for _, label in data.test.samples)
+    with pytest.raises(ValueError, match=r"data\.val_split=0\.2 is not supported for imagenet"):
+        load_data(compose_cfg(*base, "data.val_split=0.2").data, seed=0)
