@@ -91,6 +91,7 @@ def _this_sweep(table: DictConfig, runs: dict, failed: list, compose_row: Any, s
     passed with the same ``out=``); pooled, they would make a row's mean and n describe runs this
     command did not ask for. The others are named in one warning and left out.
     """
+    rows = {str(r.id): r for r in table.rows}
     kept: dict[str, list] = {}
     left_out: list[str] = []
 
@@ -105,7 +106,6 @@ def _this_sweep(table: DictConfig, runs: dict, failed: list, compose_row: Any, s
             left_out.append(f"row {row.id} seed {record['seed']} ({difference})")
         return difference is None
 
-    rows = {str(r.id): r for r in table.rows}
     for row_id, records in runs.items():
         mine = [r for r in records if wanted(r)]
         if mine:
