@@ -213,6 +213,16 @@ def example_count(value: float | int, total: int, key: str) -> int:
     return count
 
 
+def _subset_indices(cfg: Any, n: int, seed: int) -> Tensor | None:
+    """The ``data.subset`` examples of an ``n``-example training split, drawn with the run's seed; None for all."""
+    if cfg.get("subset") is None:
+        return None
+    check_subset_form(cfg.subset)
+    if cfg.subset > n:
+        raise ValueError(f"data.subset={cfg.subset} is larger than the {n}-example {cfg.name} training split")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: cfg.subset]
+
+
 def load_data(cfg: Any, seed: int = 0) -> Data:
     """Load ``cfg`` (the ``data`` config): train (after ``val_split`` and ``subset``), val and test splits.
 
@@ -227,14 +237,11 @@ def load_data(cfg: Any, seed: int = 0) -> Data:
         if cfg.get("val_split"):  # held-out examples of a streamed folder: not built; ImageNet's val is its test split here
             raise ValueError(f"data.val_split={cfg.val_split} is not supported for imagenet; use data.val_split=0")
         train, test = _imagenet(cfg, root)
-        if cfg.get("subset") is not None:
-            check_subset_form(cfg.subset)
-            if cfg.subset > len(train):
-                raise ValueError(f"data.subset={cfg.subset} is larger than the {len(train)}-example imagenet training split")
+        chosen = _subset_indices(cfg, len(train), seed)
+        if chosen is not None:
             from torch.utils.data import Subset
 
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-            train = Subset(train, order[: cfg.subset].tolist())
+            train = Subset(train, chosen.tolist())
         log.info("data: imagenet train %d, test %d (streamed from %s)", len(train), len(test), root / "imagenet")
         return Data(cfg.name, train, None, test, cfg.num_classes)
     if cfg.name == "synthetic":
@@ -254,12 +261,9 @@ def load_data(cfg: Any, seed: int = 0) -> Data:
     if n_val:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
         val, train = train.take(order[:n_val]), train.take(order[n_val:])
-    if cfg.subset is not None:
-        check_subset_form(cfg.subset)
-        if cfg.subset > len(train):
-            raise ValueError(f"data.subset={cfg.subset} is larger than the {len(train)}-example {cfg.name} training split")
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-        train = train.take(order[: cfg.subset])
+    chosen = _subset_indices(cfg, len(train), seed)
+    if chosen is not None:
+        train = train.take(chosen)
     log.info("data: %s train %d, val %d, test %d", cfg.name, len(train), len(val) if val else 0, len(test))
     return Data(cfg.name, train, val, test, cfg.num_classes)
 

@@ -32,7 +32,17 @@ from .distributed import all_reduce_sum, broadcast_buffers, broadcast_object, co
 from .records import env_info, list_checkpoints, load_checkpoint, now, read_json, save_checkpoint, write_json
 from .tracking import Tracker, make_tracker
 
-__all__ = ["Divergence", "check_config", "config_difference", "evaluate", "lr_factor", "measure_latency", "resolve_device", "train", "train_step"]
+__all__ = [
+    "Divergence",
+    "check_config",
+    "config_difference",
+    "evaluate",
+    "lr_factor",
+    "measure_latency",
+    "resolve_device",
+    "train",
+    "train_step",
+]
 
 log = logging.getLogger("convlab")
 

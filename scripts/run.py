@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from experiments.cli import count_failed_job, entry, fail, is_multirun
 from experiments.config import model_from_config
+from experiments.records import read_json
 from experiments.train import Divergence, check_config, resolve_device, train
 
 log = logging.getLogger("convlab")
@@ -86,10 +87,8 @@ def main(cfg: DictConfig) -> None:
 def _failure_recorded(run_dir: Path) -> bool:
     """Whether the run dir's results.json records a failure (a job can fail before writing one,
     e.g. on a device the machine lacks, or beside a completed run with another config)."""
-    try:
-        return json.loads((run_dir / "results.json").read_text()).get("status") != "completed"
-    except (OSError, ValueError, AttributeError):
-        return False
+    record = read_json(run_dir / "results.json")
+    return isinstance(record, dict) and record.get("status") != "completed"
 
 
 def _cleanup_rank_dir(rank: int, hydra_dir: Path) -> None:

@@ -299,3 +299,10 @@ def test_run_dir_not_writable(tmp_path):
     assert_one_line_error(reproduce, "not writable", f"{blocker}/tables", "out=")
     benchmark = run_script("benchmark.py", "suite=pointwise", "size=tiny", f"out={blocker}/bench")
     assert_one_line_error(benchmark, "not writable", f"{blocker}/bench", "out=")
+
+
+def test_read_json_of_bytes_that_are_not_text_is_none(tmp_path):
+    """A results.json of binary garbage raised UnicodeDecodeError where a bad JSON gave None."""
+    path = tmp_path / "results.json"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    assert records.read_json(path) is None
