@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -24,15 +23,15 @@ class SweepSummary(Callback):
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from .records import read_json  # here: records imports torch, which report.py's start-up need not pay for
+
         records = sorted(Path(config.hydra.sweep.dir).glob("**/results.json"))
         failed = []
         for path in records:
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+            record = read_json(path)
+            if not isinstance(record, dict):
                 failed.append((path, "results.json unreadable"))
-                continue
-            if record.get("status") != "completed":
+            elif record.get("status") != "completed":
                 failed.append((path, record.get("reason") or record.get("status")))
         if not records:
             return
