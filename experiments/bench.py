@@ -106,6 +106,7 @@ class BenchOptions:
     warmup: int = 5
     min_time_s: float = 0.2
     block: int = 1
+    graph_calls: int = 20
     size: str = "full"
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     malloc: str = "steady"
@@ -135,6 +136,8 @@ class BenchOptions:
             raise ValueError(f"min_time_s={self.min_time_s!r} must be a finite number >= 0 (seconds of timed calls per contender)")
         if not _is_int(self.block, 1):
             raise ValueError(f"block={self.block!r} must be an int >= 1 (timed calls per contender's turn)")
+        if not _is_int(self.graph_calls, 0):
+            raise ValueError(f"graph_calls={self.graph_calls!r} must be an int >= 0 (calls per CUDA graph; 0: eager calls)")
         from .bench_train import check_train_options  # here, not at the top: bench_train builds on this module
 
         check_train_options(self.train)
@@ -142,8 +145,20 @@ class BenchOptions:
     def timing(self) -> dict[str, Any]:
         """Keyword arguments of :func:`time_interleaved` for this size."""
         if self.size == "tiny":
-            return {"repeats": min(self.repeats, 3), "warmup": min(self.warmup, 1), "min_time_s": 0.0, "block": 1}
-        return {"repeats": self.repeats, "warmup": self.warmup, "min_time_s": self.min_time_s, "block": self.block}
+            return {
+                "repeats": min(self.repeats, 3),
+                "warmup": min(self.warmup, 1),
+                "min_time_s": 0.0,
+                "block": 1,
+                "graph_calls": min(self.graph_calls, 2),
+            }
+        return {
+            "repeats": self.repeats,
+            "warmup": self.warmup,
+            "min_time_s": self.min_time_s,
+            "block": self.block,
+            "graph_calls": self.graph_calls,
+        }
 
 
 @dataclass
@@ -273,6 +288,7 @@ def time_interleaved(
     min_time_s: float = 0.0,
     max_repeats: int | None = None,
     block: int = 1,
+    graph_calls: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Time several contenders round-robin and summarize each (see :func:`summarize_times`).
 
@@ -294,9 +310,13 @@ def time_interleaved(
         min_time_s: the least total timed seconds per contender.
         max_repeats: the most timed calls per contender.
         block: timed calls per contender's turn, after one untimed lead-in call when above 1.
+        graph_calls: on CUDA, when > 0: each contender is captured ``graph_calls`` times into one
+            CUDA graph (after the warm-up) and a timed call replays it; its time / ``graph_calls``
+            is the device time of one call without Python, dispatch or launch overhead. A
+            contender that cannot be captured falls back to eager calls (``timing`` says which).
 
     Returns:
-        name -> ``{median_ms, min_ms, q1_ms, q3_ms, iqr_ms, repeats}``.
+        name -> ``{median_ms, min_ms, q1_ms, q3_ms, iqr_ms, repeats, page_faults_per_call, timing}``.
     """
     device = torch.device(device)
     timer = _timer(device)
@@ -305,8 +325,17 @@ def time_interleaved(
         for _ in range(warmup):
             fn()
     sync(device)
+    per_call = dict.fromkeys(fns, 1)
+    modes = dict.fromkeys(fns, "eager")
+    if graph_calls > 0 and device.type == "cuda":
+        fns = dict(fns)
+        for name, fn in fns.items():
+            replay = cuda_graph(fn, device, graph_calls)
+            if replay is not None:
+                fns[name], per_call[name], modes[name] = replay, graph_calls, f"cuda graph of {graph_calls} calls"
     times: dict[str, list[float]] = {name: [] for name in fns}
     faults = dict.fromkeys(fns, 0)
+    spent = dict.fromkeys(fns, 0.0)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -319,16 +348,43 @@ def time_interleaved(
                     fn()  # lead-in: the timed calls below follow a call of the same op
                 for _ in range(block):
                     before = _minor_faults()
-                    times[name].append(timer(fn))
+                    elapsed = timer(fn)
+                    spent[name] += elapsed  # a replay's whole time counts toward min_time_s
+                    times[name].append(elapsed / per_call[name])
                     faults[name] += _minor_faults() - before
             calls += block
-            if calls >= repeats and min(sum(t) for t in times.values()) >= min_time_s:
+            if calls >= repeats and min(spent.values()) >= min_time_s:
                 break
     finally:
         if gc_was_enabled:
             gc.enable()
     # Page faults per call (this process, all threads): non-zero means the call paid for fresh memory.
-    return {name: {**summarize_times(t), "page_faults_per_call": faults[name] / len(t)} for name, t in times.items()}
+    return {name: {**summarize_times(t), "page_faults_per_call": faults[name] / len(t), "timing": modes[name]} for name, t in times.items()}
+
+
+def cuda_graph(fn: Callable[[], object], device: torch.device, calls: int) -> Callable[[], object] | None:
+    """``fn`` called ``calls`` times, captured into one CUDA graph; the result replays it (None if capture fails).
+
+    Two calls on a side stream first, as torch's graph docs ask (lazy initialisation, cuDNN's
+    algorithm search and autograd's stream set-up stay out of the capture).
+    """
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    fn()
+        except RuntimeError as ex:  # an op that syncs or reads back: time it eagerly
+            log.warning("cannot capture %s in a CUDA graph (%s); timing it eagerly", getattr(fn, "__name__", fn), str(ex).splitlines()[0])
+            torch.cuda.synchronize(device)
+            return None
+    return graph.replay
 
 
 def _minor_faults() -> int:
@@ -864,10 +920,13 @@ def _roofline_plot(rows: list[dict[str, Any]], peak: dict[str, dict[str, Any]], 
 
 def measure_machine(device: torch.device, options: BenchOptions) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """This run's matmul peak per dtype in ``options.dtypes`` and its copy bandwidth."""
-    tiny = options.size == "tiny"
+    tiny, gpu = options.size == "tiny", device.type == "cuda"
     reps = {"repeats": 2, "warmup": 1} if tiny else {}
-    peak = {name: measure_matmul_peak(device, DTYPES[name], 256 if tiny else 2048, **reps) for name in options.dtypes}
-    bandwidth = measure_bandwidth(device, 4 if tiny else 256, **(reps or {"repeats": 20, "warmup": 2}))
+    # A GPU needs bigger problems to reach its peak: a 2048 bf16 product is ~20 us on an H100, launch-bound;
+    # and a copy far larger than its L2 (50 MB on an H100).
+    n, mbytes = (256, 4) if tiny else (8192, 1024) if gpu else (2048, 256)
+    peak = {name: measure_matmul_peak(device, DTYPES[name], n, **reps) for name in options.dtypes}
+    bandwidth = measure_bandwidth(device, mbytes, **(reps or {"repeats": 20, "warmup": 2}))
     for name, p in peak.items():
         log.info(
             "peak %s: %.1f GFLOP/s (median of %d square %d matmuls; best %.1f)", name, p["gflops"], p["repeats"], p["n"], p["best_gflops"]
@@ -975,6 +1034,20 @@ def peak_drift(report: dict[str, Any], tolerance: float = PEAK_DRIFT_TOLERANCE) 
     return moved
 
 
+def timing_method(device: str, options: dict[str, Any]) -> str:
+    """How a report's calls were timed, in words (``options`` as the report records them)."""
+    if not device.startswith("cuda"):
+        return "host clock (time.perf_counter) around each call"
+    calls = options.get("graph_calls", 0)
+    if calls:
+        return (
+            f"CUDA events around replays of a CUDA graph of {calls} calls of a contender, divided by {calls}: device time "
+            "without Python, dispatch or launch overhead (a contender that could not be captured is timed eagerly; its "
+            "results.json timings say 'eager'); the train suite times whole eager steps"
+        )
+    return "CUDA events around each eager call (Python, dispatch and launch overhead included)"
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     """A suite's report as Markdown: what produced it, the machine's limits, the tables, how noisy it was."""
     env, noise, load = report["env"], report.get("noise", {}), report["load_avg_1_5_15min"]
@@ -984,6 +1057,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{env['device_name']} ({env['device']}, {env['threads']} threads, {env['cpu_count']} logical CPUs, flags: {', '.join(env['cpu_flags']) or '-'}), "
         f"torch {env['torch']}, git {env['git_commit']}, malloc {env['malloc']}, "
         f"fp32 math {report.get('fp32_math', 'not recorded')}, started {report['started']}, {report['seconds']} s.",
+        "",
+        f"Timing: {timing_method(env['device'], report['options'])}.",
         "",
         "Machine limits measured in this run: "
         + ", ".join(
@@ -1048,6 +1123,7 @@ def options_from_config(cfg: Any) -> BenchOptions:
         warmup=_config_number(cfg, "warmup", int),
         min_time_s=_config_number(cfg, "min_time_s", float),
         block=_config_number(cfg, "block", int, 1, low=1),
+        graph_calls=_config_number(cfg, "graph_calls", int, 20),
         size=str(cfg.size),
         malloc=str(cfg.get("malloc", "steady")),
         train=dict(cfg.get("train") or {}),

@@ -276,6 +276,46 @@ def test_summarize_and_round_robin():
         summarize_times([])
 
 
+def test_graph_timing_divides_replays_and_counts_their_whole_time(monkeypatch):
+    """On CUDA a timed call replays a graph of ``graph_calls`` calls: the record is one call's time, and
+    min_time_s counts the replays' whole time (counting per-call times would run graph_calls times longer)."""
+    clock = {"now": 0.0}
+
+    def work():
+        clock["now"] += 0.001  # every call takes 1 ms of the fake clock
+
+    def timer(device):
+        def time_one(fn):
+            start = clock["now"]
+            fn()
+            return clock["now"] - start
+
+        return time_one
+
+    captured: list[int] = []
+
+    def fake_graph(fn, device, calls):
+        captured.append(calls)
+        return lambda: [fn() for _ in range(calls)]
+
+    monkeypatch.setattr(bench, "sync", lambda device: None)
+    monkeypatch.setattr(bench, "_timer", timer)
+    monkeypatch.setattr(bench, "cuda_graph", fake_graph)
+    timed = bench.time_interleaved({"a": work}, device="cuda", repeats=2, warmup=0, min_time_s=0.1, graph_calls=10)["a"]
+    assert captured == [10] and timed["timing"] == "cuda graph of 10 calls"
+    assert timed["median_ms"] == pytest.approx(1.0)  # one call, not the 10 ms replay
+    assert timed["repeats"] == 10  # 10 replays of 10 ms reach 0.1 s
+    monkeypatch.setattr(bench, "cuda_graph", lambda fn, device, calls: None)  # capture failed: eager calls
+    timed = bench.time_interleaved({"a": work}, device="cuda", repeats=2, warmup=0, min_time_s=0.0, graph_calls=10)["a"]
+    assert timed["timing"] == "eager" and timed["median_ms"] == pytest.approx(1.0)
+    calls: list[int] = []
+    timed = bench.time_interleaved({"a": lambda: calls.append(1)}, device="cpu", repeats=3, warmup=1, graph_calls=10)["a"]
+    assert timed["timing"] == "eager" and len(calls) == 4  # no graphs on the CPU
+    assert "host clock" in bench.timing_method("cpu", {"graph_calls": 20})
+    assert "CUDA graph of 20 calls" in bench.timing_method("cuda", {"graph_calls": 20})
+    assert "each eager call" in bench.timing_method("cuda:1", {"graph_calls": 0})
+
+
 def test_registry_one_function_per_suite(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "SUITES", dict(SUITES))
 
@@ -303,6 +343,7 @@ def test_registry_one_function_per_suite(monkeypatch, tmp_path):
         ("device", "tpu", "unknown device 'tpu'"),
         ("malloc", "x", "malloc"),
         ("block", 0, "block=0 must be an int >= 1"),
+        ("graph_calls", -1, "graph_calls=-1 must be an int >= 0"),
     ],
 )
 def test_bad_options(field, value, needle):
