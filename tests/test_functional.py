@@ -387,3 +387,37 @@ def test_torch_func_transforms(channels_last):
             for conv in (pointwise_conv2d, F.conv2d)
         ]
         torch.testing.assert_close(*grads, rtol=1e-4, atol=1e-4)
+
+
+def test_folded_nchw_weight_gradient_matches_conv(monkeypatch):
+    """The GPU's folded NCHW weight gradient (one product over all N*H*W columns), forced on here on the
+    CPU: the same gradients as F.conv2d in float64, and a gradient penalty through it still works."""
+    import models.functional as functional
+
+    monkeypatch.setattr(functional, "_fold_weight_grad", lambda grad: True)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 16, 10, 10, generator=g, dtype=torch.float64, requires_grad=True)  # 100 pixels: the batched path
+    w = torch.randn(24, 16, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(24, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, 24, 10, 10, generator=g, dtype=torch.float64)
+    for got, want in zip(
+        torch.autograd.grad(pointwise_conv2d(x, w, b), (x, w, b), grad_out), torch.autograd.grad(F.conv2d(x, w, b), (x, w, b), grad_out)
+    ):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda x, w, b: pointwise_conv2d(x, w, b), (x[:2, :, :5, :5].detach().requires_grad_(), w, b))
+
+
+def test_fold_weight_gradient_rule():
+    """Folded only where it was measured faster: CUDA, fp32, at least 2048 pixels per image (H200, benchmarks/gpu)."""
+    from types import SimpleNamespace
+
+    from models.functional import _fold_weight_grad
+
+    def grad(cuda, dtype, pixels):
+        return SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(8, 64, pixels))
+
+    assert _fold_weight_grad(grad(True, torch.float32, 56 * 56)) and _fold_weight_grad(grad(True, torch.float32, 112 * 112))
+    assert not _fold_weight_grad(grad(True, torch.float32, 28 * 28))  # 0.88-0.90x folded
+    assert not _fold_weight_grad(grad(True, torch.bfloat16, 56 * 56))  # bf16: slower folded on every shape
+    assert not _fold_weight_grad(grad(False, torch.float32, 112 * 112))  # the CPU keeps the per-image products
+    assert not _fold_weight_grad(torch.zeros(2, 3, 4096))
