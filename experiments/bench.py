@@ -1035,8 +1035,10 @@ def peak_drift(report: dict[str, Any], tolerance: float = PEAK_DRIFT_TOLERANCE) 
     return moved
 
 
-def timing_method(device: str, options: dict[str, Any]) -> str:
+def timing_method(suite: str, device: str, options: dict[str, Any]) -> str:
     """How a report's calls were timed, in words (``options`` as the report records them)."""
+    if suite == "train":
+        return "wall clock around whole eager training steps (data loading included), after a device sync"
     if not device.startswith("cuda"):
         return "host clock (time.perf_counter) around each call"
     calls = options.get("graph_calls", 0)
@@ -1044,7 +1046,7 @@ def timing_method(device: str, options: dict[str, Any]) -> str:
         return (
             f"CUDA events around replays of a CUDA graph of {calls} calls of a contender, divided by {calls}: device time "
             "without Python, dispatch or launch overhead (a contender that could not be captured is timed eagerly; its "
-            "results.json timings say 'eager'); the train suite times whole eager steps"
+            "results.json timings say 'eager')"
         )
     return "CUDA events around each eager call (Python, dispatch and launch overhead included)"
 
@@ -1059,7 +1061,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"torch {env['torch']}, git {env['git_commit']}, malloc {env['malloc']}, "
         f"fp32 math {report.get('fp32_math', 'not recorded')}, started {report['started']}, {report['seconds']} s.",
         "",
-        f"Timing: {timing_method(env['device'], report['options'])}.",
+        f"Timing: {timing_method(report['suite'], env['device'], report['options'])}.",
         "",
         "Machine limits measured in this run: "
         + ", ".join(

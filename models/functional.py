@@ -50,22 +50,19 @@ class _BatchedPointwise(torch.autograd.Function):
         c = x3.shape[1]
         need_x, need_w, need_b = ctx.needs_input_grad
         grad_x = grad_w = grad_b = None
-        if p < c:
-            # More channels than pixels: the per-image products would be thin, and the (N, K, C)
-            # per-image weight gradients larger than grad itself. Fold the batch into the columns.
-            grad_cols = grad.transpose(0, 1).reshape(k, n * p)  # (K, N*P), a copy
-            if need_x:
-                grad_x = (w2d.t() @ grad_cols).view(c, n, p).transpose(0, 1).contiguous()  # (N, C, P)
-            if need_w:
-                grad_w = grad_cols @ x3.transpose(0, 1).reshape(c, n * p).t()  # (K, N*P) @ (N*P, C) -> (K, C)
-        else:
-            if need_x:
-                grad_x = torch.bmm(w2d.t().expand(n, c, k), grad)  # (N, C, K) @ (N, K, P) -> (N, C, P)
-            if need_w and _fold_weight_grad(grad):
-                grad_cols = grad.transpose(0, 1).reshape(k, n * p)  # (K, N*P), a copy
-                grad_w = grad_cols @ x3.transpose(0, 1).reshape(c, n * p).t()  # one product over all N*P columns
-            elif need_w:
-                grad_w = torch.bmm(grad, x3.transpose(1, 2)).sum(0)  # (N, K, C) summed over images -> (K, C)
+        # More channels than pixels: the per-image products would be thin, and the (N, K, C) per-image
+        # weight gradients larger than grad itself, so the batch is folded into the columns; on a GPU the
+        # weight gradient is folded for large images too (see _fold_weight_grad).
+        fold_x, fold_w = p < c, p < c or (need_w and _fold_weight_grad(grad))
+        grad_cols = grad.transpose(0, 1).reshape(k, n * p) if fold_x or fold_w else None  # (K, N*P), a copy
+        if need_x and fold_x:
+            grad_x = (w2d.t() @ grad_cols).view(c, n, p).transpose(0, 1).contiguous()  # (N, C, P)
+        elif need_x:
+            grad_x = torch.bmm(w2d.t().expand(n, c, k), grad)  # (N, C, K) @ (N, K, P) -> (N, C, P)
+        if need_w and fold_w:
+            grad_w = grad_cols @ x3.transpose(0, 1).reshape(c, n * p).t()  # (K, N*P) @ (N*P, C) -> (K, C)
+        elif need_w:
+            grad_w = torch.bmm(grad, x3.transpose(1, 2)).sum(0)  # (N, K, C) summed over images -> (K, C)
         if ctx.has_bias and need_b:
             grad_b = grad.sum((0, 2))  # (K,)
         return grad_x, grad_w, grad_b

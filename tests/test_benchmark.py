@@ -311,9 +311,10 @@ def test_graph_timing_divides_replays_and_counts_their_whole_time(monkeypatch):
     calls: list[int] = []
     timed = bench.time_interleaved({"a": lambda: calls.append(1)}, device="cpu", repeats=3, warmup=1, graph_calls=10)["a"]
     assert timed["timing"] == "eager" and len(calls) == 4  # no graphs on the CPU
-    assert "host clock" in bench.timing_method("cpu", {"graph_calls": 20})
-    assert "CUDA graph of 20 calls" in bench.timing_method("cuda", {"graph_calls": 20})
-    assert "each eager call" in bench.timing_method("cuda:1", {"graph_calls": 0})
+    assert "host clock" in bench.timing_method("pointwise", "cpu", {"graph_calls": 20})
+    assert "CUDA graph of 20 calls" in bench.timing_method("blocks", "cuda", {"graph_calls": 20})
+    assert "each eager call" in bench.timing_method("pointwise", "cuda:1", {"graph_calls": 0})
+    assert "whole eager training steps" in bench.timing_method("train", "cuda", {"graph_calls": 20})
 
 
 def test_registry_one_function_per_suite(monkeypatch, tmp_path):
