@@ -29,11 +29,15 @@ def block_options(block: type[nn.Module]) -> list[str]:
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
-def _check_block_options(block_name: str, options: dict) -> None:
+def _check_block_options(block_name: str, options: dict, network: type[nn.Module]) -> None:
+    """Options a network passes on to its blocks; a mistake lists the network's own options as well."""
     valid = block_options(BLOCKS[block_name])
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"block {block_name!r} has no option {unknown[0]!r}; valid: {', '.join(valid)}")
+        raise ValueError(
+            f"{network.__name__} of {block_name!r} blocks has no option {unknown[0]!r}; "
+            f"valid: {', '.join([*block_options(network), *valid])}"
+        )
 
 
 def _small_stem(stem: str, image_size: int) -> bool:
@@ -140,7 +144,7 @@ class BlockNet(_Network):
         if block not in BLOCKS:
             raise ValueError(f"unknown block {block!r}; choose from: {', '.join(BLOCKS)}")
         _check_common(block, num_classes, in_channels, image_size, width)
-        _check_block_options(block, options)
+        _check_block_options(block, options, type(self))
         stem_width = _check_count("stem_width", stem_width, "channels of the stem conv")
         widths = _check_counts("widths", widths, "output channels of each stage", "[32,64,128]")
         depths = _check_counts("depths", depths, "blocks in each stage", "[2,2,2]")
@@ -313,7 +317,7 @@ class ResNet(_Network):
         _check_common(name, num_classes, in_channels, image_size, width)
         if block not in ("basic", "bottleneck"):
             raise ValueError(f"unknown resnet block {block!r}; choose from: basic, bottleneck")
-        _check_block_options(block, options)
+        _check_block_options(block, options, type(self))
         layers = _check_counts("layers", layers, "blocks in each stage", "[2,2,2,2]")
         expansion = 4 if block == "bottleneck" else 1
         small = _small_stem(stem, image_size)

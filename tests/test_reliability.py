@@ -145,7 +145,7 @@ def test_checkpoints_load_with_weights_only(tmp_path):
         # a key added with + that nothing reads is a typo, not a setting
         (["+trainer.epoch=3"], ["+trainer.epoch=3 adds a key nothing reads", "trainer has: epochs"]),
         (["optim=adamw", "+optim.nesterov=true"], ["+optim.nesterov=true", "optim has: name, lr, momentum, beta2"]),
-        (["+model.expansion=2"], ["block 'separable' has no option 'expansion'", "kernel_size"]),
+        (["+model.expansion=2"], ["'separable' blocks has no option 'expansion'", "stem_width", "kernel_size"]),
         (["-cn", "reproduce"], ["--config-name=reproduce is reproduce.py's config", "it reads 'config'"]),
         (["--config-name=nope"], ["unknown config name 'nope'", "config, profile"]),
     ],
