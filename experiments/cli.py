@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -339,8 +340,15 @@ def _check_swept_keys(overrides: list[str], cfg: DictConfig) -> None:
 
 
 def _check_sweeper(cfg: DictConfig) -> None:
-    """joblib's ``n_jobs`` is not 0; convlab's table sweeper (``experiment=...`` sweeps) needs a table and a seed count >= 1."""
-    if "joblib" in str(OmegaConf.select(cfg, "hydra.launcher._target_", default="")).lower():
+    """joblib's ``n_jobs`` is not 0; the SLURM launcher has SLURM to submit to; convlab's table sweeper
+    (``experiment=...`` sweeps) needs a table and a seed count >= 1."""
+    launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default=""))
+    if launcher.endswith("SlurmLauncher") and shutil.which("srun") is None:  # submitit's own check, before any job
+        raise UsageError(
+            "hydra/launcher=slurm (submitit's SLURM launcher) needs a SLURM cluster, and this machine has no srun on its PATH; run it on the "
+            "cluster's login node, or use hydra/launcher=basic (one job after another) or parallel"
+        )
+    if "joblib" in launcher.lower():
         n_jobs = OmegaConf.select(cfg, "hydra.launcher.n_jobs")
         if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0):
             raise UsageError(f"hydra.launcher.n_jobs={n_jobs!r} must be a whole number >= 1 (parallel jobs), or -1 for one per core")

@@ -229,6 +229,18 @@ def test_sweeping_a_key_left_out_of_dir_names_is_refused(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_slurm_launcher_without_slurm_is_one_line(tmp_path):
+    """submitit raised its own 'Could not detect srun' with a 30-line traceback after making the sweep dir."""
+    import shutil
+
+    assert shutil.which("srun") is None  # this test is about a machine without SLURM
+    for launcher in ("slurm", "submitit_slurm"):
+        proc = run_script("run.py", "-m", f"hydra/launcher={launcher}", "model=standard,separable", "data=synthetic", "trainer=smoke",
+                          "logger=none", f"hydra.sweep.dir={tmp_path}/s")  # fmt: skip
+        assert_one_line_error(proc, "hydra/launcher=slurm", "no srun on its PATH", "hydra/launcher=basic")
+    assert not (tmp_path / "s").exists()
+
+
 def test_parallel_launcher_jobs_write_only_their_own_dirs(tmp_path):
     proc = run_script("run.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "model=separable,pointwise", "data=synthetic",
                       "data.image_size=8", "trainer=smoke", "trainer.num_threads=1", "logger=none", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
