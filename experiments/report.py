@@ -38,6 +38,7 @@ from typing import Any
 __all__ = [
     "RunRow",
     "build_report",
+    "count_runs",
     "find_results",
     "format_summary",
     "load_local_runs",
@@ -454,6 +455,18 @@ def split_runs(records: Iterable[dict[str, Any]]) -> tuple[list[RunRow], list[Ru
     failed = sorted((r for r in rows if r.status == "failed"), key=lambda r: r.path)
     unfinished = sorted((r for r in rows if r.status not in ("completed", "failed")), key=lambda r: r.path)
     return completed, failed, unfinished
+
+
+def count_runs(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinished: Sequence[RunRow]) -> dict[str, int]:
+    """The counts the page and the summary show. ``unfinished``: running, or stopped without a result;
+    ``invalid``: records that cannot be used (unreadable, an impossible value, completed without a
+    test accuracy, an unknown status); ``duplicates``: copies of a run already counted."""
+    copies = sum(r.status == "duplicate" for r in unfinished)
+    running = sum(r.status == "running" for r in unfinished)
+    return {
+        "completed": len(completed), "failed": len(failed), "unfinished": running,
+        "invalid": len(unfinished) - running - copies, "duplicates": copies,
+    }  # fmt: skip
 
 
 def pareto_front(costs: Sequence[float], accs: Sequence[float]) -> list[int]:
@@ -1057,8 +1070,9 @@ def render_html(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinishe
     data = [{k: v for k, v in asdict(r).items() if k != "history"} for r in completed]
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     total = len(completed) + len(failed) + len(unfinished)
-    copies = sum(r.status == "duplicate" for r in unfinished)
-    copies_box = f'<div class="count"><b>{copies}</b>copies (not counted)</div>' if copies else ""
+    counts = count_runs(completed, failed, unfinished)
+    invalid_box = f'<div class="count bad"><b>{counts["invalid"]}</b>unreadable or invalid</div>' if counts["invalid"] else ""
+    copies_box = f'<div class="count"><b>{counts["duplicates"]}</b>copies (not counted)</div>' if counts["duplicates"] else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>convlab report</title><style>{_CSS}</style></head>
@@ -1066,7 +1080,7 @@ def render_html(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinishe
 <h1>convlab report</h1>
 <p class="meta">Generated {generated} from {", ".join(f"<code>{_e(s)}</code>" for s in sources)}</p>
 <div class="counts"><div class="count"><b>{total}</b>runs found</div><div class="count"><b>{len(completed)}</b>completed</div>
-<div class="count bad"><b>{len(failed)}</b>failed</div><div class="count wait"><b>{len(unfinished) - copies}</b>unfinished</div>{copies_box}</div>
+<div class="count bad"><b>{len(failed)}</b>failed</div><div class="count wait"><b>{counts["unfinished"]}</b>unfinished</div>{invalid_box}{copies_box}</div>
 <h2>Accuracy vs cost</h2>
 <div class="legend">{legend}</div>{data_note}
 {scatters}
@@ -1121,7 +1135,8 @@ def build_report(
         api: injected W&B API object (tests); None builds ``wandb.Api()``.
 
     Returns:
-        Summary: ``runs``, ``completed``, ``failed``, ``unfinished`` counts, ``index`` (path of
+        Summary: ``runs`` and the counts of :func:`count_runs` (``completed``, ``failed``,
+        ``unfinished``, ``invalid``, ``duplicates``), ``index`` (path of
         index.html), ``files`` written, and ``problems`` (name, status, reason, path per run left out).
 
     Raises:
@@ -1141,13 +1156,9 @@ def build_report(
     files = write_tables(completed, out_dir) + write_figures(completed, out_dir)
     index = out_dir / "index.html"
     index.write_text(render_html(completed, failed, unfinished, sources), encoding="utf-8")
-    copies = sum(r.status == "duplicate" for r in unfinished)
     return {
         "runs": len(records),
-        "completed": len(completed),
-        "failed": len(failed),
-        "unfinished": len(unfinished) - copies,
-        "duplicates": copies,
+        **count_runs(completed, failed, unfinished),
         "sources": sources,
         "index": str(index),
         "files": [str(index), *(str(f) for f in files)],
@@ -1160,6 +1171,7 @@ def format_summary(summary: dict[str, Any], limit: int = 10) -> str:
     lines = [
         f"{summary['runs']} runs from {', '.join(summary['sources'])}: "
         f"{summary['completed']} completed, {summary['failed']} failed, {summary['unfinished']} unfinished"
+        + (f", {summary['invalid']} unreadable or invalid" if summary.get("invalid") else "")
         + (f", {summary['duplicates']} copies of runs already counted" if summary.get("duplicates") else "")
     ]
     for problem in summary["problems"][:limit]:

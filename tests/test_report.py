@@ -112,7 +112,7 @@ def test_load_and_split_keeps_failed_and_unfinished_apart(tmp_path):
 
 def test_html_lists_every_run_and_the_problems_apart(report):
     _, out, summary = report
-    assert (summary["runs"], summary["completed"], summary["failed"], summary["unfinished"]) == (9, 6, 1, 2)
+    assert (summary["runs"], summary["completed"], summary["failed"], summary["unfinished"], summary["invalid"]) == (9, 6, 1, 1, 1)
     page = (out / "index.html").read_text()
     for name, *_ in COMPLETED:
         assert (HOSTILE_ESCAPED if name == HOSTILE else name) in page
@@ -358,13 +358,17 @@ def test_cli_end_to_end(tmp_path):
     out = tmp_path / "out"
     proc = run_script("report.py", f"runs={root}", f"out={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "9 runs" in proc.stdout and "6 completed, 1 failed, 2 unfinished" in proc.stdout and FAILED_REASON in proc.stdout
+    assert (
+        "9 runs" in proc.stdout
+        and "6 completed, 1 failed, 1 unfinished, 1 unreadable or invalid" in proc.stdout
+        and FAILED_REASON in proc.stdout
+    )
     assert str(out / "index.html") in proc.stdout and (out / "index.html").is_file()
     # a list of dirs, and one JSON object on stdout
     proc = run_script("report.py", f"runs=[{root}/outputs,{root}/multirun]", f"out={out}", "format=json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    assert (summary["runs"], summary["completed"], summary["failed"], summary["unfinished"]) == (9, 6, 1, 2)
+    assert (summary["runs"], summary["completed"], summary["failed"], summary["unfinished"], summary["invalid"]) == (9, 6, 1, 1, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "runs"]  # nothing but out/ written
 
 
