@@ -28,7 +28,9 @@ from experiments.train import Divergence, check_config, resolve_device, train
 log = logging.getLogger("convlab")
 
 
-def _summary(record: dict) -> str:
+def _summary(record: dict, run_dir: Path) -> str:
+    """The run's one-line summary; ``run_dir`` is where its results.json is now (a reused record keeps the
+    run_dir it was trained in, which a clone or a moved folder no longer has)."""
     final, cost, target = record["final"], record["cost"], record.get("target")
     latency = cost.get("latency_ms", {}).get("1")
     if target:
@@ -47,7 +49,7 @@ def _summary(record: dict) -> str:
         + " | "
         f"{cost['params'] / 1e6:.2f} M params | {cost['macs'] / 1e6:.1f} M MACs"
         + (f" | {latency:.2f} ms/image ({cost['latency_device']})" if latency is not None else "")
-        + f" | {record['run_dir']}/results.json"
+        + f" | {run_dir / 'results.json'}"
     )
 
 
@@ -81,7 +83,7 @@ def main(cfg: DictConfig) -> None:
     finally:
         _cleanup_rank_dir(rank, hydra_dir)
     if rank == 0:
-        print(json.dumps(record) if cfg.format == "json" else _summary(record), flush=True)
+        print(json.dumps(record) if cfg.format == "json" else _summary(record, hydra_dir), flush=True)
 
 
 def _failure_recorded(run_dir: Path) -> bool:

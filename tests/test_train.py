@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,12 @@ def test_completed_run_dir_is_not_trained_again(tmp_path):
     assert (tmp_path / "results.json").read_text() == first
     other = run_script("run.py", *args, "model.width=0.5")
     assert_one_line_error(other, "another config", "model.width")
+    # A moved run dir (a clone of a repo with kept runs): reused where it is, and the summary names where it is now.
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path, moved)
+    again = run_script("run.py", *args[:-1], f"hydra.run.dir={moved}")
+    assert again.returncode == 0 and "not training again" in again.stderr
+    assert again.stdout.strip().endswith(f"| {moved / 'results.json'}") and str(tmp_path / "results.json") not in again.stdout
 
 
 @pytest.mark.slow
