@@ -297,6 +297,8 @@ def preflight(
         if multirun:
             _check_sweeper(cfg)
             _check_swept_keys(overrides, cfg)
+            if check is not None and not added:
+                _check_jobs(lambda job: compose(config_name, overrides=job, return_hydra_config=True), overrides, cfg, check)
         if check is not None and not multirun:
             check(cfg)
         check_writable(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
@@ -337,6 +339,32 @@ def _check_swept_keys(overrides: list[str], cfg: DictConfig) -> None:
                 f"{text}: {override.key_or_group} is left out of job dir names, so every job of this sweep "
                 f"would share one run dir; run one sweep per value (or set hydra.sweep.subdir)"
             )
+
+
+MAX_CHECKED_JOBS = 256  # a basic sweep's jobs checked before it starts (about 0.1 s each)
+
+
+def _check_jobs(
+    compose: Callable[[list[str]], DictConfig], overrides: list[str], cfg: DictConfig, check: Callable[[DictConfig], None]
+) -> None:
+    """Each job of a basic ``-m`` sweep (its first :data:`MAX_CHECKED_JOBS`), composed and checked as a
+    single run is, before the sweep starts: a mistake only one combination has (``model=separable,depthwise
+    model.widths=[48,96,128]``: a depthwise block cannot map 32 to 48 channels) costs one line, not the
+    jobs trained before it."""
+    if not str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
+        return  # the table sweeper's rows are checked by reproduce.py
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    for job in jobs[:MAX_CHECKED_JOBS]:
+        try:
+            check(compose(list(job)))
+        except ValueError as ex:
+            values = [o for o in job if o.split("=", 1)[0] in swept] or job  # the job's own values
+            raise UsageError(f"sweep job {','.join(values)}: {_first_line(ex)}") from None
 
 
 def _check_sweeper(cfg: DictConfig) -> None:

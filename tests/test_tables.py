@@ -202,12 +202,14 @@ def test_bad_table_name():
 
 
 def test_multirun_with_a_bad_job_keeps_the_good_jobs(tmp_path):
-    proc = run_script("run.py", "-m", "model=separable,depthwise", "model.widths=[48,96,96]", "data=synthetic", "data.image_size=8", "trainer=smoke",
-                      "logger=none", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    """A job that fails while training (lr=1e8 without norms diverges; no check can know before) records
+    its failure, and the good job's record stands."""
+    proc = run_script("run.py", "-m", "optim.lr=0.05,1e8", "model.norm=none", "data=synthetic", "data.image_size=8", "trainer=smoke",
+                      "trainer.max_steps=null", "logger=none", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     assert proc.returncode == 1
-    records = {json.loads(p.read_text())["model"]: json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")}
-    assert records["separable"]["status"] == "completed" and records["separable"]["final"]["test_acc"] is not None
-    assert records["depthwise"]["status"] == "failed" and "cannot map 32 to 48" in records["depthwise"]["reason"]
+    records = {json.loads(p.read_text())["config"]["optim"]["lr"]: json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")}
+    assert records[0.05]["status"] == "completed" and records[0.05]["final"]["test_acc"] is not None
+    assert records[1e8]["status"] == "failed" and "non-finite" in records[1e8]["reason"]
     assert "error: job failed" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -226,6 +228,15 @@ def test_sweeping_a_key_left_out_of_dir_names_is_refused(tmp_path):
     for sweep in ("device=cpu,auto", "name=a,b"):
         proc = run_script("run.py", "-m", sweep, "data=synthetic", "trainer=smoke", "logger=none", f"hydra.sweep.dir={tmp_path}/s")
         assert_one_line_error(proc, sweep, "every job of this sweep would share one run dir")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_job_only_its_combination_breaks_is_found_before_any_job(tmp_path):
+    """separable takes widths [48,96,128], depthwise cannot (32 -> 48 channels): the depthwise job used to
+    fail after the separable one had trained."""
+    proc = run_script("run.py", "-m", "model=separable,depthwise", "model.widths=[48,96,128]", "data=synthetic", "trainer=smoke",
+                      "logger=none", f"hydra.sweep.dir={tmp_path}/s")  # fmt: skip
+    assert_one_line_error(proc, "sweep job model=depthwise:", "cannot map 32 to 48 channels")
     assert not (tmp_path / "s").exists()
 
 
