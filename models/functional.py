@@ -80,8 +80,9 @@ def _fold_weight_grad(grad: Tensor) -> bool:
     Measured on an H200 (``benchmarks/gpu/ab_nchw_weight_grad.py``, N=8, CUDA graphs), forward +
     backward: fp32 folded was 1.25-2.70x faster on the 56x56 and 112x112 layers (32->64 @112:
     0.51 -> 0.19 ms), a tie on 32->512 @56 and 0.88-0.90x on the 28x28 ones; bf16 folded was slower
-    on every shape (0.71-0.89x). Hence fp32 on CUDA with at least 2048 pixels per image. On the CPU
-    the per-image products are as fast or faster (``benchmarks/threads1``).
+    on every shape (0.71-0.89x). Hence fp32 on CUDA with at least 2048 pixels per image. Folding was
+    not measured on the CPU, which keeps the per-image form (at 0.97-1.35x torch's speed on one
+    thread, ``benchmarks/threads1``).
     """
     return grad.is_cuda and grad.dtype == torch.float32 and grad.shape[2] >= FOLD_WEIGHT_GRAD_MIN_PIXELS_CUDA
 
