@@ -198,10 +198,12 @@ def check_example_form(value: Any, key: str) -> None:
         raise ValueError(f"{key}={value!r} must be a fraction in [0, 1) or a whole count of examples (an int, e.g. 5000)")
 
 
-def check_subset_form(value: Any) -> None:
-    """``data.subset`` is null or a whole number >= 1; before any data is read."""
+def check_subset_form(value: Any, seed: Any = None) -> None:
+    """``data.subset`` is null or a whole number >= 1, ``data.subset_seed`` null or a whole number >= 0; before any data is read."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"data.subset={value!r} must be a whole number of examples >= 1 (or null for all)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"data.subset_seed={seed!r} must be a whole number >= 0 (or null for the run's seed)")
 
 
 def example_count(value: float | int, total: int, key: str) -> int:
@@ -214,13 +216,16 @@ def example_count(value: float | int, total: int, key: str) -> int:
 
 
 def _subset_indices(cfg: Any, n: int, seed: int) -> Tensor | None:
-    """The ``data.subset`` examples of an ``n``-example training split, drawn with the run's seed; None for all."""
+    """The ``data.subset`` examples of an ``n``-example training split, drawn with ``data.subset_seed``
+    (null: the run's ``seed``); None for all."""
     if cfg.get("subset") is None:
         return None
-    check_subset_form(cfg.subset)
+    subset_seed = cfg.get("subset_seed")
+    check_subset_form(cfg.subset, subset_seed)
     if cfg.subset > n:
         raise ValueError(f"data.subset={cfg.subset} is larger than the {n}-example {cfg.name} training split")
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: cfg.subset]
+    draw = seed if subset_seed is None else subset_seed
+    return torch.randperm(n, generator=torch.Generator().manual_seed(draw))[: cfg.subset]
 
 
 def load_data(cfg: Any, seed: int = 0) -> Data:

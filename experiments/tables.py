@@ -257,8 +257,9 @@ def recipe(runs: dict[str, list[dict[str, Any]]] | None) -> str | None:
                 found.append(text)
         return "/".join(found)
 
-    subset = values("data", "subset")
-    data = values("data", "name") + ("" if subset == "?" else f" (subset {subset})") + f" at {values('data', 'image_size')} px"
+    subset, subset_seed = values("data", "subset"), values("data", "subset_seed")
+    drawn = "" if subset_seed == "?" else f" drawn with seed {subset_seed}"  # else with each run's seed
+    data = values("data", "name") + ("" if subset == "?" else f" (subset {subset}{drawn})") + f" at {values('data', 'image_size')} px"
     seeds = sorted({r.get("seed") for r in records if isinstance(r.get("seed"), int)})
     commits = sorted({_short_commit((r.get("env") or {}).get("git_commit")) for r in records})
     return (

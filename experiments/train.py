@@ -157,7 +157,7 @@ def _check_data(d: DictConfig) -> None:
     _whole("data.image_size", d.image_size)
     if "val_split" in d:  # their forms; whether the split holds enough examples is known after loading
         check_example_form(d.val_split, "data.val_split")
-    check_subset_form(d.get("subset"))
+    check_subset_form(d.get("subset"), d.get("subset_seed"))
     for key in ("train_size", "test_size"):  # synthetic only
         if key in d:
             _whole(f"data.{key}", d[key])

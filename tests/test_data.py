@@ -52,9 +52,23 @@ def test_subset_and_val_split(compose_cfg, tmp_path):
     assert not any(tuple(x.flatten()[:16].tolist()) in val_rows for x in a.train.images)  # tuning never sees train twice
 
 
+def test_subset_seed_fixes_the_draw_across_run_seeds(compose_cfg, tmp_path):
+    """data.subset is drawn with the run's seed unless data.subset_seed fixes it."""
+    write_cifar10(tmp_path, per_batch=40, test=20)
+    base = ("data.download=false", f"data.root={tmp_path}", "data.subset=50")
+
+    def train_images(*overrides: str, seed: int):
+        return load_data(compose_cfg(*base, *overrides).data, seed=seed).train.images
+
+    assert not torch.equal(train_images(seed=0), train_images(seed=1))  # null: each run seed its own examples
+    torch.testing.assert_close(train_images("data.subset_seed=7", seed=0), train_images("data.subset_seed=7", seed=1))
+    torch.testing.assert_close(train_images("data.subset_seed=1", seed=0), train_images(seed=1))  # the same draw as seed 1's
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["data.subset=10", "data.subset_seed=1.5"], "data.subset_seed=1.5 must be a whole number >= 0"),
         (["data.subset=1000"], "data.subset=1000 is larger than the 200-example cifar10 training split"),
         (["data.subset=0"], "data.subset=0"),
         (["data.val_split=1.5"], "data.val_split=1.5"),

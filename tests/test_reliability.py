@@ -140,6 +140,7 @@ def test_checkpoints_load_with_weights_only(tmp_path):
         (["data.num_classes=1"], ["data.num_classes=1", ">= 2"]),
         (["data.val_split=1.0"], ["data.val_split=1.0", "fraction in [0, 1)"]),
         (["data.subset=0.5"], ["data.subset=0.5", "whole number of examples >= 1"]),  # was found after the run dir and data
+        (["data.subset=8", "data.subset_seed=-1"], ["data.subset_seed=-1", "whole number >= 0", "null for the run's seed"]),
         (["optim=adamw", "optim.beta2=1.5"], ["optim.beta2=1.5", "beta2"]),
         (["seed=99999999999999999999"], ["seed=99999999999999999999", "2**63"]),
         # a key added with + that nothing reads is a typo, not a setting

@@ -302,3 +302,17 @@ def test_sweeper_seeds_key_points_at_seeds():
     proc = run_script("reproduce.py", "table=blocks", "cost_only=true", "hydra.sweeper.seeds=3")
     assert_one_line_error(proc, "hydra.sweeper.seeds=3: reproduce.py sets the sweeper's seeds from its own key; pass seeds=3")
     assert "+hydra" not in proc.stderr  # as the user typed it
+
+
+def test_recipe_names_the_subset_and_its_draw():
+    """A table trained on a subset says so, and with which seed it was drawn when data.subset_seed fixed it."""
+    from experiments.tables import recipe
+
+    def run(seed: int, **data) -> dict:
+        config = {"data": {"name": "cifar10", "image_size": 32, **data}, "trainer": {"epochs": 2, "batch_size": 32}}
+        return {"config": config, "seed": seed, "env": {"git_commit": "0123456789abcdef"}}
+
+    assert recipe({"a": [run(0)]}).startswith("cifar10 at 32 px; 2 epochs, batch 32")
+    assert recipe({"a": [run(0, subset=500), run(1, subset=500)]}).startswith("cifar10 (subset 500) at 32 px")
+    fixed = recipe({"a": [run(0, subset=500, subset_seed=7), run(1, subset=500, subset_seed=7)]})
+    assert fixed.startswith("cifar10 (subset 500 drawn with seed 7) at 32 px") and "seeds 0, 1" in fixed
