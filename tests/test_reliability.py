@@ -86,6 +86,21 @@ def test_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path)[0]["epoch"] == 1
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_open_would_give_them(tmp_path, umask):
+    """results.json, tables and checkpoints were always 0600 (mkstemp's mode): a team's report.py could not read them."""
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "results.json", {"status": "completed"})
+        save_checkpoint(tmp_path, {"epoch": 1}, 1)
+        (tmp_path / "plain.txt").write_text("x")  # what open() gives under this umask
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(["results.json", "checkpoint-epoch0001.pt", "plain.txt"], want)
+
+
 def test_wandb_failing_to_log_mid_run_never_stops_training(compose_cfg, tmp_path, monkeypatch, caplog):
     import wandb.sdk.wandb_run as wandb_run
 
