@@ -78,9 +78,28 @@ def raise_interrupted(signum: int, frame: Any) -> None:
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    """Print ``error: message`` on one line of stderr and exit with ``code``."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    """Print ``error: message`` on one line of stderr and exit with ``code``.
+
+    Once a run dir exists, the line also ends its log file (``run.log``), which would otherwise stop
+    at the last epoch with no word of why.
+    """
+    line = f"error: {' '.join(str(message).split())}"
+    print(line, file=sys.stderr, flush=True)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.LogRecord("convlab", logging.ERROR, __file__, 0, line, None, None))
     sys.exit(code)
+
+
+def _dir_override(multirun: bool) -> str:
+    """``hydra.run.dir=<this run's dir>`` (``hydra.sweep.dir=`` in a sweep): the override that makes
+    the same command continue this run, whose default dir is named by the time it started."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    key, path = ("hydra.sweep.dir", Path(hc.sweep.dir).resolve()) if multirun else ("hydra.run.dir", Path(hc.runtime.output_dir))
+    text = f"{key}={path}"
+    return text if re.fullmatch(r"[\w./:=-]+", text) else f"'{key}=\"{path}\"'"  # quoted for the shell and Hydra's grammar
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], bool, bool]:
@@ -421,7 +440,8 @@ def entry(
             preflight (not in ``-m`` sweeps), so the mistake costs one line before any run dir exists.
         extra: the overrides the task adds itself, from the command line's (see :func:`preflight`).
         interrupted: what is kept when the task is interrupted (Ctrl-C, SIGTERM), said after the
-            ``error: interrupted ...`` line.
+            ``error: interrupted ...`` line; ``{dir_override}`` in it becomes the override that names
+            the run's (or sweep's) dir, see :func:`_dir_override`.
         no_sweep: why ``-m`` makes no sense for this script (it is refused in one line); empty: sweeps allowed.
     """
     import hydra
@@ -429,6 +449,7 @@ def entry(
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         @functools.wraps(task)
         def guarded(cfg: DictConfig) -> Any:
+            _state["dir_override"] = _dir_override(is_multirun())
             try:
                 return task(cfg)
             except ValueError as ex:
@@ -456,7 +477,8 @@ def entry(
                 result = hydra_task()
             except KeyboardInterrupt as ex:  # Ctrl-C, or SIGTERM (Interrupted)
                 what = ex.args[0] if ex.args else "interrupted (Ctrl-C)"
-                fail(f"{what}; {interrupted}" if interrupted else what, code=getattr(ex, "exit_code", 130))
+                kept = interrupted.format(dir_override=_state.get("dir_override") or "the same run dir")
+                fail(f"{what}; {kept}" if kept else what, code=getattr(ex, "exit_code", 130))
             if _state["failed_jobs"]:
                 fail(f"{_state['failed_jobs']} sweep job(s) failed; see the messages above", code=1)
             return result

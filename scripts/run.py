@@ -62,7 +62,9 @@ def _check(cfg: DictConfig) -> None:
         model_from_config(cfg)
 
 
-@entry("config", check=_check, interrupted="a training run records this in its results.json, and the same command resumes it")
+@entry(
+    "config", check=_check, interrupted="a training run records this in its results.json; the same command with {dir_override} resumes it"
+)
 def main(cfg: DictConfig) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if rank:

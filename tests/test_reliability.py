@@ -98,7 +98,9 @@ def test_written_files_get_the_mode_open_would_give_them(tmp_path, umask):
         os.umask(old)
     want = (tmp_path / "plain.txt").stat().st_mode & 0o777
     assert want == 0o666 & ~umask
-    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(["results.json", "checkpoint-epoch0001.pt", "plain.txt"], want)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(
+        ["results.json", "checkpoint-epoch0001.pt", "plain.txt"], want
+    )
 
 
 def test_wandb_failing_to_log_mid_run_never_stops_training(compose_cfg, tmp_path, monkeypatch, caplog):
@@ -244,7 +246,11 @@ def test_sigterm_is_recorded_as_an_interruption_and_the_run_resumes(tmp_path):
     command = [sys.executable, str(ROOT / "scripts" / "run.py"), *_run_args(tmp_path, "data.train_size=2048", "trainer.num_threads=1")]
     returncode, stderr = signal_when(command, (tmp_path / "checkpoint-epoch0001.pt").exists, signal.SIGTERM)
     assert returncode == 128 + signal.SIGTERM, stderr
+    # The default run dir is named by the time it started: the line names the dir to continue in.
     assert "Traceback" not in stderr and "error: interrupted (SIGTERM); a training run records this" in stderr
+    assert f"the same command with hydra.run.dir={tmp_path} resumes it" in stderr
+    assert (tmp_path / "run.log").read_text().splitlines()[-1].endswith("error: interrupted (SIGTERM); a training run records this "
+                                                                       f"in its results.json; the same command with hydra.run.dir={tmp_path} resumes it")  # fmt: skip
     record = json.loads((tmp_path / "results.json").read_text())
     if record["status"] == "completed":
         pytest.skip("the run finished before SIGTERM arrived")
