@@ -7,7 +7,9 @@ and writes into ``out``:
   network) with accuracy vs MACs, params and latency (Pareto front marked), training curves, a
   sortable table of completed runs and, apart, the failed and unfinished runs with their reasons;
 - ``acc_vs_macs.png``, ``acc_vs_params.png``, ``acc_vs_latency.png`` (matplotlib, Agg);
-- ``runs.csv`` and ``runs.md``: the completed runs, for papers.
+- ``runs.csv`` and ``runs.md``: the completed runs, for papers;
+- ``groups.csv`` and ``groups.md``: one row per setting (the runs' resolved config but for the seed),
+  test accuracy as mean ± sample standard deviation over its runs; the page shows them "By setting".
 
 Only completed runs enter results, plots and tables. Failed runs (``status: failed``) and
 unfinished ones (``status: running``, unreadable JSON, a completed record without a test
@@ -27,6 +29,7 @@ import json
 import logging
 import math
 import re
+import statistics
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -36,11 +39,13 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "GroupRow",
     "RunRow",
     "build_report",
     "count_runs",
     "find_results",
     "format_summary",
+    "group_runs",
     "load_local_runs",
     "load_wandb_runs",
     "pareto_front",
@@ -48,6 +53,7 @@ __all__ = [
     "split_runs",
     "to_row",
     "write_figures",
+    "write_groups",
     "write_tables",
 ]
 
@@ -94,6 +100,28 @@ class RunRow:
     target_epoch: int | None = None  # the first epoch that reached it; None when it was not reached
     target_seconds: float | None = None  # training seconds up to that epoch
     history: list[dict[str, Any]] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict, repr=False)  # the results.json record: its config says what produced it
+
+
+@dataclass
+class GroupRow:
+    """Completed runs of one setting: the same resolved config but for the seed (see :func:`group_runs`).
+
+    ``test_acc`` is their mean, a fraction; ``test_acc_sd`` their sample standard deviation (n - 1),
+    None for a single run; ``settings`` names what produced them (data, training length, batch,
+    optimizer, schedule, precision, seeds, commit, and any other key that tells it from another group).
+    """
+
+    model: str
+    data: str
+    n: int
+    test_acc: float | None
+    test_acc_sd: float | None
+    macs: float | None
+    params: float | None
+    seeds: list[int]
+    settings: str
+    runs: list[str]  # their results.json paths
 
 
 # ---------------------------------------------------------------- reading
@@ -424,6 +452,7 @@ def to_row(record: dict[str, Any]) -> RunRow:
         target_epoch=int(target_epoch) if target_epoch is not None else None,
         target_seconds=_number(target.get("train_seconds")) if target_epoch is not None else None,
         history=history,
+        record=record,
     )
 
 
@@ -467,6 +496,137 @@ def count_runs(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinished
         "completed": len(completed), "failed": len(failed), "unfinished": running,
         "invalid": len(unfinished) - running - copies, "duplicates": copies,
     }  # fmt: skip
+
+
+# Config keys that name a run or file it (its name, the table and row it belongs to, Hydra's own
+# settings), not what it computes. With the seed they do not split a setting, nor do the keys a run
+# dir may change and still be the same run (experiments.train.config_difference: logger, device, ...).
+_NOT_SETTINGS = ("seed", "name", "row", "table", "hydra")
+# Config keys tables.recipe names in a settings text; any other key that tells two settings apart is added as key=value.
+_IN_RECIPE = ("model.name", "data.name", "data.subset", "data.subset_seed", "data.image_size", "trainer.epochs", "trainer.batch_size",
+              "optim.name", "optim.lr", "optim.weight_decay", "sched.name", "trainer.precision")  # fmt: skip
+
+
+def _setting(row: RunRow) -> dict[str, Any]:
+    """The run's resolved config without the seed and the naming keys (top level, or W&B's flat ``table.name``)."""
+    config = row.record.get("config") if isinstance(row.record.get("config"), dict) else {}
+    return {k: v for k, v in config.items() if str(k).split(".")[0] not in _NOT_SETTINGS}
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {key: value for k, v in node.items() for key, value in _flat(v, f"{prefix}.{k}" if prefix else str(k)).items()}
+
+
+def _trained(record: dict[str, Any]) -> Any:
+    """How long a run trained, as the epochs figure of tables.recipe (which reads the configured
+    count): ``4``; ``3 of 40`` when it stopped early (trainer.stop_at_target); ``8 steps
+    (trainer.max_steps), 0.5 of 1`` when max_steps ended it before its epochs."""
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+    final = record.get("final") if isinstance(record.get("final"), dict) else {}
+    planned, max_steps = _number(_get(config, "trainer.epochs")), _number(_get(config, "trainer.max_steps"))
+    epochs, steps, per_epoch = (_number(final.get(k)) for k in ("epochs", "steps", "steps_per_epoch"))
+    if max_steps and steps and per_epoch and planned and steps < planned * per_epoch:
+        return f"{steps:g} steps (trainer.max_steps), {steps / per_epoch:.3g} of {planned:g}"
+    if epochs is not None and planned is not None and epochs != planned:
+        return f"{epochs:g} of {planned:g}"
+    return _first((_get(config, "trainer.epochs"), final.get("epochs")))
+
+
+def _settings_text(rows: Sequence[RunRow]) -> str:
+    """tables.recipe for these runs, with the epochs each trained in place of the configured count."""
+    from .tables import recipe  # here: tables imports torch, which the rest of the report does not need
+
+    records = []
+    for r in rows:
+        config = r.record.get("config") if isinstance(r.record.get("config"), dict) else {}
+        trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
+        records.append({**r.record, "config": {**config, "trainer": {**trainer, "epochs": _trained(r.record)}}})
+    return recipe({"": records}) or ""
+
+
+def _differences(settings: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """For each setting (a flat config), ``key=value`` for the keys outside the recipe text whose value
+    another setting does not share.
+
+    A key of a config group is compared between settings of the same option (``model.dropout``
+    between runs of one model, ``data.mean`` on one dataset, ``optim.momentum`` with one
+    optimizer): the option's own defaults come with its name, which the row shows. Off (null or
+    false) and absent are the same, as for a run dir's reuse.
+    """
+    from .train import VOLATILE  # here: train imports torch
+
+    def value(flat: dict[str, Any], key: str) -> Any:
+        found = flat.get(key)
+        return None if found is None or found is False else found
+
+    def option(flat: dict[str, Any], key: str) -> Any:
+        return flat.get(key.split(".")[0] + ".name")
+
+    out = []
+    for mine in settings:
+        shown = []
+        for key in sorted({k for flat in settings for k in flat}):
+            ignored = any(key == v or key.startswith(v + ".") for v in VOLATILE) and not (
+                key == "trainer.target_acc" and mine.get("trainer.stop_at_target")  # a target the run stops at changes it
+            )
+            if key in _IN_RECIPE or ignored:
+                continue
+            peers = [flat for flat in settings if option(flat, key) == option(mine, key)]
+            if any(value(flat, key) != value(mine, key) for flat in peers):
+                text = value(mine, key)
+                shown.append(f"{key}={text if isinstance(text, str) else json.dumps(text)}")
+        out.append(shown)
+    return out
+
+
+def group_runs(completed: Sequence[RunRow]) -> list[GroupRow]:
+    """Completed runs grouped by setting: everything in their resolved config but the seed.
+
+    Two runs share a setting when experiments.train.config_difference finds no difference between
+    their configs without the seed and the naming keys (name, table, row): the notion by which a run
+    dir is reused, so logger, device, data.root and the like do not split a group. Model, dataset,
+    MACs and params must match as well (a record whose config lacks a key still splits by its model).
+
+    Args:
+        completed: completed runs.
+
+    Returns:
+        One :class:`GroupRow` per setting, by dataset, then best mean test accuracy first.
+    """
+    from .train import config_difference  # here: train imports torch
+
+    groups: list[list[RunRow]] = []
+    for r in completed:
+        for group in groups:
+            first = group[0]
+            same_model = (first.model, first.data, first.macs, first.params) == (r.model, r.data, r.macs, r.params)
+            if same_model and config_difference(_setting(first), _setting(r)) is None:
+                group.append(r)
+                break
+        else:
+            groups.append([r])
+    extras = _differences([_flat(_setting(group[0])) for group in groups])
+    out = []
+    for group, extra in zip(groups, extras):
+        accs = [r.test_acc for r in group if r.test_acc is not None]
+        out.append(
+            GroupRow(
+                model=group[0].model,
+                data=group[0].data,
+                n=len(group),
+                test_acc=statistics.fmean(accs) if accs else None,
+                test_acc_sd=statistics.stdev(accs) if len(accs) > 1 else None,
+                macs=group[0].macs,
+                params=group[0].params,
+                seeds=sorted(r.seed for r in group if r.seed is not None),
+                settings="; ".join([_settings_text(group), *extra]),
+                runs=[r.path for r in group],
+            )
+        )
+    return sorted(out, key=lambda g: (g.data, -(g.test_acc or 0.0), g.model, g.settings))
 
 
 def pareto_front(costs: Sequence[float], accs: Sequence[float]) -> list[int]:
@@ -593,6 +753,62 @@ def write_tables(completed: Sequence[RunRow], out: Path) -> list[Path]:
     for r in rows:
         lines.append("| " + " | ".join(_md_cell(shown(r)) for _, _, shown, _ in columns) + " |")
     md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [csv_path, md_path]
+
+
+def _fmt_mean_sd(g: GroupRow) -> str:
+    """``91.00 ± 0.35`` in %, the sample standard deviation after the mean; the mean alone for one run."""
+    if g.test_acc is None:
+        return ""
+    return _fmt(g.test_acc, 0.01, 2) + ("" if g.test_acc_sd is None else f" ± {_fmt(g.test_acc_sd, 0.01, 2)}")
+
+
+# (header, sort value, shown text, numeric?) of the settings table (groups.md and the page's "By setting").
+_GROUP_COLUMNS: tuple[tuple[str, Callable[[GroupRow], Any], Callable[[GroupRow], str], bool], ...] = (
+    ("Model", lambda g: g.model, lambda g: g.model, False),
+    ("Data", lambda g: g.data, lambda g: g.data, False),
+    ("n", lambda g: g.n, lambda g: str(g.n), True),
+    ("Test acc (%)", lambda g: g.test_acc, _fmt_mean_sd, True),
+    ("MACs (M)", lambda g: g.macs, lambda g: _fmt(g.macs, 1e6, 1), True),
+    ("Params (M)", lambda g: g.params, lambda g: _fmt(g.params, 1e6, 2), True),
+    ("Settings", lambda g: g.settings, lambda g: g.settings, False),
+)
+_GROUPS_NOTE = (
+    "One row per setting: runs whose resolved config is the same but for the seed. "
+    "Test acc: mean ± sample standard deviation (n - 1) over those runs; n = 1 has no spread."
+)
+
+
+def write_groups(groups: Sequence[GroupRow], out: Path) -> list[Path]:
+    """Write ``groups.csv`` and ``groups.md``: one row per setting (:func:`group_runs`), test accuracy as mean ± sample SD.
+
+    The CSV keeps exact ``macs`` and ``params`` counts beside the rounded columns, and the runs' results.json paths.
+
+    Args:
+        groups: the settings, in the order to write them.
+        out: the output dir (exists).
+
+    Returns:
+        The two paths.
+    """
+    csv_path, md_path = out / "groups.csv", out / "groups.md"
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "data", "n", "test_acc_mean_pct", "test_acc_sd_pct", "macs_m", "params_m", "seeds", "settings",
+                         "macs", "params", "results"])  # fmt: skip
+        for g in groups:
+            writer.writerow([
+                g.model, g.data, g.n, _fmt(g.test_acc, 0.01, 2), _fmt(g.test_acc_sd, 0.01, 2),
+                _fmt(g.macs, 1e6, 1, grouping=False), _fmt(g.params, 1e6, 2, grouping=False), " ".join(map(str, g.seeds)), g.settings,
+                _fmt(g.macs, 1, 0, grouping=False), _fmt(g.params, 1, 0, grouping=False), ";".join(g.runs),
+            ])  # fmt: skip
+    lines = [
+        "| " + " | ".join(c[0] for c in _GROUP_COLUMNS) + " |",
+        "|" + "|".join("---:" if c[3] else "---" for c in _GROUP_COLUMNS) + "|",
+    ]
+    for g in groups:
+        lines.append("| " + " | ".join(_md_cell(shown(g)) for _, _, shown, _ in _GROUP_COLUMNS) + " |")
+    md_path.write_text("\n".join([*lines, "", _GROUPS_NOTE]) + "\n", encoding="utf-8")
     return [csv_path, md_path]
 
 
@@ -942,7 +1158,7 @@ svg .pt:hover, svg .pt.hl { stroke: #111; stroke-width: 3; }
 .table-wrap { overflow-x: auto; border: 1px solid var(--line); border-radius: 8px; }
 table { border-collapse: collapse; width: 100%; font-size: 13px; font-variant-numeric: tabular-nums; }
 th, td { padding: 6px 9px; border-bottom: 1px solid var(--line); text-align: left; white-space: nowrap; }
-td.num, th.num { text-align: right; } td.reason, td.path { white-space: normal; word-break: break-word; }
+td.num, th.num { text-align: right; } td.reason, td.path, td.settings { white-space: normal; word-break: break-word; }
 td.path { color: var(--muted); font-size: 12px; }
 thead th { background: var(--panel); position: sticky; top: 0; font-weight: 600; }
 table.sortable th { cursor: pointer; user-select: none; } table.sortable th:hover { color: var(--accent); }
@@ -1009,6 +1225,18 @@ def _runs_table(rows: Sequence[RunRow], index: dict[int, int]) -> str:
     return f'<div class="table-wrap"><table id="runs" class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
+def _groups_table(groups: Sequence[GroupRow]) -> str:
+    head = "".join(f'<th scope="col" class="{"num" if numeric else ""}">{_e(title)}</th>' for title, _, _, numeric in _GROUP_COLUMNS)
+    body = []
+    for g in groups:
+        cells = []
+        for title, raw, shown, numeric in _GROUP_COLUMNS:
+            kind = "num" if numeric else "settings" if title == "Settings" else ""  # the settings text wraps
+            cells.append(f'<td class="{kind}" data-v="{_e(raw(g))}">{_e(shown(g))}</td>')
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f'<div class="table-wrap"><table id="groups" class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
 def _problems_table(rows: Sequence[RunRow]) -> str:
     if not rows:
         return '<p class="note">None: every run found completed.</p>'
@@ -1067,7 +1295,7 @@ def render_html(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinishe
         if len(devices) > 1
         else (f'<p class="note">Latency: median inference time at batch size 1 on {_e(devices[0])}.</p>' if devices else "")
     )
-    data = [{k: v for k, v in asdict(r).items() if k != "history"} for r in completed]
+    data = [{k: v for k, v in asdict(r).items() if k not in ("history", "record")} for r in completed]
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     total = len(completed) + len(failed) + len(unfinished)
     counts = count_runs(completed, failed, unfinished)
@@ -1088,6 +1316,9 @@ def render_html(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinishe
 MACs: one multiply-add counts once (conv + linear, as the MobileNet papers count). Hover a point for its run.</p>{device_note}
 <h2>Training curves</h2>
 <div class="grid3">{curves}</div>
+<h2>By setting</h2>
+<p class="note">{_e(_GROUPS_NOTE)}</p>
+{_groups_table(group_runs(completed))}
 <h2>Completed runs</h2>
 <p class="note">Click a column header to sort; hover a row to find its points above.</p>
 {_runs_table(completed, index)}
@@ -1124,7 +1355,7 @@ def build_report(
     entity: str | None = None,
     api: Any = None,
 ) -> dict[str, Any]:
-    """Read the runs, then write index.html, the PNG figures and runs.csv / runs.md into ``out``.
+    """Read the runs, then write index.html, the PNG figures, runs.csv / runs.md and groups.csv / groups.md into ``out``.
 
     Args:
         runs: dirs searched recursively for results.json (source local); a single dir may be a string.
@@ -1137,7 +1368,8 @@ def build_report(
     Returns:
         Summary: ``runs`` and the counts of :func:`count_runs` (``completed``, ``failed``,
         ``unfinished``, ``invalid``, ``duplicates``), ``index`` (path of
-        index.html), ``files`` written, and ``problems`` (name, status, reason, path per run left out).
+        index.html), ``files`` written, ``problems`` (name, status, reason, path per run left out) and
+        ``groups`` (one :class:`GroupRow` per setting, as a dict: test accuracy as a fraction).
 
     Raises:
         ValueError: unknown source, missing or empty runs dirs, unreadable W&B project, unwritable out.
@@ -1153,7 +1385,8 @@ def build_report(
         sources = [f"wandb:{entity}/{project}" if entity else f"wandb:{project}"]
     out_dir = _writable_dir(out)
     completed, failed, unfinished = split_runs(records)
-    files = write_tables(completed, out_dir) + write_figures(completed, out_dir)
+    groups = group_runs(completed)
+    files = write_tables(completed, out_dir) + write_groups(groups, out_dir) + write_figures(completed, out_dir)
     index = out_dir / "index.html"
     index.write_text(render_html(completed, failed, unfinished, sources), encoding="utf-8")
     return {
@@ -1163,6 +1396,7 @@ def build_report(
         "index": str(index),
         "files": [str(index), *(str(f) for f in files)],
         "problems": [{"name": r.name, "status": r.status, "reason": r.reason, "path": r.path} for r in (*failed, *unfinished)],
+        "groups": [asdict(g) for g in groups],
     }
 
 

@@ -265,6 +265,104 @@ def test_time_to_target_column_when_runs_timed_one(tmp_path):
     assert "94%: 1m 23s (epoch 17)" in (tmp_path / "out/index.html").read_text()
 
 
+def _sweep_run(model: str, seed: int, acc: float, lr: float = 0.2, max_steps: int | None = None, **trainer) -> dict:
+    """A Fashion-MNIST subset run with a full config, as run.py writes one: 8 steps per epoch, 1 epoch.
+
+    Each seed runs on another device, name and logger: keys that change no result, so they must not split a setting.
+    """
+    config = {
+        "model": {"name": model, "width": 1.0, "dropout": 0.0},
+        "data": {"name": "fashion_mnist", "root": f"/data{seed}", "image_size": 28, "subset": 512, "subset_seed": None},
+        "trainer": {"epochs": 1, "batch_size": 64, "max_steps": max_steps, "precision": "bf16", "label_smoothing": 0.0, **trainer},
+        "optim": {"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 5e-4},
+        "sched": {"name": "cosine", "warmup_epochs": 1.0},
+        "logger": {"name": "none" if seed else "wandb", "mode": "offline"},
+        "seed": seed, "name": f"{model}-seed{seed}", "device": "cpu" if seed else "auto", "resume": "auto", "row": None,
+    }  # fmt: skip
+    macs = 36.4 if model == "standard" else 4.9
+    record = {**_record(f"{model}-lr{lr}-s{seed}", model, macs, 0.1, acc, 1.0, seed=seed), "data": "fashion_mnist", "config": config}
+    steps = min(8, max_steps or 8)
+    record["final"] = {**record["final"], "epochs": 1, "steps": steps, "steps_per_epoch": 8, "images_seen": 64 * steps}
+    record["env"] = {"git_commit": "0123456789abcdef"}
+    return record
+
+
+def _report_of(tmp_path: Path, records: list[dict]) -> tuple[dict, Path]:
+    for i, record in enumerate(records):
+        (tmp_path / "runs" / str(i)).mkdir(parents=True)
+        (tmp_path / "runs" / str(i) / "results.json").write_text(json.dumps(record))
+    return build_report([str(tmp_path / "runs")], out=tmp_path / "out"), tmp_path / "out"
+
+
+def test_groups_give_mean_and_sample_sd_over_seeds(tmp_path):
+    """Two seeds of two models: one row per model, the mean and the n - 1 standard deviation of its two runs."""
+    records = [
+        _sweep_run("standard", 0, 0.90),
+        _sweep_run("standard", 1, 0.93),
+        _sweep_run("separable", 0, 0.88),
+        _sweep_run("separable", 1, 0.89),
+    ]
+    summary, out = _report_of(tmp_path, records)
+    groups = {g["model"]: g for g in summary["groups"]}
+    assert [g["model"] for g in summary["groups"]] == ["standard", "separable"]  # best mean first
+    # by hand: mean (0.90 + 0.93) / 2; sample SD sqrt(((0.90 - 0.915)^2 + (0.93 - 0.915)^2) / (2 - 1)) = 0.03 / sqrt(2)
+    standard, separable = groups["standard"], groups["separable"]
+    assert (standard["n"], standard["seeds"], standard["macs"]) == (2, [0, 1], 36.4e6)
+    assert standard["test_acc"] == pytest.approx(0.915) and standard["test_acc_sd"] == pytest.approx(0.0212132, abs=1e-7)
+    assert separable["test_acc"] == pytest.approx(0.885) and separable["test_acc_sd"] == pytest.approx(0.0070711, abs=1e-7)
+    for g in (standard, separable):
+        assert g["settings"].startswith(
+            "fashion_mnist (subset 512) at 28 px; 1 epochs, batch 64, sgd lr 0.2 wd 0.0005, cosine schedule, bf16"
+        )
+        assert "seeds 0, 1" in g["settings"] and "device" not in g["settings"] and "logger" not in g["settings"]
+    lines = (out / "groups.md").read_text().splitlines()
+    assert lines[0] == "| Model | Data | n | Test acc (%) | MACs (M) | Params (M) | Settings |"
+    cells = [[c.strip() for c in line.strip("|").split("|")][:6] for line in lines[2:4]]
+    assert cells == [
+        ["standard", "fashion_mnist", "2", "91.50 ± 2.12", "36.4", "0.10"],
+        ["separable", "fashion_mnist", "2", "88.50 ± 0.71", "4.9", "0.10"],
+    ]
+    with (out / "groups.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["n"], r["test_acc_mean_pct"], r["test_acc_sd_pct"], r["seeds"]) for r in rows] == [
+        ("standard", "2", "91.50", "2.12", "0 1"),
+        ("separable", "2", "88.50", "0.71", "0 1"),
+    ]
+    assert str(out / "groups.md") in summary["files"] and len((out / "runs.md").read_text().splitlines()) == 2 + 4  # runs.md as before
+    page = (out / "index.html").read_text()
+    assert page.index("<h2>By setting</h2>") < page.index('id="groups"') < page.index("<h2>Completed runs</h2>")
+    assert page.split('id="groups"')[1].split("</table>")[0].count("<tr>") == 1 + 2 and ">91.50 ± 2.12<" in page
+
+
+def test_runs_differing_in_a_setting_are_separate_groups(tmp_path):
+    """Another lr, or another value of a key the settings text does not name, is another row, and its text says so."""
+    records = [_sweep_run("separable", 0, 0.88), _sweep_run("separable", 1, 0.89), _sweep_run("separable", 0, 0.80, lr=0.05),
+               _sweep_run("separable", 0, 0.85, label_smoothing=0.1)]  # fmt: skip
+    summary, out = _report_of(tmp_path, records)
+    groups = sorted(summary["groups"], key=lambda g: g["test_acc"])
+    assert [g["n"] for g in groups] == [1, 1, 2]
+    low_lr, smoothed, base = groups
+    assert " lr 0.05 " in low_lr["settings"] and " lr 0.2 " in base["settings"] and " lr 0.2 " in smoothed["settings"]
+    assert smoothed["settings"].endswith("; trainer.label_smoothing=0.1") and base["settings"].endswith("; trainer.label_smoothing=0.0")
+    # one run: no spread, in the JSON, the CSV and the Markdown
+    assert (low_lr["test_acc"], low_lr["test_acc_sd"]) == (0.80, None)
+    with (out / "groups.csv").open() as f:
+        rows = {r["test_acc_mean_pct"]: r for r in csv.DictReader(f)}
+    assert rows["80.00"]["test_acc_sd_pct"] == "" and rows["88.50"]["test_acc_sd_pct"] == "0.71"
+    line = next(line for line in (out / "groups.md").read_text().splitlines() if "lr 0.05" in line)
+    assert "| 80.00 |" in line and "±" not in line
+
+
+def test_settings_say_when_max_steps_cut_the_run(tmp_path):
+    """A run that trainer.max_steps ended after 4 of its 8 steps says it trained half an epoch, not "1 epochs"."""
+    summary, out = _report_of(tmp_path, [_sweep_run("separable", 0, 0.5, max_steps=4), _sweep_run("separable", 0, 0.88, max_steps=100)])
+    cut, whole = sorted(summary["groups"], key=lambda g: g["test_acc"])
+    assert "; 4 steps (trainer.max_steps), 0.5 of 1 epochs, batch 64," in cut["settings"]
+    assert "; 1 epochs, batch 64," in whole["settings"] and "steps (trainer.max_steps)" not in whole["settings"]
+    assert cut["settings"].endswith("; trainer.max_steps=4") and whole["settings"].endswith("; trainer.max_steps=100")
+    assert "4 steps (trainer.max_steps), 0.5 of 1 epochs" in (out / "groups.md").read_text()
+
+
 class _FakeRun(SimpleNamespace):
     def history(self, pandas: bool = True) -> list[dict]:
         assert pandas is False
@@ -369,6 +467,7 @@ def test_cli_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert (summary["runs"], summary["completed"], summary["failed"], summary["unfinished"], summary["invalid"]) == (9, 6, 1, 1, 1)
+    assert sorted(g["n"] for g in summary["groups"]) == [1, 1, 1, 1, 2]  # the two seeds of separable-cifar10 are one setting
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "runs"]  # nothing but out/ written
 
 
