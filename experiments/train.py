@@ -338,6 +338,34 @@ def config_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
+def resume_checkpoint(cfg: DictConfig, run_dir: Path | None, config: dict[str, Any]) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint a run with ``config`` continues from, with its path: the run dir's newest with
+    ``resume=auto``, ``resume=PATH``'s (a run dir or a file), none with ``resume=never``.
+
+    Raises:
+        ValueError: ``resume=PATH`` holds no loadable checkpoint, or the checkpoint was written with
+            another config (naming the first key that differs).
+    """
+    source = run_dir if cfg.resume == "auto" else None if cfg.resume == "never" else Path(str(cfg.resume))
+    loaded = load_checkpoint(source) if source is not None else None
+    if loaded is None and cfg.resume not in ("auto", "never"):
+        raise ValueError(f"resume={cfg.resume!r} holds no loadable checkpoint (checkpoint-epochNNNN.pt); use resume=auto or never")
+    if loaded is not None:
+        difference = config_difference(loaded[0].get("config", {}), config)
+        if difference is not None:
+            raise ValueError(f"checkpoint {loaded[1]} was written with another config ({difference}); use resume=never or another run dir")
+    return loaded
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """``resume=PATH`` before Hydra makes a run dir: a refused checkpoint costs one line, not a failed run
+    record in a new dir. ``cfg`` is the composed config with its ``hydra`` node, which runs do not record."""
+    if cfg.resume in ("auto", "never"):
+        return
+    task = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    resume_checkpoint(cfg, None, OmegaConf.to_container(task, resolve=True))
+
+
 # ---------------------------------------------------------------------------------------- run
 
 
@@ -469,15 +497,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
         # resume
         start_epoch, step, wandb_id = 0, 0, None
-        source = run_dir if cfg.resume == "auto" else None if cfg.resume == "never" else Path(str(cfg.resume))
-        loaded = load_checkpoint(source) if source is not None else None
-        if loaded is None and cfg.resume not in ("auto", "never"):
-            raise ValueError(f"resume={cfg.resume!r} holds no loadable checkpoint (checkpoint-epochNNNN.pt); use resume=auto or never")
+        loaded = resume_checkpoint(cfg, run_dir, config)
         if loaded is not None:
             state, path = loaded
-            difference = config_difference(state.get("config", {}), config)
-            if difference is not None:
-                raise ValueError(f"checkpoint {path} was written with another config ({difference}); use resume=never or another run dir")
             raw_model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
@@ -486,6 +508,12 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 torch.cuda.set_rng_state(state["rng_cuda"], device)
             start_epoch, step, wandb_id = state["epoch"], state["step"], state.get("wandb_id")
             record["history"] = state["history"]
+            # One run in several parts: when it began (checkpoints before this key lack it), when each part
+            # after the first began, and the checkpoint it came from when that is another run dir.
+            record["resumed_at"] = [*state.get("resumed_at", []), record["started_at"]]
+            record["started_at"] = state.get("started_at", record["started_at"])
+            if path.resolve().parent != run_dir.resolve():
+                record["resumed_from"] = str(path.resolve())
             checkpoint_epoch = start_epoch
             log.info("resume: %s (epoch %d, step %d)", path, start_epoch, step)
 
@@ -562,6 +590,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             if main:
                 state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "epoch": epoch + 1, "step": step, "history": record["history"], "config": config, "wandb_id": tracker.run_id,
+                         "started_at": record["started_at"], "resumed_at": record.get("resumed_at", []),
                          "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}  # fmt: skip
                 save_checkpoint(run_dir, state, epoch + 1, cfg.trainer.keep_checkpoints)
                 checkpoint_epoch = epoch + 1

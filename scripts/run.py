@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from experiments.cli import count_failed_job, entry, fail, is_multirun
 from experiments.config import model_from_config
 from experiments.records import read_json
-from experiments.train import Divergence, check_config, resolve_device, train
+from experiments.train import Divergence, check_config, check_resume, resolve_device, train
 
 log = logging.getLogger("convlab")
 
@@ -54,12 +54,13 @@ def _summary(record: dict, run_dir: Path) -> str:
 
 
 def _check(cfg: DictConfig) -> None:
-    """Before Hydra makes a run dir: the run checks, and the model built on the meta device (no memory, no data)."""
+    """Before Hydra makes a run dir: the run checks, the model built on the meta device (no memory, no data), resume=PATH's checkpoint."""
     import torch
 
     check_config(cfg, resolve_device(cfg.device))
     with torch.device("meta"):
         model_from_config(cfg)
+    check_resume(cfg)
 
 
 @entry(

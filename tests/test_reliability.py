@@ -210,8 +210,24 @@ def test_resume_path_without_a_checkpoint_is_an_error_not_a_fresh_start(tmp_path
     (tmp_path / "empty").mkdir()
     proc = run_script("run.py", *_run_args(tmp_path / "run"), f"resume={tmp_path / 'empty'}")
     assert_one_line_error(proc, f"resume='{tmp_path / 'empty'}' holds no loadable checkpoint", "resume=auto or never")
-    record = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert record["status"] == "failed" and record["history"] == []
+    assert not (tmp_path / "run").exists()  # refused before Hydra makes the run dir: no failed record
+
+
+def test_resume_path_from_another_run_dir_is_recorded_and_checked_first(compose_cfg, tmp_path):
+    """resume=PATH continues another dir's checkpoint: the record says where from and when each part began;
+    a checkpoint of another config was refused only after a new run dir held a failed record."""
+    args = ("data=synthetic", "trainer=smoke", "trainer.epochs=2", "trainer.max_steps=null", "data.train_size=64", "logger=none")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()  # as Hydra makes a run dir
+    first = train(compose_cfg(*args), tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoint-epoch0001.pt"
+    second = train(compose_cfg(*args, f"resume={checkpoint}"), tmp_path / "b")
+    assert second["status"] == "completed" and second["resumed_from"] == str(checkpoint.resolve())
+    assert second["started_at"] == first["started_at"] and len(second["resumed_at"]) == 1
+    assert second["history"][0] == first["history"][0] and len(second["history"]) == 2
+    proc = run_script("run.py", *args, "seed=1", f"resume={checkpoint}", f"hydra.run.dir={tmp_path / 'c'}")
+    assert_one_line_error(proc, "was written with another config", "seed: 0 there, 1 now")
+    assert not (tmp_path / "c").exists()
 
 
 def test_resume_never_keeps_the_earlier_record(compose_cfg, tmp_path):

@@ -102,6 +102,8 @@ def test_kill_9_then_resume_gives_the_same_final_metrics(tmp_path):
     a = json.loads((tmp_path / "whole" / "results.json").read_text())
     b = json.loads((interrupted / "results.json").read_text())
     assert b["status"] == "completed" and len(b["history"]) == 3
+    # one run in two parts, in its own dir: when it began, when the second part began, nothing "from" elsewhere
+    assert b["started_at"] == partial["started_at"] and len(b["resumed_at"]) == 1 and "resumed_from" not in b
     assert b["final"]["test_acc"] == a["final"]["test_acc"]
     assert b["final"]["train_loss"] == pytest.approx(a["final"]["train_loss"], rel=1e-6)
     for ha, hb in zip(a["history"], b["history"]):
