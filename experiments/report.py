@@ -457,7 +457,7 @@ def to_row(record: dict[str, Any]) -> RunRow:
 
 
 def split_runs(records: Iterable[dict[str, Any]]) -> tuple[list[RunRow], list[RunRow], list[RunRow]]:
-    """(completed, failed, unfinished) rows; unfinished holds running, unreadable, incomplete, invalid, duplicate and unknown records.
+    """(completed, failed, unfinished) rows; unfinished holds running, unreadable, incomplete, invalid, duplicate, continued and unknown records.
 
     Completed rows come sorted by test accuracy, best first; the others by path.
     """
@@ -467,9 +467,20 @@ def split_runs(records: Iterable[dict[str, Any]]) -> tuple[list[RunRow], list[Ru
         original = bool(path and run_dir) and Path(str(path)).parent.resolve() == Path(str(run_dir)).resolve()
         return (not original, str(path or ""))
 
+    records = sorted(records, key=copy_first)
+    # A run stopped in one dir and finished from its checkpoint in another (resume=PATH) is one run:
+    # the stopped part is listed apart, not counted as a failure.
+    continued = {
+        str(Path(str(r["resumed_from"])).parent): str(r.get("run_dir") or r.get("path"))
+        for r in records
+        if r.get("status") == "completed" and r.get("resumed_from")
+    }
     rows, seen = [], {}
-    for record in sorted(records, key=copy_first):
+    for record in records:
         row = to_row(record)
+        later = continued.get(str(Path(str(record.get("run_dir")))) if record.get("run_dir") else "")
+        if row.status in ("failed", "running") and later:
+            row = replace(row, status="continued", reason=f"{row.reason}; continued and finished in {later}")
         # A copied run dir (a backup, a second sweep folder) is one run, not two: the same run dir,
         # start time and seed. The file in that run dir (else the first path) keeps it; a copy is
         # listed apart, not counted twice.
@@ -489,12 +500,14 @@ def split_runs(records: Iterable[dict[str, Any]]) -> tuple[list[RunRow], list[Ru
 def count_runs(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinished: Sequence[RunRow]) -> dict[str, int]:
     """The counts the page and the summary show. ``unfinished``: running, or stopped without a result;
     ``invalid``: records that cannot be used (unreadable, an impossible value, completed without a
-    test accuracy, an unknown status); ``duplicates``: copies of a run already counted."""
+    test accuracy, an unknown status); ``duplicates``: copies of a run already counted; ``continued``:
+    stopped parts of runs that ``resume=PATH`` finished in another dir."""
     copies = sum(r.status == "duplicate" for r in unfinished)
     running = sum(r.status == "running" for r in unfinished)
+    parts = sum(r.status == "continued" for r in unfinished)
     return {
         "completed": len(completed), "failed": len(failed), "unfinished": running,
-        "invalid": len(unfinished) - running - copies, "duplicates": copies,
+        "invalid": len(unfinished) - running - copies - parts, "duplicates": copies, "continued": parts,
     }  # fmt: skip
 
 
@@ -1301,6 +1314,8 @@ def render_html(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinishe
     counts = count_runs(completed, failed, unfinished)
     invalid_box = f'<div class="count bad"><b>{counts["invalid"]}</b>unreadable or invalid</div>' if counts["invalid"] else ""
     copies_box = f'<div class="count"><b>{counts["duplicates"]}</b>copies (not counted)</div>' if counts["duplicates"] else ""
+    if counts["continued"]:
+        copies_box += f'<div class="count"><b>{counts["continued"]}</b>continued elsewhere (not counted)</div>'
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>convlab report</title><style>{_CSS}</style></head>
@@ -1367,7 +1382,7 @@ def build_report(
 
     Returns:
         Summary: ``runs`` and the counts of :func:`count_runs` (``completed``, ``failed``,
-        ``unfinished``, ``invalid``, ``duplicates``), ``index`` (path of
+        ``unfinished``, ``invalid``, ``duplicates``, ``continued``), ``index`` (path of
         index.html), ``files`` written, ``problems`` (name, status, reason, path per run left out) and
         ``groups`` (one :class:`GroupRow` per setting, as a dict: test accuracy as a fraction).
 
@@ -1407,6 +1422,7 @@ def format_summary(summary: dict[str, Any], limit: int = 10) -> str:
         f"{summary['completed']} completed, {summary['failed']} failed, {summary['unfinished']} unfinished"
         + (f", {summary['invalid']} unreadable or invalid" if summary.get("invalid") else "")
         + (f", {summary['duplicates']} copies of runs already counted" if summary.get("duplicates") else "")
+        + (f", {summary['continued']} stopped runs finished in another dir" if summary.get("continued") else "")
     ]
     for problem in summary["problems"][:limit]:
         lines.append(f"  {problem['status']}: {problem['name']}: {problem['reason']} ({problem['path']})")

@@ -183,6 +183,26 @@ def test_a_copied_run_is_counted_once(tmp_path):
     assert "1 copies of runs already counted" in format_summary(summary)
 
 
+def test_a_run_finished_in_another_dir_is_not_a_failure(tmp_path):
+    """resume=PATH finishes a stopped run in a new dir: the stopped part was counted as a failed run."""
+    stopped = {**_record("sep", "separable", 21.3, 0.14, 0.91, 1.9), "run_dir": "/runs/a", "status": "failed",
+               "reason": "interrupted (SIGTERM)", "final": None}  # fmt: skip
+    finished = {**_record("sep", "separable", 21.3, 0.14, 0.91, 1.9), "run_dir": "/runs/b",
+                "resumed_from": "/runs/a/checkpoint-epoch0002.pt"}  # fmt: skip
+    other = {**stopped, "run_dir": "/runs/c"}  # stopped and never continued: a failure
+    for name, record in (("a", stopped), ("b", finished), ("c", other)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(record))
+    completed, failed, unfinished = split_runs(load_local_runs([tmp_path]))
+    assert [r.path for r in completed] == [str(tmp_path / "b" / "results.json")]
+    assert [r.path for r in failed] == [str(tmp_path / "c" / "results.json")]
+    (part,) = unfinished
+    assert part.status == "continued" and part.reason == "interrupted (SIGTERM); continued and finished in /runs/b"
+    summary = build_report([str(tmp_path)], out=tmp_path / "out")
+    assert (summary["completed"], summary["failed"], summary["invalid"], summary["continued"]) == (1, 1, 0, 1)
+    assert "1 stopped runs finished in another dir" in format_summary(summary)
+
+
 def test_the_run_in_its_own_run_dir_is_the_original(tmp_path):
     """A backup that sorts first is still the copy: the original is the file in the recorded run_dir."""
     home = tmp_path / "z-runs" / "sep"
