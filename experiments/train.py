@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +228,23 @@ def measure_latency(model: nn.Module, shape: tuple[int, ...], device: torch.devi
     return timed["model"]["median_ms"]
 
 
+def record_latency(cost: dict[str, Any], model: nn.Module, cfg: DictConfig, device: torch.device, sizes: Any) -> None:
+    """Measure ``model``'s latency at each batch size in ``sizes`` into ``cost``: ``latency_ms`` (by batch
+    size, added to those already there), ``latency_device`` and, on a CPU, ``latency_load_avg`` (the
+    1-minute load average then): a latency measured while other work shared the cores can be many
+    times too high, and the record says so. A load above the CPU count is also warned about."""
+    load = os.getloadavg()[0] if device.type == "cpu" and hasattr(os, "getloadavg") else None
+    measured = {str(b): measure_latency(model, input_shape(cfg, int(b)), device, cfg.trainer.channels_last) for b in sizes}
+    cost["latency_ms"] = {**(cost.get("latency_ms") or {}), **measured}
+    cost["latency_device"] = str(device)
+    if load is not None:
+        cost["latency_load_avg"] = round(load, 2)
+        cpus = os.cpu_count() or 1
+        if load > cpus:
+            log.warning("latency measured while the 1-minute load average was %.1f on %d CPUs: other work shared them, "
+                        "so it may be too high (recorded as cost.latency_load_avg)", load, cpus)  # fmt: skip
+
+
 class Progress:
     """A one-line progress bar on stderr (loss, accuracy, images/s, ETA); silent when not a terminal."""
 
@@ -408,6 +427,28 @@ def _set_aside_previous_run(run_dir: Path) -> None:
         log.info("resume=never: the earlier run's %d checkpoint(s) moved to %s", len(checkpoints), aside)
 
 
+def _add_latencies(record: dict[str, Any], cfg: DictConfig, device: torch.device, save: Callable[[dict[str, Any]], None]) -> None:
+    """A reused run asked for latency at batch sizes it lacks: measure those (the architecture, not the
+    trained weights, sets the time) on the device its others were measured on; elsewhere, say why not."""
+    cost = record.get("cost") or {}
+    have = cost.get("latency_ms") or {}
+    missing = [b for b in cfg.latency_batch_sizes if str(b) not in have]
+    if not missing:
+        return
+    if have and cost.get("latency_device") != str(device):
+        log.warning("latency at batch size(s) %s not measured: this run's others were measured on %s, this process runs on %s",
+                    ", ".join(map(str, missing)), cost.get("latency_device"), device)  # fmt: skip
+        return
+    model = model_from_config(cfg).to(
+        device=device, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    )
+    record_latency(cost, model, cfg, device, missing)
+    record["cost"] = cost
+    record["config"]["latency_batch_sizes"] = sorted({*map(int, cost["latency_ms"])})
+    log.info("latency measured at batch size(s) %s for the reused run", ", ".join(map(str, missing)))
+    save(record)
+
+
 def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True)
     device = resolve_device(cfg.device)
@@ -444,6 +485,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 previous["target"] = time_to_target(previous.get("history") or [], target_acc)
                 previous["config"]["trainer"]["target_acc"] = target_acc
                 save(previous)
+            if main:
+                _add_latencies(previous, cfg, device, save)
             return previous
         raise ValueError(
             f"run dir {run_dir} holds a completed run with another config ({difference}); use another hydra.run.dir or resume=never"
@@ -614,9 +657,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                  "best_epoch": best["epoch"] if best else None, "best_by": best_by, "epochs": len(history), "steps": step,
                  "steps_per_epoch": steps_per_epoch, "images_seen": sum(h.get("images", 0) for h in history)}  # fmt: skip
         if main:
-            record["cost"]["latency_ms"] = {str(b): measure_latency(raw_model, input_shape(cfg, int(b)), device, cfg.trainer.channels_last)
-                                            for b in cfg.latency_batch_sizes}  # fmt: skip
-            record["cost"]["latency_device"] = str(device)
+            record_latency(record["cost"], raw_model, cfg, device, cfg.latency_batch_sizes)
         record.update(status="completed", final=final, finished_at=now(), target=time_to_target(history, target_acc))
         target = record["target"] or {}
         tracker.summary({"test/acc": final["test_acc"], "final/test_acc": final["test_acc"], "final/train_loss": final["train_loss"],

@@ -295,6 +295,28 @@ def test_stop_at_target_ends_the_run_at_the_first_epoch_that_reached_it(compose_
     assert json.loads((tmp_path / "none" / "results.json").read_text())["target"] == retimed["target"]
 
 
+def test_a_reused_run_measures_the_latencies_it_lacks(compose_cfg, tmp_path, monkeypatch, caplog):
+    """latency_batch_sizes=[1,8] on a finished run dir reused it and silently kept only batch 1's latency."""
+    import experiments.train as train_module
+
+    base = ("data=synthetic", "data.train_size=64", "data.test_size=32", "trainer=smoke", "logger=none")
+    first = train(compose_cfg(*base), tmp_path)
+    assert set(first["cost"]["latency_ms"]) == {"1"} and first["cost"]["latency_device"] == "cpu"
+    assert first["cost"]["latency_load_avg"] == pytest.approx(os.getloadavg()[0], abs=5)
+    again = train(compose_cfg(*base, "latency_batch_sizes=[1,8]"), tmp_path)
+    assert again["history"] == first["history"] and again["cost"]["latency_ms"]["1"] == first["cost"]["latency_ms"]["1"]
+    assert again["cost"]["latency_ms"]["8"] > 0 and again["config"]["latency_batch_sizes"] == [1, 8]
+    assert json.loads((tmp_path / "results.json").read_text())["cost"]["latency_ms"] == again["cost"]["latency_ms"]
+    # Measured on another device: not mixed into one table, and said so.
+    record = json.loads((tmp_path / "results.json").read_text())
+    record["cost"]["latency_device"] = "cuda:0"
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    monkeypatch.setattr(train_module, "measure_latency", lambda *a, **k: pytest.fail("measured on the wrong device"))
+    with caplog.at_level("WARNING", logger="convlab"):
+        third = train(compose_cfg(*base, "latency_batch_sizes=[1,8,32]"), tmp_path)
+    assert "32" not in third["cost"]["latency_ms"] and "batch size(s) 32 not measured" in caplog.text and "cuda:0" in caplog.text
+
+
 def test_lr_schedules():
     total, warmup = 100, 10
     assert lr_factor(0, total, warmup, "cosine", 0.0) == pytest.approx(0.1)
