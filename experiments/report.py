@@ -533,31 +533,11 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return {key: value for k, v in node.items() for key, value in _flat(v, f"{prefix}.{k}" if prefix else str(k)).items()}
 
 
-def _trained(record: dict[str, Any]) -> Any:
-    """How long a run trained, as the epochs figure of tables.recipe (which reads the configured
-    count): ``4``; ``3 of 40`` when it stopped early (trainer.stop_at_target); ``8 steps
-    (trainer.max_steps), 0.5 of 1`` when max_steps ended it before its epochs."""
-    config = record.get("config") if isinstance(record.get("config"), dict) else {}
-    final = record.get("final") if isinstance(record.get("final"), dict) else {}
-    planned, max_steps = _number(_get(config, "trainer.epochs")), _number(_get(config, "trainer.max_steps"))
-    epochs, steps, per_epoch = (_number(final.get(k)) for k in ("epochs", "steps", "steps_per_epoch"))
-    if max_steps and steps and per_epoch and planned and steps < planned * per_epoch:
-        return f"{steps:g} steps (trainer.max_steps), {steps / per_epoch:.3g} of {planned:g}"
-    if epochs is not None and planned is not None and epochs != planned:
-        return f"{epochs:g} of {planned:g}"
-    return _first((_get(config, "trainer.epochs"), final.get("epochs")))
-
-
 def _settings_text(rows: Sequence[RunRow]) -> str:
-    """tables.recipe for these runs, with the epochs each trained in place of the configured count."""
+    """tables.recipe for these runs: their data, the epochs each trained, batch, optimizer, schedule, precision."""
     from .tables import recipe  # here: tables imports torch, which the rest of the report does not need
 
-    records = []
-    for r in rows:
-        config = r.record.get("config") if isinstance(r.record.get("config"), dict) else {}
-        trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
-        records.append({**r.record, "config": {**config, "trainer": {**trainer, "epochs": _trained(r.record)}}})
-    return recipe({"": records}) or ""
+    return recipe({"": [r.record for r in rows]}) or ""
 
 
 def _differences(settings: Sequence[dict[str, Any]]) -> list[list[str]]:

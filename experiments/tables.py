@@ -14,6 +14,7 @@ import json
 import math
 import re
 import statistics
+from collections.abc import Iterable
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -238,24 +239,46 @@ def _short_commit(commit: Any) -> str:
     return text[:10] + ("-dirty" if text.endswith("-dirty") else "")
 
 
+def _config_value(record: dict[str, Any], *path: str) -> Any:
+    """``record["config"][path[0]][path[1]]...``, None where a level is missing or not a mapping."""
+    value: Any = record.get("config")
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def trained_epochs(record: dict[str, Any]) -> str:
+    """How long a run trained, as :func:`recipe`'s epochs figure: ``4``; ``3 of 40`` when it stopped
+    before its epochs (``trainer.stop_at_target``); ``8 steps (trainer.max_steps), 0.5 of 1`` when
+    ``trainer.max_steps`` ended it first. The configured count alone where the record has no ``final``."""
+
+    def number(value: Any) -> float | None:
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    final = record.get("final") if isinstance(record.get("final"), dict) else {}
+    planned, max_steps = number(_config_value(record, "trainer", "epochs")), number(_config_value(record, "trainer", "max_steps"))
+    epochs, steps, per_epoch = (number(final.get(k)) for k in ("epochs", "steps", "steps_per_epoch"))
+    if max_steps and steps and per_epoch and planned and steps < planned * per_epoch:
+        return f"{steps:g} steps (trainer.max_steps), {steps / per_epoch:.3g} of {planned:g}"
+    if epochs is not None and planned is not None and epochs != planned:
+        return f"{epochs:g} of {planned:g}"
+    shown = planned if planned is not None else epochs
+    return "?" if shown is None else f"{shown:g}"
+
+
 def recipe(runs: dict[str, list[dict[str, Any]]] | None) -> str | None:
-    """What produced a table's accuracies, read from the runs themselves: data, epochs, batch,
-    optimizer, schedule, precision, seeds and the convlab commit. A value that differs between
+    """What produced a table's accuracies, read from the runs themselves: data, epochs trained
+    (:func:`trained_epochs`), batch, optimizer, schedule, precision, seeds and the convlab commit. A value that differs between
     rows is listed with a slash. None for a table without trained runs."""
     records = [r for rs in (runs or {}).values() for r in rs]
     if not records:
         return None
 
-    def values(*path: str, fmt: str = "{}") -> str:
-        found = []
-        for r in records:
-            value: Any = r.get("config") or {}
-            for key in path:
-                value = value.get(key) if isinstance(value, dict) else None
-            text = "?" if value is None else fmt.format(value)
-            if text not in found:
-                found.append(text)
-        return "/".join(found)
+    def joined(texts: Iterable[str]) -> str:
+        return "/".join(dict.fromkeys(texts))  # each distinct value once, in order
+
+    def values(*path: str) -> str:
+        return joined("?" if (value := _config_value(r, *path)) is None else str(value) for r in records)
 
     subset, subset_seed = values("data", "subset"), values("data", "subset_seed")
     drawn = "" if subset_seed == "?" else f" drawn with seed {subset_seed}"  # else with each run's seed
@@ -263,7 +286,7 @@ def recipe(runs: dict[str, list[dict[str, Any]]] | None) -> str | None:
     seeds = sorted({r.get("seed") for r in records if isinstance(r.get("seed"), int)})
     commits = sorted({_short_commit((r.get("env") or {}).get("git_commit")) for r in records})
     return (
-        f"{data}; {values('trainer', 'epochs')} epochs, batch {values('trainer', 'batch_size')}, "
+        f"{data}; {joined(map(trained_epochs, records))} epochs, batch {values('trainer', 'batch_size')}, "
         f"{values('optim', 'name')} lr {values('optim', 'lr')} wd {values('optim', 'weight_decay')}, "
         f"{values('sched', 'name')} schedule, {values('trainer', 'precision')}; "
         f"seeds {', '.join(map(str, seeds))}; convlab {', '.join(commits)}"

@@ -69,7 +69,9 @@ def test_train_rows_with_seeds_then_reuse(tmp_path):
     rows, trained = json.loads(first.stdout)["rows"], json.loads(first.stdout)["trained"]
     assert [r["id"] for r in rows] == ["standard", "standard_se", "depthwise", "depthwise_se"]
     # what produced the accuracies, read back from the runs: data, recipe, seeds, commit
-    assert trained.startswith("synthetic at 16 px; 2 epochs, batch 32, sgd lr 0.2") and "; seeds 0, 1; convlab " in trained
+    # trainer=smoke: 2 epochs of 16 steps configured, trainer.max_steps=3 ends each run first (it said "2 epochs")
+    assert trained.startswith("synthetic at 16 px; 3 steps (trainer.max_steps), 0.188 of 2 epochs, batch 32, sgd lr 0.2"), trained
+    assert "; seeds 0, 1; convlab " in trained
     assert f"Trained: {trained}." in (tmp_path / "bottleneck.md").read_text()
     assert all(r["seeds"] == 2 and r["acc"] is not None and r["acc_std"] is not None for r in rows)
     assert rows[2]["macs_m"] < rows[0]["macs_m"]  # depthwise 3x3 costs less
@@ -316,3 +318,19 @@ def test_recipe_names_the_subset_and_its_draw():
     assert recipe({"a": [run(0, subset=500), run(1, subset=500)]}).startswith("cifar10 (subset 500) at 32 px")
     fixed = recipe({"a": [run(0, subset=500, subset_seed=7), run(1, subset=500, subset_seed=7)]})
     assert fixed.startswith("cifar10 (subset 500 drawn with seed 7) at 32 px") and "seeds 0, 1" in fixed
+
+
+def test_recipe_says_how_long_the_runs_trained():
+    """The epochs figure is what each run trained, read from its final record, not the configured count."""
+    from experiments.tables import recipe, trained_epochs
+
+    def run(final: dict | None, **trainer) -> dict:
+        return {"config": {"data": {"name": "cifar10", "image_size": 32}, "trainer": {"epochs": 40, "batch_size": 32, **trainer}},
+                "seed": 0, "final": final}  # fmt: skip
+
+    whole = run({"epochs": 40, "steps": 7800, "steps_per_epoch": 195})
+    assert trained_epochs(whole) == "40" and trained_epochs(run(None)) == "40"
+    assert trained_epochs(run({"epochs": 12, "steps": 2340, "steps_per_epoch": 195}, stop_at_target=True)) == "12 of 40"
+    cut = run({"epochs": 1, "steps": 8, "steps_per_epoch": 16}, max_steps=8)
+    assert trained_epochs(cut) == "8 steps (trainer.max_steps), 0.5 of 40"
+    assert "; 40/8 steps (trainer.max_steps), 0.5 of 40 epochs, batch 32" in recipe({"a": [whole], "b": [cut]})
