@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -173,14 +174,25 @@ def _autocast_operand(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype)
 
 
+def _int(value: Any) -> int | None:
+    """``value`` as an int when it is an integer (Python's, numpy's, a 0-d integer tensor: what has
+    ``__index__``, as ``F.conv2d`` takes them), else None; bools are refused."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _pair(value: int | tuple[int, ...], name: str) -> tuple[int, int]:
     """An int or a sequence of one or two ints (as ``F.conv2d`` takes them) -> ``(h, w)``."""
-    if not isinstance(value, int | Sequence) or isinstance(value, bool | str):
-        raise ValueError(f"pointwise_conv2d: {name}={value!r} must be an int or a pair of ints")
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    single = _int(value)
+    items = (single,) if single is not None else tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else ()
+    pair = tuple(_int(v) for v in items)
     if len(pair) == 1:
         pair = pair * 2
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    if len(pair) != 2 or None in pair:
         raise ValueError(f"pointwise_conv2d: {name}={value!r} must be an int or a pair of ints")
     return pair  # type: ignore[return-value]
 
@@ -287,8 +299,9 @@ def pointwise_conv2d(
     n, c = x.shape[:2]
     if x.shape[2] + 2 * ph < 1 or x.shape[3] + 2 * pw < 1:
         raise ValueError(f"pointwise_conv2d: input shape {tuple(x.shape)} has no pixels (padding={padding}); H and W must be >= 1")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or c % groups:
+    if _int(groups) is None or groups < 1 or c % groups:
         raise ValueError(f"pointwise_conv2d: groups={groups} must divide the input's {c} channels (input shape {tuple(x.shape)})")
+    groups = _int(groups)
     k = weight.shape[0]
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (c // groups, 1, 1) or k < 1 or k % groups:
         raise ValueError(

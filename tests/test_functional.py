@@ -125,8 +125,15 @@ def test_bad_stride_and_padding():
 def test_every_argument_form_conv2d_takes(channels_last):
     """padding 'valid' / 'same', one-element and list strides, unbatched (C, H, W) input: as F.conv2d."""
     x, w, b = _inputs(1, True, channels_last)
-    for kwargs in ({"padding": "valid"}, {"padding": "same"}, {"stride": (2,)}, {"stride": [2, 3], "padding": [1]}):
+    import numpy as np
+
+    # numpy integers and 0-d integer tensors (what has __index__) too: they were refused
+    forms = ({"padding": "valid"}, {"padding": "same"}, {"stride": (2,)}, {"stride": [2, 3], "padding": [1]},
+             {"stride": np.int64(2), "padding": (np.int32(1), 0)}, {"stride": torch.tensor(2)})  # fmt: skip
+    for kwargs in forms:
         torch.testing.assert_close(pointwise_conv2d(x, w, b, **kwargs), F.conv2d(x, w, b, **kwargs), rtol=1e-5, atol=1e-5)
+    xg, wg, _ = _inputs(2, False, channels_last)
+    torch.testing.assert_close(pointwise_conv2d(xg, wg, groups=np.int64(2)), F.conv2d(xg, wg, groups=2), rtol=1e-5, atol=1e-5)
     unbatched = x[1]
     ours, ref = pointwise_conv2d(unbatched, w, b, stride=2), F.conv2d(unbatched, w, b, stride=2)
     assert ours.shape == ref.shape == (12, 5, 4)
