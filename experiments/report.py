@@ -549,7 +549,7 @@ def _differences(settings: Sequence[dict[str, Any]]) -> list[list[str]]:
     optimizer): the option's own defaults come with its name, which the row shows. Off (null or
     false) and absent are the same, as for a run dir's reuse.
     """
-    from .train import VOLATILE  # here: train imports torch
+    from .train import is_volatile  # here: train imports torch
 
     def value(flat: dict[str, Any], key: str) -> Any:
         found = flat.get(key)
@@ -562,10 +562,7 @@ def _differences(settings: Sequence[dict[str, Any]]) -> list[list[str]]:
     for mine in settings:
         shown = []
         for key in sorted({k for flat in settings for k in flat}):
-            ignored = any(key == v or key.startswith(v + ".") for v in VOLATILE) and not (
-                key == "trainer.target_acc" and mine.get("trainer.stop_at_target")  # a target the run stops at changes it
-            )
-            if key in _IN_RECIPE or ignored:
+            if key in _IN_RECIPE or is_volatile(key, bool(mine.get("trainer.stop_at_target"))):
                 continue
             peers = [flat for flat in settings if option(flat, key) == option(mine, key)]
             if any(value(flat, key) != value(mine, key) for flat in peers):

@@ -332,6 +332,12 @@ def _off(value: Any) -> bool:
     return value is None or value is False
 
 
+def is_volatile(key: str, stops_at_target: bool) -> bool:
+    """Whether the dotted config ``key`` leaves what a run computes unchanged (it is, or is under, a
+    VOLATILE key). The target only times a run, unless the run stops at it: then it changes what is trained."""
+    return any(key == v or key.startswith(v + ".") for v in VOLATILE) and not (stops_at_target and key == "trainer.target_acc")
+
+
 def config_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """The first key (dotted) whose value differs, ignoring VOLATILE keys and an option that is off on
     one side and absent on the other (added since); None when equal."""
@@ -345,10 +351,9 @@ def config_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
         return out
 
     a, b = (flat(d) for d in (old, new))
-    # The target only times a run, unless the run stops at it: then it changes what is trained.
-    stops = a.get("trainer.stop_at_target.") or b.get("trainer.stop_at_target.")
+    stops = bool(a.get("trainer.stop_at_target.") or b.get("trainer.stop_at_target."))
     for key in sorted(set(a) | set(b)):
-        if any(key.startswith(v + ".") or key == v + "." for v in VOLATILE) and not (stops and key == "trainer.target_acc."):
+        if is_volatile(key.rstrip("."), stops):
             continue
         if (key not in a and _off(b[key])) or (key not in b and _off(a[key])):
             continue  # an option that is off, added (or dropped) after the other run was made: the same run
