@@ -1239,11 +1239,18 @@ def _problems_table(rows: Sequence[RunRow]) -> str:
     return f'<div class="table-wrap"><table id="problems"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def render_html(completed: Sequence[RunRow], failed: Sequence[RunRow], unfinished: Sequence[RunRow], sources: Sequence[str]) -> str:
+def render_html(
+    completed: Sequence[RunRow],
+    settings: Sequence[GroupRow],
+    failed: Sequence[RunRow],
+    unfinished: Sequence[RunRow],
+    sources: Sequence[str],
+) -> str:
     """The whole dashboard as one self-contained HTML page.
 
     Args:
         completed: completed runs (plots and the sortable table).
+        settings: the completed runs by setting (:func:`group_runs`), the "By setting" table.
         failed: failed runs, listed apart with their reasons.
         unfinished: running, unreadable, incomplete or invalid runs, listed apart.
         sources: what was read (dirs or a W&B path), shown in the header.
@@ -1310,7 +1317,7 @@ MACs: one multiply-add counts once (conv + linear, as the MobileNet papers count
 <div class="grid3">{curves}</div>
 <h2>By setting</h2>
 <p class="note">{_e(_GROUPS_NOTE)}</p>
-{_groups_table(group_runs(completed))}
+{_groups_table(settings)}
 <h2>Completed runs</h2>
 <p class="note">Click a column header to sort; hover a row to find its points above.</p>
 {_runs_table(completed, index)}
@@ -1380,7 +1387,7 @@ def build_report(
     groups = group_runs(completed)
     files = write_tables(completed, out_dir) + write_groups(groups, out_dir) + write_figures(completed, out_dir)
     index = out_dir / "index.html"
-    index.write_text(render_html(completed, failed, unfinished, sources), encoding="utf-8")
+    index.write_text(render_html(completed, groups, failed, unfinished, sources), encoding="utf-8")
     return {
         "runs": len(records),
         **count_runs(completed, failed, unfinished),
