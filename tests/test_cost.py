@@ -146,6 +146,8 @@ def test_report_structure_and_consistency():
     assert report["fvcore_flops"] == sum(ops.values()) > report["macs"]
     assert by_type["depthwise"]["layers"] == 17 and by_type["linear"]["layers"] == 1
     assert "aten::add" in report["unsupported_ops"]  # residual adds: reported, not hidden
+    # ... in the printed table too (profile.py), with their counts
+    assert f"aten::add x{report['unsupported_ops']['aten::add']}" in format_cost(report).splitlines()[-1]
     assert sum(report["by_module"].values()) == report["fvcore_flops"]
 
 

@@ -86,6 +86,26 @@ def test_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path)[0]["epoch"] == 1
 
 
+def test_git_commit_says_when_the_tree_had_uncommitted_changes(tmp_path, monkeypatch):
+    """results.json's env.git_commit ends in -dirty when tracked files differ from the commit (what the README's tables cite)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    (tmp_path / "f.txt").write_text("a")
+    for args in (["init", "-q"], ["add", "f.txt"], ["commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, env=env)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setattr(records, "REPO", tmp_path)
+    assert records._git_commit() == head
+    (tmp_path / "untracked.txt").write_text("b")  # untracked files do not change what ran
+    assert records._git_commit() == head
+    (tmp_path / "f.txt").write_text("changed")
+    assert records._git_commit() == head + "-dirty"
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_written_files_get_the_mode_open_would_give_them(tmp_path, umask):
     """results.json, tables and checkpoints were always 0600 (mkstemp's mode): a team's report.py could not read them."""

@@ -180,6 +180,9 @@ def test_a_copied_run_is_counted_once(tmp_path):
     assert copy.status == "duplicate" and copy.reason == f"a copy of the run at {tmp_path / 'a' / 'results.json'}"
     summary = build_report([str(tmp_path)], out=tmp_path / "out")
     assert (summary["completed"], summary["unfinished"], summary["duplicates"]) == (2, 0, 1)  # a copy is not "unfinished"
+    assert summary["invalid"] == 0  # nor "invalid": each run is counted in one kind
+    kinds = ("completed", "failed", "unfinished", "invalid", "duplicates", "continued")
+    assert sum(summary[k] for k in kinds) == summary["runs"] == 3
     assert "1 copies of runs already counted" in format_summary(summary)
 
 
