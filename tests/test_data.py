@@ -182,3 +182,39 @@ def test_imagenet_folders_subset_and_every_test_image_once_across_ranks(compose_
     assert len(seen) == 5 and sorted(seen) == sorted(label for _, label in data.test.samples)
     with pytest.raises(ValueError, match=r"data\.val_split=0\.2 is not supported for imagenet"):
         load_data(compose_cfg(*base, "data.val_split=0.2").data, seed=0)
+
+
+def test_normalisation_is_per_channel_in_order():
+    """Each channel uses its own mean and std: one value for every channel could not tell them apart."""
+    values = torch.tensor([51, 102, 204], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 8, 8).contiguous()
+    mean, std = [0.1, 0.2, 0.3], [0.1, 0.2, 0.4]
+    loader = TensorLoader(Split(values, torch.zeros(2, dtype=torch.long)), 2, train=False, device=torch.device("cpu"), mean=mean,
+                          std=std, image_size=8)  # fmt: skip
+    x, _ = next(iter(loader))
+    for c, expected in enumerate([(0.2 - 0.1) / 0.1, (0.4 - 0.2) / 0.2, (0.8 - 0.3) / 0.4]):  # 51, 102, 204 / 255 = 0.2, 0.4, 0.8
+        torch.testing.assert_close(x[:, c], torch.full_like(x[:, c], expected))
+
+
+def test_augmentation_flips_and_crops_at_several_offsets():
+    """Over one epoch some images are flipped (they match only a flipped crop) and crops use more than one offset."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    loader = _loader(Split(images, torch.arange(16)), train=True, crop_padding=2, flip=True)
+    only_flipped, offsets = 0, set()
+    for x, y in loader:
+        for img, label in zip(x, y):
+            padded = torch.nn.functional.pad(images[label].float(), (2, 2, 2, 2))
+            plain = {(i, j) for i in range(5) for j in range(5) if torch.equal(img, padded[:, i : i + 8, j : j + 8])}
+            flipped = {(i, j) for i in range(5) for j in range(5) if torch.equal(img, padded[:, i : i + 8, j : j + 8].flip(2))}
+            assert plain or flipped
+            only_flipped += bool(flipped and not plain)
+            offsets |= plain | flipped
+    assert only_flipped > 0 and len(offsets) > 1, (only_flipped, offsets)
+
+
+def test_eval_loader_yields_every_example_once_with_a_partial_last_batch():
+    split = Split(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.arange(10))
+    loader = _loader(split, train=False)
+    batches = [y.tolist() for _, y in loader]
+    assert len(loader) == 3 and [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(i for b in batches for i in b) == list(range(10))

@@ -108,6 +108,8 @@ def test_kill_9_then_resume_gives_the_same_final_metrics(tmp_path):
     assert b["final"]["train_loss"] == pytest.approx(a["final"]["train_loss"], rel=1e-6)
     for ha, hb in zip(a["history"], b["history"]):
         assert hb["train_loss"] == pytest.approx(ha["train_loss"], rel=1e-6) and hb["test_acc"] == ha["test_acc"]
+    # the resumed run's wall time counts the epochs trained before the kill, not only those after it
+    assert b["final"]["wall_seconds"] >= sum(h["seconds"] + (h["eval_seconds"] or 0) for h in b["history"])
 
 
 @pytest.mark.slow
@@ -337,3 +339,60 @@ def test_weight_decay_skips_norms_and_biases(compose_cfg):
     norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
     assert norm_ids <= {id(p) for p in no_decay["params"]}
     assert optimizer.defaults["nesterov"] is True
+
+
+def _bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    with torch.no_grad():  # running statistics far from any one batch's, so train-mode and eval-mode outputs differ
+        model[1].running_mean.uniform_(-2, 2)
+        model[1].running_var.uniform_(0.1, 4)
+    return model
+
+
+def test_evaluate_runs_in_eval_mode_and_leaves_the_model_untouched():
+    from experiments.train import evaluate
+
+    model = _bn_model()
+    batches = [(torch.randn(n, 3, 8, 8), torch.randint(0, 3, (n,))) for n in (4, 4, 2)]  # a partial last batch
+    running_mean = model[1].running_mean.clone()
+    first = evaluate(model, batches, torch.device("cpu"), "fp32")
+    assert torch.equal(model[1].running_mean, running_mean) and model.training  # back in train mode, statistics kept
+    assert evaluate(model, batches, torch.device("cpu"), "fp32") == first
+    model.eval()
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in batches)
+        loss = sum(torch.nn.functional.cross_entropy(model(x), y, reduction="sum").item() for x, y in batches)
+    assert first["acc"] == pytest.approx(correct / 10) and first["loss"] == pytest.approx(loss / 10, rel=1e-5)
+
+
+def test_seed_everything_sets_the_model_init(compose_cfg):
+    from experiments.config import model_from_config
+    from experiments.train import seed_everything
+
+    cfg = compose_cfg("data=synthetic")
+
+    def weights(seed: int) -> list[torch.Tensor]:
+        seed_everything(seed)
+        return [p.detach().clone() for p in model_from_config(cfg).parameters()]
+
+    zero, one, zero_again = weights(0), weights(1), weights(0)
+    assert all(torch.equal(a, b) for a, b in zip(zero, zero_again))
+    assert not all(torch.equal(a, b) for a, b in zip(zero, one))
+
+
+def test_best_epoch_is_the_epoch_of_the_highest_test_acc(compose_cfg, tmp_path):
+    cfg = compose_cfg("data=synthetic", "data.train_size=256", "data.test_size=64", "trainer=smoke", "trainer.max_steps=null",
+                      "trainer.epochs=3", "logger=none")  # fmt: skip
+    record = train(cfg, tmp_path)
+    accs = [h["test_acc"] for h in record["history"]]
+    assert len(accs) == 3 and len(set(accs)) > 1, accs  # otherwise min and max would pick the same epoch
+    assert record["final"]["best_by"] == "test"
+    assert record["final"]["best_epoch"] == record["history"][accs.index(max(accs))]["epoch"]
+
+
+def test_train_loss_is_the_per_example_mean(compose_cfg, tmp_path):
+    """10 classes, random labels: the mean cross-entropy after 3 steps is near ln 10 = 2.3, not divided by the batch size."""
+    record = train(compose_cfg("data=synthetic", "data.test_size=32", "trainer=smoke", "logger=none"), tmp_path)
+    assert record["config"]["data"]["num_classes"] == 10
+    assert 1 < record["history"][0]["train_loss"] < 5
