@@ -7,6 +7,7 @@ intensity, GFLOP/s and % of peak recomputed from the recorded times. No test ass
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -107,9 +108,42 @@ def test_pointwise_arithmetic(outcome):
         _close(row["speed_ratio_ours_vs_torch"], t["torch"]["median_ms"] / t["ours"]["median_ms"])
         _close(row["speed_ratio_linear_vs_torch"], t["torch"]["median_ms"] / t["linear"]["median_ms"])
         assert row["max_abs_diff_vs_torch"] < (1e-4 if row["dtype"] == "fp32" else 0.1)  # it timed the right computation
-    summary = report["summary"]["fp32 nchw fwd"]
-    ratios = [r["speed_ratio_ours_vs_torch"] for r in rows if (r["dtype"], r["memory_format"], r["pass"]) == ("fp32", "nchw", "fwd")]
-    _close(summary["min_speed_ratio_ours_vs_torch"], min(ratios))
+        _close(row["speed_ratio_ours_vs_torch_min"], t["torch"]["min_ms"] / t["ours"]["min_ms"])
+    # Every summary entry recomputed from its rows: one per (dtype, memory format, pass).
+    keys = {(r["dtype"], r["memory_format"], r["pass"]) for r in rows}
+    assert set(report["summary"]) == {f"{d} {f} {p}" for d, f, p in keys}
+    for dtype, fmt, pass_name in keys:
+        summary = report["summary"][f"{dtype} {fmt} {pass_name}"]
+        chosen = [r for r in rows if (r["dtype"], r["memory_format"], r["pass"]) == (dtype, fmt, pass_name)]
+        ratios = [r["speed_ratio_ours_vs_torch"] for r in chosen]
+        worst = min(chosen, key=lambda r: r["speed_ratio_ours_vs_torch"])
+        assert summary["shapes"] == len(chosen) == len(POINTWISE_SHAPES["tiny"])
+        assert summary["shapes_at_least_0.95x"] == sum(r >= 0.95 for r in ratios)
+        _close(summary["min_speed_ratio_ours_vs_torch"], min(ratios))
+        assert summary["min_at"] == worst["layer"]
+        _close(summary["median_speed_ratio_ours_vs_torch"], statistics.median(ratios))
+        _close(summary["min_speed_ratio_ours_vs_torch_by_min_times"], min(r["speed_ratio_ours_vs_torch_min"] for r in chosen))
+        large = {r["layer"]: round(r["timings"]["ours"]["pct_peak"], 1) for r in chosen if r["group"] == "large output" or r["c_in"] >= 512}
+        assert summary["ours_pct_peak_large"] == large and list(large) == ["16->48 @4"]
+
+
+def test_pointwise_summary_by_hand():
+    """Three shapes with ratios chosen so that median != mean, one exactly at 0.95x, and the worst by min times elsewhere."""
+
+    def row(layer: str, ours_median: float, ours_min: float, c_in: int = 8) -> dict:
+        timings = {"ours": {"median_ms": ours_median, "min_ms": ours_min, "pct_peak": 12.34}, "torch": {"median_ms": 1.0, "min_ms": 1.0}}
+        return {"dtype": "fp32", "memory_format": "nchw", "pass": "fwd", "layer": layer, "group": "small output", "c_in": c_in,
+                "timings": timings, "speed_ratio_ours_vs_torch": 1.0 / ours_median, "speed_ratio_ours_vs_torch_min": 1.0 / ours_min}  # fmt: skip
+
+    rows = [row("a", 1 / 0.95, 1 / 3.0), row("b", 1 / 0.5, 1 / 2.0), row("c", 1 / 4.0, 1 / 0.25, c_in=512), row("d", 1 / 0.92, 1.0),
+            row("e", 1 / 2.0, 1.0)]  # fmt: skip
+    rows[0]["speed_ratio_ours_vs_torch"] = 0.95  # exactly at the threshold, not 1 / (1 / 0.95)
+    (summary,) = bench._pointwise_summary(rows).values()
+    assert summary["shapes"] == 5 and summary["shapes_at_least_0.95x"] == 3  # 0.95, 2 and 4 count; 0.92 and 0.5 do not
+    assert (summary["min_speed_ratio_ours_vs_torch"], summary["min_at"]) == (0.5, "b")
+    assert summary["median_speed_ratio_ours_vs_torch"] == 0.95  # of 0.5, 0.92, 0.95, 2, 4; the mean is 1.674
+    assert summary["min_speed_ratio_ours_vs_torch_by_min_times"] == 0.25  # at c, whose median ratio is the best
+    assert summary["ours_pct_peak_large"] == {"c": 12.3}  # c_in >= 512 is a large shape
 
 
 def _closed_form_macs(block: str, n: int, c: int, k: int, hw: int) -> int | None:
@@ -251,6 +285,46 @@ def test_bytes_moved_by_hand():
 
     a = torch.zeros(10, dtype=torch.bfloat16)
     assert bytes_moved(Residual(), a)["bytes"] == 2 * (10 + 10 + 10 + 10 + 10)
+
+
+def test_bytes_moved_counts_each_storage_once_per_op():
+    """The module docstring's model: an op reads each distinct tensor argument once (``a * a`` reads ``a``
+    once), but two different views of one storage are two reads, and two tensors are two."""
+
+    class Square(nn.Module):
+        def forward(self, a: torch.Tensor) -> torch.Tensor:
+            return a * a
+
+    class Halves(nn.Module):
+        def forward(self, a: torch.Tensor) -> torch.Tensor:
+            return a[:5] * a[5:]  # two views (no bytes), then mul reads 5 + 5 and writes 5
+
+    class Product(nn.Module):
+        def forward(self, a: torch.Tensor) -> torch.Tensor:
+            return a * a.clone()  # clone reads 10, writes 10; mul reads 10 + 10, writes 10
+
+    a = torch.ones(10, dtype=torch.bfloat16)
+    square = bytes_moved(Square(), a)
+    assert (square["bytes"], square["read"], square["written"], square["by_op"]) == (2 * (10 + 10), 2 * 10, 2 * 10, {"mul": 40})
+    assert bytes_moved(Halves(), a)["bytes"] == 2 * (5 + 5 + 5)
+    assert bytes_moved(Product(), a)["by_op"] == {"clone": 2 * (10 + 10), "mul": 2 * (10 + 10 + 10)}
+
+
+def test_bandwidth_counts_a_copy_twice(monkeypatch):
+    """Copying B bytes moves 2 B (read + write, as STREAM's copy counts); GB/s from the median, best from the min."""
+    seen: dict = {}
+
+    def fake_time_interleaved(fns, **kwargs):
+        seen["names"] = list(fns)
+        fns["copy"]()
+        return {"copy": {"median_ms": 2.0, "min_ms": 1.0}}
+
+    monkeypatch.setattr(bench, "time_interleaved", fake_time_interleaved)
+    bw = bench.measure_bandwidth(torch.device("cpu"), mbytes=1)
+    assert seen["names"] == ["copy"]
+    assert bw["bytes"] == 2 * 2**20  # a 1 MiB fp32 tensor copied
+    assert bw["gb_per_s"] == pytest.approx(2 * 2**20 / 2e-3 / 1e9) and bw["best_gb_per_s"] == pytest.approx(2 * 2**20 / 1e-3 / 1e9)
+    assert (bw["median_ms"], bw["min_ms"]) == (2.0, 1.0)
 
 
 def test_summarize_and_round_robin():

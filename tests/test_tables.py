@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 from omegaconf import OmegaConf
@@ -334,3 +335,65 @@ def test_recipe_says_how_long_the_runs_trained():
     cut = run({"epochs": 1, "steps": 8, "steps_per_epoch": 16}, max_steps=8)
     assert trained_epochs(cut) == "8 steps (trainer.max_steps), 0.5 of 40"
     assert "; 40/8 steps (trainer.max_steps), 0.5 of 40 epochs, batch 32" in recipe({"a": [whole], "b": [cut]})
+
+
+def test_accuracy_wall_time_and_latency_are_mean_std_and_medians_over_seeds():
+    """Distinct figures per seed, the first seed's neither the median nor the mean: accuracy is the mean in %,
+    its spread the sample std; wall time, train img/s and measured latency are medians over the seeds."""
+    from experiments.tables import build_table, markdown_table
+
+    table = OmegaConf.create({"name": "t", "title": "T", "source": "S", "rows": [{"id": "a", "label": "A"}]})
+    costs = [{"row": table.rows[0], "cost": {"macs": 1e6, "params": 1e4, "latency_ms": {"1": 50.0}, "latency_device": "cpu"},
+              "data": "cifar10"}]  # fmt: skip
+
+    def run(acc: float, wall: float, latency: float, img_s: list[float]) -> dict:
+        record = _timed_record("a", acc, None)
+        record["final"]["wall_seconds"] = wall
+        record["history"] = [{"img_per_s": v} for v in img_s]
+        record["cost"] = {"latency_ms": {"1": latency}, "latency_device": "cuda"}
+        return record
+
+    runs = {"a": [run(0.97, 600.0, 9.0, [1000.0]), run(0.90, 100.0, 1.0, [100.0, 300.0]), run(0.92, 200.0, 2.0, [400.0])]}
+    (row,) = build_table(table, costs, runs)
+    percents = [97.0, 90.0, 92.0]
+    assert row["seeds"] == 3
+    assert row["acc"] == pytest.approx(93.0, abs=1e-9)
+    assert row["acc_std"] == pytest.approx(statistics.stdev(percents), rel=1e-9)  # sample std (n - 1), not pstdev
+    assert row["acc_std"] != pytest.approx(statistics.pstdev(percents), rel=1e-3)
+    assert row["train_s"] == 200.0  # median of 600/100/200
+    assert row["train_img_s"] == 400.0  # median over seeds of each run's mean img/s: 1000, 200, 400
+    assert (row["latency_ms"], row["latency_device"]) == (2.0, "cuda")  # measured after training: median of 9/1/2
+    lines = markdown_table([row], table).splitlines()
+    header, cells = ([c.strip() for c in line.strip("|").split("|")] for line in (lines[2], lines[4]))
+    shown = dict(zip(header, cells))
+    assert shown["acc % (cifar10)"] == "93.00 ± 3.61 (n=3)"
+    assert (shown["latency ms (cuda, batch 1)"], shown["wall time (s)"], shown["train img/s"]) == ("2.00", "200", "400")
+
+
+def test_cost_only_latency_is_each_rows_own_median(monkeypatch, compose_cfg):
+    """Every built row gets the median the round-robin timing gave its own model, a row that cannot be
+    built in between included (it shifts no index)."""
+    from experiments import bench
+    from experiments.tables import row_costs
+
+    seen: dict = {}
+
+    def fake_time_interleaved(fns, **kwargs):
+        seen["keys"] = list(fns)
+        for fn in fns.values():
+            fn()  # each is a callable running its row's model
+        return {key: {"median_ms": 10.0 + int(key)} for key in fns}
+
+    monkeypatch.setattr(bench, "time_interleaved", fake_time_interleaved)
+    table = OmegaConf.create({"name": "t", "rows": [
+        {"id": "standard", "overrides": ["model=standard"]},
+        {"id": "broken", "overrides": ["model=depthwise", "model.widths=[48,96,128]"]},
+        {"id": "separable", "overrides": ["model=separable"]},
+        {"id": "pointwise", "overrides": ["model=pointwise"]},
+    ]})  # fmt: skip
+    out = row_costs(table, lambda overrides: compose_cfg(*overrides), ["data=synthetic", "data.image_size=8"])
+    assert seen["keys"] == ["0", "2", "3"]
+    assert out[1]["cost"] is None and "cannot map 32 to 48" in out[1]["error"]
+    assert [(item["cost"]["latency_ms"], item["cost"]["latency_device"]) for item in (out[0], out[2], out[3])] == [
+        ({"1": 10.0}, "cpu"), ({"1": 12.0}, "cpu"), ({"1": 13.0}, "cpu")
+    ]  # fmt: skip
