@@ -230,15 +230,15 @@ def measure_latency(model: nn.Module, shape: tuple[int, ...], device: torch.devi
 
 def record_latency(cost: dict[str, Any], model: nn.Module, cfg: DictConfig, device: torch.device, sizes: Any) -> None:
     """Measure ``model``'s latency at each batch size in ``sizes`` into ``cost``: ``latency_ms`` (by batch
-    size, added to those already there), ``latency_device`` and, on a CPU, ``latency_load_avg`` (the
-    1-minute load average then): a latency measured while other work shared the cores can be many
-    times too high, and the record says so. A load above the CPU count is also warned about."""
+    size, added to those already there), ``latency_device`` and, on a CPU, ``latency_load_avg`` (by
+    batch size, the 1-minute load average then): a latency measured while other work shared the cores
+    can be many times too high, and the record says so. A load above the CPU count is also warned about."""
     load = os.getloadavg()[0] if device.type == "cpu" and hasattr(os, "getloadavg") else None
     measured = {str(b): measure_latency(model, input_shape(cfg, int(b)), device, cfg.trainer.channels_last) for b in sizes}
     cost["latency_ms"] = {**(cost.get("latency_ms") or {}), **measured}
     cost["latency_device"] = str(device)
     if load is not None:
-        cost["latency_load_avg"] = round(load, 2)
+        cost["latency_load_avg"] = {**(cost.get("latency_load_avg") or {}), **dict.fromkeys(measured, round(load, 2))}
         cpus = os.cpu_count() or 1
         if load > cpus:
             log.warning("latency measured while the 1-minute load average was %.1f on %d CPUs: other work shared them, "

@@ -304,10 +304,16 @@ def test_a_reused_run_measures_the_latencies_it_lacks(compose_cfg, tmp_path, mon
     base = ("data=synthetic", "data.train_size=64", "data.test_size=32", "trainer=smoke", "logger=none")
     first = train(compose_cfg(*base), tmp_path)
     assert set(first["cost"]["latency_ms"]) == {"1"} and first["cost"]["latency_device"] == "cpu"
-    assert first["cost"]["latency_load_avg"] == pytest.approx(os.getloadavg()[0], abs=5)
+    assert set(first["cost"]["latency_load_avg"]) == {"1"} and first["cost"]["latency_load_avg"]["1"] == pytest.approx(
+        os.getloadavg()[0], abs=5
+    )
     again = train(compose_cfg(*base, "latency_batch_sizes=[1,8]"), tmp_path)
     assert again["history"] == first["history"] and again["cost"]["latency_ms"]["1"] == first["cost"]["latency_ms"]["1"]
     assert again["cost"]["latency_ms"]["8"] > 0 and again["config"]["latency_batch_sizes"] == [1, 8]
+    assert (
+        set(again["cost"]["latency_load_avg"]) == {"1", "8"}
+        and again["cost"]["latency_load_avg"]["1"] == first["cost"]["latency_load_avg"]["1"]
+    )
     assert json.loads((tmp_path / "results.json").read_text())["cost"]["latency_ms"] == again["cost"]["latency_ms"]
     # Measured on another device: not mixed into one table, and said so.
     record = json.loads((tmp_path / "results.json").read_text())
