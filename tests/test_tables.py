@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 
@@ -27,9 +28,19 @@ def test_cost_only_tables_agree_with_the_paper(table, tmp_path):
         assert row["params_diff"] == "0", row
         # every MACs figure agrees to the printed digits, except those whose note explains why not
         assert row["macs_diff"] == "0" or (row["note"] and row["macs_diff"] in ("+1", "+1.0")), row
-    for suffix in ("md", "csv", "tex"):
-        assert (tmp_path / f"{table}.{suffix}").stat().st_size > 200
+    # the three files hold every row: the CSV its exact figures, the Markdown one line per setting with the paper's MACs
+    with (tmp_path / f"{table}.csv").open(newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [(w["setting"], float(w["macs_m"]), w["macs_diff"]) for w in written] == [
+        (r["setting"], r["macs_m"], r["macs_diff"]) for r in rows
+    ]
+    md_rows = [line for line in (tmp_path / f"{table}.md").read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(md_rows) == len(rows)
+    for line, row in zip(md_rows, rows):
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        assert cells[0] == row["setting"].replace("|", r"\|") and f"{row['paper_macs_m']:g}" in cells, line
     tex = (tmp_path / f"{table}.tex").read_text()
+    assert tex.count(r"\\") >= len(rows) + 1  # a header line and one per row
     assert r"\begin{tabular}" in tex and rf"\label{{tab:{table}}}" in tex  # a label is a key, not text: no \_
 
 
