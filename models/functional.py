@@ -299,9 +299,10 @@ def pointwise_conv2d(
     n, c = x.shape[:2]
     if x.shape[2] + 2 * ph < 1 or x.shape[3] + 2 * pw < 1:
         raise ValueError(f"pointwise_conv2d: input shape {tuple(x.shape)} has no pixels (padding={padding}); H and W must be >= 1")
-    if _int(groups) is None or groups < 1 or c % groups:
+    g = _int(groups)
+    if g is None or g < 1 or c % g:
         raise ValueError(f"pointwise_conv2d: groups={groups} must divide the input's {c} channels (input shape {tuple(x.shape)})")
-    groups = _int(groups)
+    groups = g
     k = weight.shape[0]
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (c // groups, 1, 1) or k < 1 or k % groups:
         raise ValueError(
