@@ -17,10 +17,18 @@ from torch import Tensor
 from .blocks import BLOCKS, InvertedResidual, SeparableBlock, StandardBlock, check_range
 from .layers import ConvNormAct, make_divisible
 
-__all__ = ["SMALL_INPUT_MAX", "BlockNet", "MobileNetV1", "MobileNetV2", "ResNet", "block_options"]
+__all__ = ["SMALL_INPUT_MAX", "BlockNet", "MobileNetV1", "MobileNetV2", "ResNet", "UnknownOptionError", "block_options"]
 
 SMALL_INPUT_MAX = 64  # inputs up to this size (CIFAR 32, Fashion-MNIST 28) get the stride-1 stem
 STEMS = ("auto", "small", "large")
+
+
+class UnknownOptionError(ValueError):
+    """An option a model does not take; the message lists the ones it does (``valid``)."""
+
+    def __init__(self, owner: str, option: str, valid: Sequence[str]):
+        self.owner, self.option, self.valid = owner, option, list(valid)
+        super().__init__(f"{owner} has no option {option!r}; valid: {', '.join(self.valid)}")
 
 
 def block_options(block: type[nn.Module]) -> list[str]:
@@ -34,10 +42,7 @@ def _check_block_options(block_name: str, options: dict, network: type[nn.Module
     valid = block_options(BLOCKS[block_name])
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(
-            f"{network.__name__} of {block_name!r} blocks has no option {unknown[0]!r}; "
-            f"valid: {', '.join([*block_options(network), *valid])}"
-        )
+        raise UnknownOptionError(f"{network.__name__} of {block_name!r} blocks", unknown[0], [*block_options(network), *valid])
 
 
 def _small_stem(stem: str, image_size: int) -> bool:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from .layers import set_pointwise_impl
+from .networks import UnknownOptionError
 
 __all__ = ["build_model", "list_models", "register_model"]
 
@@ -49,5 +50,9 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, *, point
         valid = [k for k in params if k not in ("num_classes", "in_channels")]
         unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ValueError(f"model {name!r} has no option {unknown[0]!r}; valid: {', '.join(valid)}")
-    return set_pointwise_impl(fn(num_classes=num_classes, in_channels=in_channels, **options), pointwise_impl)
+            raise UnknownOptionError(f"model {name!r}", unknown[0], [*valid, "pointwise_impl"])
+    try:
+        model = fn(num_classes=num_classes, in_channels=in_channels, **options)
+    except UnknownOptionError as e:  # a network checks the options it passes to its blocks; this one is build_model's
+        raise UnknownOptionError(e.owner, e.option, [*e.valid, "pointwise_impl"]) from None
+    return set_pointwise_impl(model, pointwise_impl)

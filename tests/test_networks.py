@@ -79,6 +79,8 @@ def test_unknown_model_lists_choices():
         ("mobilenet_v1", {"expansion": 6}, "has no option 'expansion'"),
         ("separable", {"expansion": 6}, "has no option 'expansion'"),
         ("resnet18", {"widht": 0.5}, r"has no option 'widht'; valid: image_size, width, stem, dropout, kernel_size"),
+        ("separable", {"bogus": 1}, r"has no option 'bogus'; valid: image_size, width, .*, se_ratio, pointwise_impl$"),
+        ("mobilenet_v1", {"wdth": 2}, r"has no option .wdth.; valid: image_size, .*, act, pointwise_impl$"),
         ("mobilenet_v1", {"width": 0.0}, "width=0.0 out of range"),
         ("mobilenet_v2", {"expansion": 30}, "expansion=30 out of range"),
         ("mobilenet_v1", {"block": "grouped"}, "unknown mobilenet_v1 block 'grouped'"),
