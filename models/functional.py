@@ -254,11 +254,15 @@ def pointwise_conv2d(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] | str = 0,
     groups: int = 1,
+    *,
+    dilation: int | tuple[int, int] = 1,
 ) -> Tensor:
     """1x1 convolution as a per-pixel linear layer: ``y[n,k,i,j] = sum_c x[n,c,i,j] W[k,c] + b[k]``.
 
-    Same signature and result as ``F.conv2d`` with a 1x1 kernel (dilation is meaningless for a
-    1x1 kernel), built from one matrix product over channels instead of a convolution kernel:
+    The result of ``F.conv2d`` with a 1x1 kernel and its keywords; positionally ``groups`` comes
+    sixth, where ``F.conv2d`` has ``dilation``, which is keyword-only here (a 1x1 kernel reads one
+    pixel whatever its dilation, so it is checked and has no effect). Built from one matrix product
+    over channels instead of a convolution kernel:
 
     * a 1x1 kernel reads one pixel, so ``padding`` is a zero border (the output there is the bias)
       and ``stride`` keeps every s-th pixel; both are applied to the input before the product;
@@ -278,6 +282,7 @@ def pointwise_conv2d(
         stride: int or (sh, sw), >= 1.
         padding: int or (ph, pw), >= 0; or ``"valid"`` / ``"same"`` (no border for a 1x1 kernel).
         groups: number of channel groups; divides both C and K.
+        dilation: int or (dh, dw), >= 1, as ``F.conv2d`` takes it; no effect on a 1x1 kernel.
 
     Returns:
         ``(N, K, H_out, W_out)`` with ``H_out = (H + 2 ph - 1) // sh + 1``, channels_last when the
@@ -285,13 +290,15 @@ def pointwise_conv2d(
 
     Raises:
         ValueError: on a weight that is not ``(out, in/groups, 1, 1)``, channels not divisible by
-            ``groups``, a stride/padding out of range, or operands of different dtypes outside
+            ``groups``, a stride/padding/dilation out of range, or operands of different dtypes outside
             autocast; the message names the shapes or dtypes.
     """
     if x.dim() == 3:  # unbatched (C, H, W), as F.conv2d takes it
-        return pointwise_conv2d(x.unsqueeze(0), weight, bias, stride, padding, groups).squeeze(0)
+        return pointwise_conv2d(x.unsqueeze(0), weight, bias, stride, padding, groups, dilation=dilation).squeeze(0)
     sh, sw = _pair(stride, "stride")
     ph, pw = _padding(padding, (sh, sw))
+    if min(_pair(dilation, "dilation")) < 1:
+        raise ValueError(f"pointwise_conv2d: dilation={dilation!r} must be >= 1 (as in F.conv2d)")
     if x.dim() != 4:
         raise ValueError(f"pointwise_conv2d: input must be (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
     if sh < 1 or sw < 1 or ph < 0 or pw < 0:

@@ -67,6 +67,9 @@ def test_guide_failure_mode_keywords_accepted():
     x, w, b = _inputs(2, True, False)
     y = pointwise_conv2d(x=x, weight=w, bias=b, stride=2, padding=1, groups=2)
     torch.testing.assert_close(y, F.conv2d(x, w, b, stride=2, padding=1, groups=2), rtol=1e-5, atol=1e-5)
+    # every keyword F.conv2d has, dilation included (no effect on a 1x1 kernel, as in F.conv2d)
+    y = pointwise_conv2d(x, weight=w, bias=b, stride=2, padding=1, dilation=(2, 3), groups=2)
+    torch.testing.assert_close(y, F.conv2d(x, w, b, stride=2, padding=1, dilation=(2, 3), groups=2), rtol=1e-5, atol=1e-5)
 
 
 def test_is_a_per_pixel_linear_layer():
@@ -119,6 +122,10 @@ def test_bad_stride_and_padding():
         pointwise_conv2d(x, w, padding=1.0)
     with pytest.raises(ValueError, match="groups=True"):
         pointwise_conv2d(x, w, groups=True)
+    with pytest.raises(ValueError, match=r"dilation=\(1, 0\) must be >= 1"):
+        pointwise_conv2d(x, w, dilation=(1, 0))
+    with pytest.raises(ValueError, match=r"dilation=1\.5 must be an int or a pair of ints"):
+        pointwise_conv2d(x, w, dilation=1.5)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
