@@ -54,7 +54,7 @@ from models import BLOCKS, pointwise_conv2d
 
 from .allocator import MALLOC_MODES, set_malloc
 from .cost import measure_cost
-from .records import env_info, now, sync, write_json
+from .records import env_info, now, resolve_device, sync, write_json
 
 __all__ = [
     "DTYPES",
@@ -78,7 +78,6 @@ log = logging.getLogger("convlab")
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = ("full", "tiny")
-DEVICES = ("auto", "cpu", "cuda")
 ROOT = Path(__file__).resolve().parent.parent
 # The committed results the README cites; a size=tiny run (meaningless numbers) never writes into them.
 COMMITTED_DIR = ROOT / "benchmarks"
@@ -113,8 +112,7 @@ class BenchOptions:
     train: dict[str, Any] = field(default_factory=dict)  # the train suite's options (conf/benchmark.yaml: train)
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"unknown device {self.device!r}; choose from: {', '.join(DEVICES)}")
+        resolve_device(self.device)  # auto, cpu, cuda or cuda:N, and there on this machine
         if self.size not in SIZES:
             raise ValueError(f"unknown size {self.size!r}; choose from: {', '.join(SIZES)}")
         if self.malloc not in MALLOC_MODES:
@@ -431,17 +429,6 @@ def measure_bandwidth(device: torch.device, mbytes: int = 256, *, repeats: int =
         "gb_per_s": moved / (stats["median_ms"] / 1e3) / 1e9,
         "best_gb_per_s": moved / (stats["min_ms"] / 1e3) / 1e9,
     }
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU raises ``ValueError``."""
-    if name not in DEVICES:
-        raise ValueError(f"unknown device {name!r}; choose from: {', '.join(DEVICES)}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but torch sees no CUDA GPU; use device=cpu or device=auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def _cpu_flags() -> list[str]:

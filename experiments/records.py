@@ -24,7 +24,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "env_info", "list_checkpoints", "load_checkpoint", "now", "read_json", "save_checkpoint", "write_json"]
+__all__ = [
+    "atomic_write",
+    "env_info",
+    "list_checkpoints",
+    "load_checkpoint",
+    "now",
+    "read_json",
+    "resolve_device",
+    "save_checkpoint",
+    "write_json",
+]
 
 log = logging.getLogger("convlab")
 CHECKPOINT = re.compile(r"checkpoint-epoch(\d+)\.pt$")
@@ -151,6 +161,24 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``; a device that is not there is a ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not valid; choose from: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is available here; use device=cpu or device=auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device={name!r} but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r} is not supported; choose from: auto, cpu, cuda, cuda:N")
+    return device
 
 
 def env_info(device: torch.device, world_size: int = 1) -> dict[str, Any]:

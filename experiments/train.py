@@ -1,4 +1,4 @@
-"""Training, straight-line: seed -> data -> model -> cost -> optimizer -> loop -> results.
+"""Training, straight-line: seed -> model -> data -> cost -> optimizer -> loop -> results.
 
 One call of :func:`train` is one run: it writes ``results.json`` (status ``running`` while it
 trains, ``completed`` or ``failed`` with a reason at the end), a checkpoint per epoch, and a wandb
@@ -31,7 +31,7 @@ from .config import input_shape, model_from_config, model_options
 from .cost import measure_cost
 from .data import check_example_form, check_subset_form, load_data, make_loaders
 from .distributed import all_reduce_sum, broadcast_buffers, broadcast_object, convert_sync_bn, init_distributed
-from .records import env_info, list_checkpoints, load_checkpoint, now, read_json, save_checkpoint, write_json
+from .records import env_info, list_checkpoints, load_checkpoint, now, read_json, resolve_device, save_checkpoint, write_json
 from .tracking import Tracker, make_tracker
 
 __all__ = [
@@ -63,29 +63,17 @@ class Divergence(RuntimeError):
 # -------------------------------------------------------------------------------------- checks
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``; a device that is not there is a ValueError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device={name!r} is not valid; choose from: auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but no CUDA device is available here; use device=cpu or device=auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise ValueError(f"device={name!r} but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={name!r} is not supported; choose from: auto, cpu, cuda, cuda:N")
-    return device
-
-
 def _whole(key: str, value: Any, low: int = 1, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{key}={value!r} must be a whole number >= {low}" + (" (or null)" if allow_none else ""))
+
+
+def _flag(key: str, value: Any, *extra: str) -> None:
+    """A true/false option (and its ``extra`` named values): 0 and 1 are refused, though ``in (True, False)`` matches them."""
+    if not (isinstance(value, bool) or (isinstance(value, str) and value in extra)):
+        raise ValueError(f"{key}={value!r} is not valid; choose from: {', '.join([*extra, 'true', 'false'])}")
 
 
 def _number(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
@@ -132,8 +120,9 @@ def check_config(cfg: DictConfig, device: torch.device) -> None:
         if isinstance(target, (int, float)) and not isinstance(target, bool) and 1 < target <= 100:
             raise ValueError(f"trainer.target_acc={target!r} is a fraction of the test set: use {target / 100:g} for {target:g}%")
         _number("trainer.target_acc", target, 0.0, 1.0, low_open=True)
-    if t.get("stop_at_target", False) not in (True, False):
-        raise ValueError(f"trainer.stop_at_target={t.stop_at_target!r} is not valid; choose from: true, false")
+    for key in ("channels_last", "compile", "sync_bn", "stop_at_target"):
+        _flag(f"trainer.{key}", t.get(key, False))
+    _flag("trainer.progress", t.progress, "auto")
     if t.get("stop_at_target") and t.get("target_acc") is None:
         raise ValueError("trainer.stop_at_target=true needs a target: set trainer.target_acc (a fraction, e.g. 0.94)")
     if cfg.format not in ("text", "json"):
@@ -146,8 +135,6 @@ def check_config(cfg: DictConfig, device: torch.device) -> None:
     if o.name == "adamw":
         _number("optim.beta2", o.get("beta2", 0.999), 0.0, 0.999999)
     _check_data(cfg.data)
-    if t.progress not in ("auto", True, False):
-        raise ValueError(f"trainer.progress={t.progress!r} is not valid; choose from: auto, true, false")
     if cfg.resume not in ("auto", "never") and not Path(str(cfg.resume)).exists():
         raise ValueError(f"resume={cfg.resume!r}: no such run dir or checkpoint; use auto, never, or a path that exists")
 
@@ -157,6 +144,8 @@ def _check_data(d: DictConfig) -> None:
     _whole("data.in_channels", d.in_channels)
     _whole("data.num_classes", d.num_classes, low=2)
     _whole("data.image_size", d.image_size)
+    if "download" in d:
+        _flag("data.download", d.download)
     if "val_split" in d:  # their forms; whether the split holds enough examples is known after loading
         check_example_form(d.val_split, "data.val_split")
     check_subset_form(d.get("subset"), d.get("subset_seed"))
@@ -165,8 +154,7 @@ def _check_data(d: DictConfig) -> None:
             _whole(f"data.{key}", d[key])
     if "augment" in d:
         _whole("data.augment.crop_padding", d.augment.crop_padding, low=0)
-        if d.augment.flip not in (True, False):
-            raise ValueError(f"data.augment.flip={d.augment.flip!r} is not valid; choose from: true, false")
+        _flag("data.augment.flip", d.augment.flip)
     for key in ("mean", "std"):
         values = list(d[key])
         if len(values) != d.in_channels or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
@@ -397,7 +385,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg`` in ``run_dir`` and return its results record (also written to results.json by rank 0).
 
     Raises:
-        ValueError: bad input (config, data, device); the record says ``failed`` with the reason.
+        ValueError: bad input. A device the machine lacks, a config :func:`check_config` refuses, or a
+            run dir holding a completed run of another config: raised before the run dir is touched
+            (no record; the CLI checks these before Hydra makes the dir). Bad data or a model that
+            cannot be built: the record says ``failed`` with the reason.
         Divergence: the loss became non-finite; the record says ``failed`` and the last good
             checkpoint is kept.
         KeyboardInterrupt: Ctrl-C, or :class:`Interrupted` on SIGTERM; the record says
@@ -457,6 +448,7 @@ def _add_latencies(record: dict[str, Any], cfg: DictConfig, device: torch.device
 def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True)
     device = resolve_device(cfg.device)
+    check_config(cfg, device)  # before anything in run_dir moves (resume=never sets the earlier run aside)
     dist_info = init_distributed(device)
     if dist_info.enabled:
         if device.type == "cuda":
@@ -500,7 +492,6 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tracker: Tracker = Tracker()
     checkpoint_epoch = 0
     try:
-        check_config(cfg, device)
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
             record["env"] = env_info(device, dist_info.world_size)  # it records the threads the run uses

@@ -421,7 +421,8 @@ def test_registry_one_function_per_suite(monkeypatch, tmp_path):
     [
         ("size", "huge", "unknown size 'huge'"),
         ("dtypes", ("fp8",), "unknown dtype 'fp8'"),
-        ("device", "tpu", "unknown device 'tpu'"),
+        ("device", "tpu", "device='tpu' is not valid; choose from: auto, cpu, cuda, cuda:N"),
+        ("device", "cuda:7" if torch.cuda.device_count() < 8 else "cuda:99", "device='cuda:"),  # the run's rule: cuda:N is a device
         ("malloc", "x", "malloc"),
         ("block", 0, "block=0 must be an int >= 1"),
         ("graph_calls", -1, "graph_calls=-1 must be an int >= 0"),

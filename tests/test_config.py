@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -75,3 +77,23 @@ def test_logger_configs_instantiate(compose_cfg, tmp_path, logger):
         offline = make_tracker(compose_cfg("logger.mode=offline"), tmp_path, {"seed": 0})
         assert isinstance(offline, WandbTracker) and offline.mode == "offline" and offline.run_id
         offline.finish()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.progress=1", "trainer.progress=1 is not valid; choose from: auto, true, false"),
+        ("trainer.stop_at_target=0", "trainer.stop_at_target=0 is not valid; choose from: true, false"),
+        ("trainer.compile='no'", "trainer.compile='no' is not valid; choose from: true, false"),
+        ("trainer.channels_last=1", "trainer.channels_last=1 is not valid"),
+        ("trainer.sync_bn=yes", "trainer.sync_bn='yes' is not valid"),
+        ("data.augment.flip=0", "data.augment.flip=0 is not valid"),
+        ("data.download=maybe", "data.download='maybe' is not valid"),
+    ],
+)
+def test_check_config_takes_only_true_or_false_for_switches(compose_cfg, override, message):
+    """train() called from Python has no command-line type check: 0, 1 and strings are not switches (1 == True in Python)."""
+    from experiments.train import check_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_config(compose_cfg("data=cifar10", override), torch.device("cpu"))

@@ -402,3 +402,15 @@ def test_train_loss_is_the_per_example_mean(compose_cfg, tmp_path):
     record = train(compose_cfg("data=synthetic", "data.test_size=32", "trainer=smoke", "logger=none"), tmp_path)
     assert record["config"]["data"]["num_classes"] == 10
     assert 1 < record["history"][0]["train_loss"] < 5
+
+
+def test_a_bad_config_leaves_the_run_dir_alone(compose_cfg, tmp_path):
+    """resume=never sets an earlier run aside: a config that is refused must not have moved it first."""
+    base = ("data=synthetic", "trainer=smoke", "logger=none")
+    assert train(compose_cfg(*base), tmp_path)["status"] == "completed"
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert "results.json" in files and any(name.startswith("checkpoint-") for name in files)
+    with pytest.raises(ValueError, match=r"trainer\.precision='fp8' is not valid; choose from"):
+        train(compose_cfg(*base, "resume=never", "trainer.precision=fp8"), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files
+    assert not (tmp_path / "previous").exists()
