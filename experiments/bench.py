@@ -1086,8 +1086,9 @@ def markdown_report(report: dict[str, Any]) -> str:
 def _config_number(cfg: Any, key: str, kind: type, default: Any = None, low: float = 0, null: bool = False) -> Any:
     """``cfg[key]`` as an int or a finite float ``>= low``, else a ``ValueError`` naming the key and its value.
 
-    Nothing is rounded or coerced: ``threads=1.5``, ``repeats=2.9`` and ``threads=true`` are refused
-    (``int()`` would make them 1, 2 and 1); a whole float (``2.0``) and a numeric string pass.
+    No fraction is rounded away: ``threads=1.5``, ``repeats=2.9`` and ``threads=true`` are refused
+    (``int()`` would make them 1, 2 and 1); a whole float (``2.0``) or a numeric string (``'3'``)
+    passes as the number it names.
     """
     value = cfg.get(key, default)
     want = ("null or " if null else "") + (f"an int >= {low:g}" if kind is int else f"a number >= {low:g} (finite, not nan or inf)")

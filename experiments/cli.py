@@ -46,7 +46,10 @@ NOT_PRIMARY = {
     "backbone": "a model building block",
 }
 
-_state: dict[str, Any] = {"failed_jobs": 0, "append": []}  # failures of in-process sweep jobs; see preflight
+# What preflight and the task hand to entry()'s code across Hydra's call: "failed_jobs", in-process
+# sweep jobs that failed without a results.json; "append", override keys that must be passed as
+# +key= (see preflight); "dir_override", the hydra.run.dir= / hydra.sweep.dir= that resumes this run.
+_state: dict[str, Any] = {"failed_jobs": 0, "append": []}
 
 
 def count_failed_job() -> None:

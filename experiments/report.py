@@ -1336,6 +1336,8 @@ MACs: one multiply-add counts once (conv + linear, as the MobileNet papers count
 
 
 def _writable_dir(out: str | Path) -> Path:
+    if not str(out).strip():  # Path("") is the current directory: the report would land in the repo
+        raise ValueError(f"out={str(out)!r} is empty; pass out=DIR with a directory path")
     path = Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)

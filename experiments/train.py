@@ -283,7 +283,8 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str) -> dict[str, float]:
-    """Accuracy and mean loss over a whole split, summed across ranks."""
+    """Accuracy and mean loss over a whole split, summed across ranks; the model is left in the mode it came in."""
+    was_training = model.training
     model.eval()
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # correct, loss sum, count
     for x, y in loader:
@@ -292,7 +293,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str
         totals += torch.stack([(logits.argmax(1) == y).sum().double(), nn.functional.cross_entropy(logits.float(), y, reduction="sum").double(),
                                torch.full((), len(y), device=device, dtype=torch.float64)])  # fmt: skip
     all_reduce_sum(totals)
-    model.train()
+    model.train(was_training)
     return {"acc": (totals[0] / totals[2]).item(), "loss": (totals[1] / totals[2]).item()}
 
 

@@ -115,7 +115,8 @@ def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
 
 
 # Below this many rows, or fewer rows than the gradient has elements (C*K), the weight gradient is
-# one GEMM; otherwise one GEMM per thread (see _weight_grad).
+# one GEMM; otherwise (CPU, rows a multiple of the threads) one batched GEMM over a row slab per
+# thread, then a sum (see _weight_grad).
 SPLIT_MIN_ROWS = 2048
 
 

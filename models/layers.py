@@ -171,6 +171,9 @@ class ConvNormAct(nn.Sequential):
         self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
 
 
+SE_GATES: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid}
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation (Hu et al. 2018, arXiv:1709.01507) made of two pointwise convs.
 
@@ -187,7 +190,9 @@ class SqueezeExcite(nn.Module):
         self.conv_reduce = PointwiseConv2d(channels, rd_ch)
         self.act = get_act(act)
         self.conv_expand = PointwiseConv2d(rd_ch, channels)
-        self.gate = nn.Hardsigmoid() if gate == "hardsigmoid" else nn.Sigmoid()
+        if gate not in SE_GATES:
+            raise ValueError(f"unknown SE gate {gate!r}; choose from: {', '.join(SE_GATES)}")
+        self.gate = SE_GATES[gate]()
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.pool(x)  # (N, C, 1, 1)

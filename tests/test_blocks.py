@@ -26,6 +26,13 @@ def test_block_forward_backward_shapes(name, in_ch, out_ch, stride):
     assert all(p.grad is not None for p in block.parameters() if p.requires_grad)
 
 
+def test_squeeze_excite_gates():
+    assert isinstance(SqueezeExcite(8, gate="hardsigmoid").gate, nn.Hardsigmoid)
+    assert isinstance(SqueezeExcite(8).gate, nn.Sigmoid)
+    with pytest.raises(ValueError, match="unknown SE gate 'relu'; choose from: sigmoid, hardsigmoid"):
+        SqueezeExcite(8, gate="relu")  # was a sigmoid, silently
+
+
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 @pytest.mark.parametrize(
     "options", [{"act": "hardswish"}, {"act": "silu", "se_ratio": 0.25}, {"norm": "none", "act": "relu6"}, {"kernel_size": 5}]

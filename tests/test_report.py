@@ -509,6 +509,7 @@ def test_cli_wandb_offline_fails_in_one_line(tmp_path):
         (["runs={tmp}/runs", "format=xml"], ["format='xml'", "text, json"]),
         (["runs={tmp}/model=a,seed=0"], ["cannot parse the command line", "quote a value that holds '=' or ','"]),  # a sweep job's dir
         (["runs={tmp}/runs", "out={tmp}/blocker/out"], ["out dir", "blocker", "not writable"]),
+        (["runs={tmp}/runs", "out="], ["out='' is empty", "out=DIR"]),  # not the current directory
         (["source=wandb"], ["source=wandb needs project=NAME"]),
         ([], ["no runs dirs given"]),
     ],
@@ -520,3 +521,4 @@ def test_bad_input_one_line(tmp_path, args, needles):
     write_runs(tmp_path / "runs")
     args = [a.format(tmp=tmp_path) for a in args]
     assert_one_line_error(run_script("report.py", *args, cwd=tmp_path), *[n.format(tmp=tmp_path) for n in needles])
+    assert not list(tmp_path.glob("index.html")) and not list(tmp_path.glob("*.csv"))

@@ -366,6 +366,7 @@ def test_evaluate_runs_in_eval_mode_and_leaves_the_model_untouched():
     assert torch.equal(model[1].running_mean, running_mean) and model.training  # back in train mode, statistics kept
     assert evaluate(model, batches, torch.device("cpu"), "fp32") == first
     model.eval()
+    assert evaluate(model, batches, torch.device("cpu"), "fp32") == first and not model.training  # eval mode kept too
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in batches)
         loss = sum(torch.nn.functional.cross_entropy(model(x), y, reduction="sum").item() for x, y in batches)
