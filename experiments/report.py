@@ -50,6 +50,7 @@ __all__ = [
     "load_wandb_runs",
     "pareto_front",
     "render_html",
+    "run_identity",
     "split_runs",
     "to_row",
     "write_figures",
@@ -456,6 +457,19 @@ def to_row(record: dict[str, Any]) -> RunRow:
     )
 
 
+def run_identity(record: dict[str, Any], path: str | Path | None = None) -> tuple[tuple[Any, ...] | None, bool]:
+    """``(identity, original)`` of a results record read from ``path``.
+
+    A copied run dir (a backup, a second sweep folder) holds the same run, not another one: the
+    identity is its run dir, start time and seed, None when the record lacks them. ``original``:
+    the file lies in the run dir it names; of several copies that one is kept, else the first path.
+    """
+    run_dir, started = record.get("run_dir"), record.get("started_at")
+    identity = (str(run_dir), str(started), record.get("seed")) if run_dir and started else None
+    original = bool(path and run_dir) and Path(str(path)).parent.resolve() == Path(str(run_dir)).resolve()
+    return identity, original
+
+
 def split_runs(records: Iterable[dict[str, Any]]) -> tuple[list[RunRow], list[RunRow], list[RunRow]]:
     """(completed, failed, unfinished) rows; unfinished holds running, unreadable, incomplete, invalid, duplicate, continued and unknown records.
 
@@ -463,9 +477,7 @@ def split_runs(records: Iterable[dict[str, Any]]) -> tuple[list[RunRow], list[Ru
     """
 
     def copy_first(record: dict[str, Any]) -> tuple[bool, str]:  # the file in its own run_dir is the original
-        path, run_dir = record.get("path"), record.get("run_dir")
-        original = bool(path and run_dir) and Path(str(path)).parent.resolve() == Path(str(run_dir)).resolve()
-        return (not original, str(path or ""))
+        return (not run_identity(record, record.get("path"))[1], str(record.get("path") or ""))
 
     records = sorted(records, key=copy_first)
     # A run stopped in one dir and finished from its checkpoint in another (resume=PATH) is one run:
@@ -481,11 +493,9 @@ def split_runs(records: Iterable[dict[str, Any]]) -> tuple[list[RunRow], list[Ru
         later = continued.get(str(Path(str(record.get("run_dir")))) if record.get("run_dir") else "")
         if row.status in ("failed", "running") and later:
             row = replace(row, status="continued", reason=f"{row.reason}; continued and finished in {later}")
-        # A copied run dir (a backup, a second sweep folder) is one run, not two: the same run dir,
-        # start time and seed. The file in that run dir (else the first path) keeps it; a copy is
-        # listed apart, not counted twice.
-        identity = (record.get("run_dir"), record.get("started_at"), record.get("seed"))
-        if row.status == "completed" and identity[0] and identity[1]:
+        # A copied run dir is one run, not two (see run_identity): a copy is listed apart, not counted twice.
+        identity = run_identity(record)[0]
+        if row.status == "completed" and identity:
             if identity in seen:
                 row = replace(row, status="duplicate", reason=f"a copy of the run at {seen[identity]}")
             else:

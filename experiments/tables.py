@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import re
 import statistics
@@ -27,6 +28,7 @@ from .cli import CONF_DIR
 from .config import input_shape, model_from_config
 from .cost import measure_cost
 from .records import read_json
+from .report import run_identity
 
 __all__ = [
     "Table",
@@ -40,6 +42,8 @@ __all__ = [
     "row_costs",
     "row_set_warnings",
 ]
+
+log = logging.getLogger("convlab")
 
 Table = list[dict[str, Any]]
 
@@ -108,14 +112,26 @@ def row_set_warnings(table: Any, overrides: list[str]) -> list[str]:
 
 
 def collect_runs(runs_dir: Path) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
-    """Completed run records by table row, and the failed or unfinished ones, from ``runs_dir/**/results.json``."""
+    """Completed run records by table row, and the failed or unfinished ones, from ``runs_dir/**/results.json``.
+
+    A copy of a run dir (a backup beside it) is the same run: counted once, as the dashboard does
+    (:func:`experiments.report.run_identity`), not as another seed in the row's mean and n.
+    """
     done: dict[str, list[dict[str, Any]]] = {}
     other: list[dict[str, Any]] = []
-    for path in sorted(Path(runs_dir).glob("**/results.json")):
-        record = read_json(path)
-        if record is None:
+    read = [(path, read_json(path)) for path in sorted(Path(runs_dir).glob("**/results.json"))]
+    read.sort(key=lambda pr: not (isinstance(pr[1], dict) and run_identity(pr[1], pr[0])[1]))  # originals first, stable
+    seen: dict[tuple[Any, ...], Path] = {}
+    for path, record in read:
+        if not isinstance(record, dict):
             other.append({"row": None, "status": "unreadable", "reason": f"{path} is not valid JSON", "run_dir": str(path.parent)})
         elif record.get("status") == "completed" and (record.get("final") or {}).get("test_acc") is not None:
+            identity = run_identity(record, path)[0]
+            if identity in seen:
+                log.warning("%s is a copy of the run at %s: counted once", path, seen[identity])
+                continue
+            if identity:
+                seen[identity] = path
             done.setdefault(str(record.get("row")), []).append(record)
         else:
             other.append(record)

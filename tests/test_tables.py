@@ -408,3 +408,25 @@ def test_cost_only_latency_is_each_rows_own_median(monkeypatch, compose_cfg):
     assert [(item["cost"]["latency_ms"], item["cost"]["latency_device"]) for item in (out[0], out[2], out[3])] == [
         ({"1": 10.0}, "cpu"), ({"1": 12.0}, "cpu"), ({"1": 13.0}, "cpu")
     ]  # fmt: skip
+
+
+def test_a_copied_run_dir_counts_once_in_a_row(tmp_path, caplog):
+    """A backup of a run dir beside it is the same run: one seed in the row's n and mean, as on the dashboard."""
+    from experiments.tables import collect_runs
+
+    def write(run_dir, seed, acc, where=None):
+        record = {"status": "completed", "row": "separable", "seed": seed, "run_dir": str(run_dir), "started_at": f"2026-11-25T10:0{seed}:00",
+                  "final": {"test_acc": acc}}  # fmt: skip
+        (where or run_dir).mkdir(parents=True)
+        ((where or run_dir) / "results.json").write_text(json.dumps(record))
+
+    write(tmp_path / "runs" / "b-seed0", 0, 0.90)
+    write(tmp_path / "runs" / "b-seed0", 0, 0.90, where=tmp_path / "runs" / "a-backup")  # sorts first, still the copy
+    write(tmp_path / "runs" / "b-seed1", 1, 0.80)
+    with caplog.at_level("WARNING", logger="convlab"):
+        done, other = collect_runs(tmp_path / "runs")
+    assert sorted(r["seed"] for r in done["separable"]) == [0, 1] and other == []
+    assert (
+        f"{tmp_path / 'runs' / 'a-backup' / 'results.json'} is a copy of the run at {tmp_path / 'runs' / 'b-seed0' / 'results.json'}"
+        in caplog.text
+    )
