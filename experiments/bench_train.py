@@ -34,6 +34,8 @@ from .data import load_data, make_loaders
 from .records import sync
 from .train import build_optimizer, lr_factor, seed_everything, train, train_step
 
+__all__ = ["check_train_options", "train_suite"]
+
 log = logging.getLogger("convlab")
 
 TRAIN_DEFAULTS = {"model": "separable", "data": "fashion_mnist", "trainer": "quick", "steps": 60, "warmup_steps": 10, "full": False}

@@ -26,6 +26,20 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+__all__ = [
+    "CONF_DIR",
+    "Interrupted",
+    "UsageError",
+    "check_writable",
+    "count_failed_job",
+    "entry",
+    "fail",
+    "is_multirun",
+    "preflight",
+    "raise_interrupted",
+    "split_argv",
+]
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_BAD_INPUT = 2
 log = logging.getLogger("convlab")

@@ -22,7 +22,7 @@ with warnings.catch_warnings():  # fvcore.nn jit-scripts a loss at import, which
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-__all__ = ["LAYER_TYPES", "layer_type", "measure_cost"]
+__all__ = ["LAYER_TYPES", "cost_report", "format_cost", "layer_type", "measure_cost"]
 
 LAYER_TYPES = ("standard", "pointwise", "depthwise", "grouped", "linear")
 

@@ -23,7 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DATASETS", "Data", "Split", "TensorLoader", "example_count", "load_data", "make_loaders", "read_cifar", "read_idx"]
+__all__ = [
+    "DATASETS",
+    "Data",
+    "Split",
+    "TensorLoader",
+    "check_example_form",
+    "check_subset_form",
+    "example_count",
+    "load_data",
+    "make_loaders",
+    "read_cifar",
+    "read_idx",
+]
 
 log = logging.getLogger("convlab")
 

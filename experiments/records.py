@@ -33,6 +33,7 @@ __all__ = [
     "read_json",
     "resolve_device",
     "save_checkpoint",
+    "sync",
     "write_json",
 ]
 

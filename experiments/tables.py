@@ -32,11 +32,14 @@ from .report import run_identity
 
 __all__ = [
     "Table",
+    "as_json",
     "build_table",
     "collect_runs",
+    "csv_table",
     "format_table",
     "latex_table",
     "markdown_table",
+    "out_dir_name",
     "override_key",
     "recipe",
     "row_costs",
@@ -158,7 +161,7 @@ def _diff(ours: float, paper: float | str) -> str:
     return "0" if delta == 0 else f"{delta:+.{digits}f}"
 
 
-def build_table(table: DictConfig, costs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]] | None) -> Table:
+def build_table(costs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]] | None) -> Table:
     """One dict per row: setting, accuracy (ours and paper), MACs and params (ours, paper, difference), latency, note."""
     out = []
     for item in costs:
@@ -325,7 +328,7 @@ def markdown_table(rows: Table, table: DictConfig, trained: str | None = None) -
     return "\n".join([head, "", *lines, "", *extra, *notes]).rstrip() + "\n"
 
 
-def csv_table(rows: Table, table: DictConfig) -> str:
+def csv_table(rows: Table) -> str:
     """Every field of every row, machine-readable (exact MACs and params in millions)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["id"])

@@ -35,13 +35,18 @@ from .records import env_info, list_checkpoints, load_checkpoint, now, read_json
 from .tracking import Tracker, make_tracker
 
 __all__ = [
+    "VOLATILE",
     "Divergence",
+    "build_optimizer",
     "check_config",
+    "check_resume",
     "config_difference",
     "evaluate",
+    "is_volatile",
     "lr_factor",
     "measure_latency",
     "resolve_device",
+    "seed_everything",
     "train",
     "train_step",
 ]
@@ -167,6 +172,7 @@ def _check_data(d: DictConfig) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's (which takes 32 bits) and torch's generators, on every device."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -20,6 +20,7 @@ __all__ = [
     "PointwiseBlock",
     "SeparableBlock",
     "StandardBlock",
+    "check_range",
 ]
 
 

@@ -164,9 +164,9 @@ def main(cfg: DictConfig) -> None:
         runs, failed = collect_runs(out / "runs")
         runs, failed = _this_sweep(table, runs, failed, compose_row, range(cfg.seed, cfg.seed + cfg.seeds), out / "runs")
 
-    rows, trained = build_table(table, costs, runs), recipe(runs)
+    rows, trained = build_table(costs, runs), recipe(runs)
     atomic_write(out / f"{cfg.table}.md", format_table(rows, table, failed, trained).encode())
-    atomic_write(out / f"{cfg.table}.csv", csv_table(rows, table).encode())
+    atomic_write(out / f"{cfg.table}.csv", csv_table(rows).encode())
     atomic_write(out / f"{cfg.table}.tex", latex_table(rows, table, trained).encode())
     print(as_json(rows, table, failed, trained) if cfg.format == "json" else format_table(rows, table, failed, trained), flush=True)
     log.info("wrote %s/%s.{md,csv,tex}", out, cfg.table)

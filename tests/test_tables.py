@@ -149,14 +149,14 @@ def test_time_to_target_column_is_the_median_over_seeds_that_reached_it():
     miss = {"acc": 0.94, "reached": False, "epoch": None, "train_seconds": None}
     runs = {"a": [_timed_record("a", 0.95, hit(30.0)), _timed_record("a", 0.95, hit(50.0)), _timed_record("a", 0.95, hit(41.0))],
             "b": [_timed_record("b", 0.93, miss), _timed_record("b", 0.945, hit(80.0))]}  # fmt: skip
-    rows = build_table(table, costs, runs)
+    rows = build_table(costs, runs)
     assert [(r["target_reached"], r["target_runs"], r["time_to_target_s"]) for r in rows] == [(3, 3, 41.0), (1, 2, 80.0)]
     lines = markdown_table(rows, table).splitlines()
     header = [c.strip() for c in lines[2].strip("|").split("|")]
     assert header[-1] == "time to 94% (s)"
     assert [line.rsplit("|", 2)[1].strip() for line in lines[4:6]] == ["41.0", "80.0 (1/2 reached)"]
-    assert "time_to_target_s" in csv_table(rows, table).splitlines()[0]
-    untimed = build_table(table, costs, {"a": [_timed_record("a", 0.9, None)]})
+    assert "time_to_target_s" in csv_table(rows).splitlines()[0]
+    untimed = build_table(costs, {"a": [_timed_record("a", 0.9, None)]})
     assert not any("time to" in line for line in markdown_table(untimed, table).splitlines())
 
 
@@ -365,7 +365,7 @@ def test_accuracy_wall_time_and_latency_are_mean_std_and_medians_over_seeds():
         return record
 
     runs = {"a": [run(0.97, 600.0, 9.0, [1000.0]), run(0.90, 100.0, 1.0, [100.0, 300.0]), run(0.92, 200.0, 2.0, [400.0])]}
-    (row,) = build_table(table, costs, runs)
+    (row,) = build_table(costs, runs)
     percents = [97.0, 90.0, 92.0]
     assert row["seeds"] == 3
     assert row["acc"] == pytest.approx(93.0, abs=1e-9)
