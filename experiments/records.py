@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "atomic_write",
     "env_info",
+    "incomplete",
     "list_checkpoints",
     "load_checkpoint",
     "now",
@@ -102,11 +103,22 @@ def write_json(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``, or None when it is missing or unreadable."""
+    """The JSON object in ``path``, or None when it is missing, unreadable or not an object."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):  # ValueError: bad JSON, and bytes that are not UTF-8 text
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON, bytes that are not UTF-8; RecursionError: absurd nesting
         return None
+    return value if isinstance(value, dict) else None
+
+
+def incomplete(record: dict[str, Any]) -> str | None:
+    """What a ``completed`` record lacks that its readers use (config, final accuracy, cost), or None."""
+    for key in ("config", "final", "cost"):
+        if not isinstance(record.get(key), dict):
+            return f"{key}={record.get(key)!r} is not a mapping"
+    if record["final"].get("test_acc") is None:
+        return "final.test_acc is missing"
+    return None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

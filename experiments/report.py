@@ -38,6 +38,8 @@ from itertools import pairwise, product
 from pathlib import Path
 from typing import Any
 
+from .tracking import has_api_key
+
 __all__ = [
     "GroupRow",
     "RunRow",
@@ -46,6 +48,7 @@ __all__ = [
     "find_results",
     "format_summary",
     "group_runs",
+    "impossible_value",
     "load_local_runs",
     "load_wandb_runs",
     "pareto_front",
@@ -315,6 +318,8 @@ def load_wandb_runs(project: str | None, entity: str | None = None, api: Any = N
     if not project:
         raise ValueError("source=wandb needs project=NAME (and entity=TEAM for a team project)")
     path = f"{entity}/{project}" if entity else str(project)
+    if api is None and not has_api_key():  # wandb.Api() would ask for a key on a terminal; nothing may prompt
+        raise ValueError(f"source=wandb needs a W&B API key to read '{path}': run `wandb login` or set WANDB_API_KEY")
     try:
         if api is None:
             import wandb  # lazy: the local report needs no wandb
@@ -371,7 +376,7 @@ def _bad_value(key: str, value: Any, low: float, high: float, what: str, whole: 
     return None
 
 
-def _impossible_value(record: dict[str, Any]) -> str | None:
+def impossible_value(record: dict[str, Any]) -> str | None:
     """The first field of a completed record that no run can have (accuracy outside [0, 1]; a cost
     that is not a number, negative, not finite or absurdly large), as a reason; None when all are possible.
 
@@ -414,7 +419,7 @@ def to_row(record: dict[str, Any]) -> RunRow:
     status = str(record.get("status") or "unknown")
     reason = _text(record.get("reason"))
     test_acc = _number(final.get("test_acc"))
-    impossible = _impossible_value(record) if status == "completed" else None
+    impossible = impossible_value(record) if status == "completed" else None
     if impossible:
         status, reason = "invalid", impossible
     elif status == "completed" and test_acc is None:

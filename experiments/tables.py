@@ -27,8 +27,8 @@ from .allocator import steady_malloc
 from .cli import CONF_DIR
 from .config import input_shape, model_from_config
 from .cost import measure_cost
-from .records import read_json
-from .report import run_identity
+from .records import incomplete, read_json
+from .report import impossible_value, run_identity
 
 __all__ = [
     "Table",
@@ -127,7 +127,10 @@ def collect_runs(runs_dir: Path) -> tuple[dict[str, list[dict[str, Any]]], list[
     seen: dict[tuple[Any, ...], Path] = {}
     for path, record in read:
         if not isinstance(record, dict):
-            other.append({"row": None, "status": "unreadable", "reason": f"{path} is not valid JSON", "run_dir": str(path.parent)})
+            reason = f"{path} is not a results record (not JSON, or not a JSON object)"
+            other.append({"row": None, "status": "unreadable", "reason": reason, "run_dir": str(path.parent)})
+        elif record.get("status") == "completed" and (invalid := incomplete(record) or impossible_value(record)):
+            other.append({**record, "status": "invalid", "reason": f"{path}: {invalid}"})  # as the dashboard lists it
         elif record.get("status") == "completed" and (record.get("final") or {}).get("test_acc") is not None:
             identity = run_identity(record, path)[0]
             if identity in seen:

@@ -14,7 +14,7 @@ from typing import Any
 
 log = logging.getLogger("convlab")
 
-__all__ = ["NullTracker", "Tracker", "WandbTracker", "make_tracker"]
+__all__ = ["NullTracker", "Tracker", "WandbTracker", "has_api_key", "make_tracker"]
 
 MODES = ("auto", "online", "offline", "disabled")
 
@@ -49,7 +49,8 @@ class NullTracker(Tracker):
     """``logger=none``."""
 
 
-def _has_api_key() -> bool:
+def has_api_key() -> bool:
+    """Whether a W&B API key is configured (WANDB_API_KEY, or the netrc entry `wandb login` writes)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
@@ -70,7 +71,7 @@ class WandbTracker(Tracker):
                  job_type: str, mode: str = "auto", entity: str | None = None, run_id: str | None = None) -> None:  # fmt: skip
         if mode not in MODES:
             raise ValueError(f"logger.mode={mode!r} is not valid; choose from: {', '.join(MODES)}")
-        self.mode = ("online" if _has_api_key() else "offline") if mode == "auto" else mode
+        self.mode = ("online" if has_api_key() else "offline") if mode == "auto" else mode
         self.project, self.group = project, group  # as the run is filed: results.json says the same
         self._run = None
         init = {"project": project, "entity": entity, "name": name, "group": group, "tags": tags, "job_type": job_type, "config": config,

@@ -31,7 +31,7 @@ from .config import input_shape, model_from_config, model_options
 from .cost import measure_cost
 from .data import check_example_form, check_subset_form, load_data, make_loaders
 from .distributed import all_reduce_sum, broadcast_buffers, broadcast_object, convert_sync_bn, init_distributed
-from .records import env_info, list_checkpoints, load_checkpoint, now, read_json, resolve_device, save_checkpoint, write_json
+from .records import env_info, incomplete, list_checkpoints, load_checkpoint, now, read_json, resolve_device, save_checkpoint, write_json
 from .tracking import Tracker, make_tracker
 
 __all__ = [
@@ -478,6 +478,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             write_json(results_path, rec)
 
     previous = read_json(results_path)
+    if cfg.resume == "auto" and previous and previous.get("status") == "completed" and (problem := incomplete(previous)):
+        log.warning("%s says completed but %s: it is not reused; the run goes on from its checkpoints", results_path, problem)
+        previous = None
     if cfg.resume == "never" and main:
         _set_aside_previous_run(run_dir)
     if cfg.resume == "auto" and previous and previous.get("status") == "completed":

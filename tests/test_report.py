@@ -494,10 +494,23 @@ def test_cli_end_to_end(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "runs"]  # nothing but out/ written
 
 
-def test_cli_wandb_offline_fails_in_one_line(tmp_path):
-    env = {"WANDB_API_KEY": "", "WANDB_CONFIG_DIR": str(tmp_path), "WANDB_DIR": str(tmp_path)}
+def test_cli_wandb_without_a_key_fails_in_one_line_without_asking(tmp_path):
+    """wandb.Api() with no key asks on a terminal to create an account: nothing may prompt, so it is never built."""
+    env = {"WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc"), "WANDB_CONFIG_DIR": str(tmp_path), "WANDB_DIR": str(tmp_path)}
     proc = run_script("report.py", "source=wandb", "project=convlab-offline", f"out={tmp_path / 'out'}", env=env, timeout=60)
-    assert_one_line_error(proc, "W&B project 'convlab-offline'")
+    assert_one_line_error(proc, "source=wandb needs a W&B API key to read 'convlab-offline'", "wandb login", "WANDB_API_KEY")
+
+
+def test_wandb_source_builds_no_api_without_a_key(monkeypatch):
+    import sys
+
+    from experiments.report import load_wandb_runs
+
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    monkeypatch.setenv("NETRC", "/nonexistent/netrc")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # importing it would raise: the check comes first
+    with pytest.raises(ValueError, match="needs a W&B API key to read 'team/p'"):
+        load_wandb_runs("p", "team")
 
 
 @pytest.mark.parametrize(

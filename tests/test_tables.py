@@ -430,3 +430,24 @@ def test_a_copied_run_dir_counts_once_in_a_row(tmp_path, caplog):
         f"{tmp_path / 'runs' / 'a-backup' / 'results.json'} is a copy of the run at {tmp_path / 'runs' / 'b-seed0' / 'results.json'}"
         in caplog.text
     )
+
+
+def test_impossible_or_incomplete_records_are_listed_apart_not_tabled(tmp_path):
+    """A percentage where a fraction belongs (75.0) went into the table as 7500.00 %; the dashboard already refused it."""
+    from experiments.tables import collect_runs
+
+    base = {"status": "completed", "row": "a", "seed": 0, "config": {}, "cost": {"macs": 1e6, "params": 1e3, "latency_ms": {}}}
+    records = {"ok": {**base, "final": {"test_acc": 0.75}}, "percent": {**base, "final": {"test_acc": 75.0}},
+               "text": {**base, "final": {"test_acc": "abc"}}, "no-cost": {**base, "cost": None, "final": {"test_acc": 0.7}},
+               "list": [1, 2]}  # fmt: skip
+    for name, record in records.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(record))
+    done, other = collect_runs(tmp_path)
+    assert [r["final"]["test_acc"] for r in done["a"]] == [0.75]
+    reasons = sorted(r["reason"] for r in other)
+    assert [r["status"] for r in other].count("invalid") == 3 and len(other) == 4, reasons
+    assert any("final.test_acc=75.0 is impossible; valid: 0 <= test_acc <= 1" in r for r in reasons)
+    assert any("final.test_acc='abc' is impossible" in r for r in reasons)
+    assert any("cost=None is not a mapping" in r for r in reasons)
+    assert any("list" in r and "is not a results record (not JSON, or not a JSON object)" in r for r in reasons)

@@ -415,3 +415,24 @@ def test_a_bad_config_leaves_the_run_dir_alone(compose_cfg, tmp_path):
         train(compose_cfg(*base, "resume=never", "trainer.precision=fp8"), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files
     assert not (tmp_path / "previous").exists()
+
+
+def test_read_json_is_none_for_what_is_no_record(tmp_path):
+    from experiments.records import read_json
+
+    for name, text in (("list", "[1, 2]"), ("number", "3"), ("deep", "[" * 200_000 + "]" * 200_000)):
+        (tmp_path / name).write_text(text)
+        assert read_json(tmp_path / name) is None, name
+
+
+def test_a_completed_record_that_lacks_its_results_is_not_reused(compose_cfg, tmp_path, caplog):
+    """results.json says completed but final is null (a hand edit, a bad merge): the run goes on from its checkpoints."""
+    base = ("data=synthetic", "trainer=smoke", "logger=none")
+    first = train(compose_cfg(*base), tmp_path)
+    broken = {**first, "final": None}
+    (tmp_path / "results.json").write_text(json.dumps(broken))
+    with caplog.at_level("WARNING", logger="convlab"):
+        again = train(compose_cfg(*base), tmp_path)
+    assert "says completed but final=None is not a mapping: it is not reused" in caplog.text
+    assert again["status"] == "completed" and again["final"]["test_acc"] == first["final"]["test_acc"]
+    assert json.loads((tmp_path / "results.json").read_text())["final"] == again["final"]
