@@ -416,7 +416,7 @@ def test_a_copied_run_dir_counts_once_in_a_row(tmp_path, caplog):
 
     def write(run_dir, seed, acc, where=None):
         record = {"status": "completed", "row": "separable", "seed": seed, "run_dir": str(run_dir), "started_at": f"2026-11-25T10:0{seed}:00",
-                  "final": {"test_acc": acc}}  # fmt: skip
+                  "final": {"test_acc": acc}, "config": {}, "cost": {"macs": 1e6, "params": 1e3}}  # fmt: skip
         (where or run_dir).mkdir(parents=True)
         ((where or run_dir) / "results.json").write_text(json.dumps(record))
 
