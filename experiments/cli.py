@@ -12,6 +12,7 @@ Inside the task, a :class:`ValueError` (convlab's bad-input error) ends the same
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -37,6 +38,7 @@ __all__ = [
     "is_multirun",
     "preflight",
     "raise_interrupted",
+    "resource_error",
     "split_argv",
 ]
 
@@ -106,6 +108,27 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
         if isinstance(handler, logging.FileHandler):
             handler.emit(logging.LogRecord("convlab", logging.ERROR, __file__, 0, line, None, None))
     sys.exit(code)
+
+
+# Errors of the machine, not of the code: out of disk space or quota, a read-only or failing disk,
+# a permission the user lacks. Any other OSError may be a bug and keeps its traceback.
+MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM)
+
+
+def resource_error(ex: BaseException) -> str | None:
+    """One line for running out of memory or disk, which no check before the run can foresee; None
+    for anything else (a bug keeps its traceback). The run's record already says ``failed``."""
+    text = " ".join(str(ex).split())
+    if (
+        isinstance(ex, MemoryError)
+        or type(ex).__name__ == "OutOfMemoryError"
+        or (isinstance(ex, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()))
+    ):
+        shown = text.split("DefaultCPUAllocator: ")[-1][:160] or type(ex).__name__  # torch's text starts with a C++ assertion
+        return f"out of memory: {shown}; a smaller trainer.batch_size, data.image_size or model needs less"
+    if isinstance(ex, OSError) and ex.errno in MACHINE_ERRNOS:
+        return f"{ex.strerror or text}" + (f": {ex.filename}" if ex.filename else "") + "; free the space or pick a writable dir"
+    return None
 
 
 def _dir_override(multirun: bool) -> str:
@@ -469,11 +492,14 @@ def entry(
             _state["dir_override"] = _dir_override(is_multirun())
             try:
                 return task(cfg)
-            except ValueError as ex:
+            except (ValueError, MemoryError, RuntimeError, OSError) as ex:
+                message = str(ex) if isinstance(ex, ValueError) else resource_error(ex)
+                if message is None:
+                    raise  # a bug: its traceback
                 if not is_multirun():
-                    fail(str(ex))
+                    fail(message, code=EXIT_BAD_INPUT if isinstance(ex, ValueError) else 1)
                 # In a sweep the other jobs go on; the process exits non-zero at the end.
-                log.error("error: %s", " ".join(str(ex).split()))
+                log.error("error: %s", " ".join(message.split()))
                 count_failed_job()
                 return None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,39 @@ def test_check_writable_keeps_a_dir_another_process_made_meanwhile(tmp_path, mon
     monkeypatch.setattr(cli.os, "mkdir", mkdir)
     check_writable(str(tmp_path / "shared" / "run"))
     assert (tmp_path / "shared").is_dir() and not (tmp_path / "shared" / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Out of memory or disk: no check before a run can foresee them; one line, the record says failed
+
+
+def test_out_of_memory_is_one_line_and_recorded(tmp_path):
+    """data.image_size=100000 passes every check, then the synthetic data asks for 15 TB."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit_memory():  # 16 GiB of address space: the request fails at once whatever the machine's overcommit policy
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+
+    command = [sys.executable, str(ROOT / "scripts" / "run.py"), "data=synthetic", "trainer=smoke", "logger=none", "data.image_size=100000",
+               f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, preexec_fn=limit_memory, env={**os.environ, "WANDB_SILENT": "true"}
+    )
+    assert_one_line_error(proc, "out of memory: can't allocate memory", "trainer.batch_size, data.image_size")
+    assert proc.returncode == 1
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["status"] == "failed" and "can't allocate memory" in record["reason"]
+
+
+def test_resource_errors_are_named_and_bugs_keep_their_traceback():
+    import errno
+
+    from experiments.cli import resource_error
+
+    full = resource_error(OSError(errno.ENOSPC, "No space left on device", "/runs/a/checkpoint-epoch0003.pt"))
+    assert full == "No space left on device: /runs/a/checkpoint-epoch0003.pt; free the space or pick a writable dir"
+    assert resource_error(MemoryError()).startswith("out of memory: MemoryError;")
+    assert resource_error(FileNotFoundError(errno.ENOENT, "No such file", "x")) is None  # may be a bug
+    assert resource_error(RuntimeError("shape mismatch")) is None
