@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import BLOCKS, pointwise_conv2d
@@ -1107,6 +1108,11 @@ def _config_number(cfg: Any, key: str, kind: type, default: Any = None, low: flo
 
 def options_from_config(cfg: Any) -> BenchOptions:
     """:class:`BenchOptions` from the benchmark config's keys (the script's DictConfig)."""
+    dtypes, train = cfg.dtypes, cfg.get("train") or {}
+    if not (isinstance(dtypes, str) or OmegaConf.is_list(dtypes) or isinstance(dtypes, (list, tuple))):
+        raise ValueError(f"dtypes={dtypes!r} is not valid; give a list of {', '.join(DTYPES)}, e.g. [fp32,bf16]")
+    if not (OmegaConf.is_dict(train) or isinstance(train, dict)):
+        raise ValueError(f"train={train!r} is not valid; give the train suite's keys, e.g. train.model=separable train.steps=60")
     return BenchOptions(
         device=str(cfg.device),
         threads=None if cfg.threads is None else _config_number(cfg, "threads", int, low=1, null=True),
@@ -1117,8 +1123,8 @@ def options_from_config(cfg: Any) -> BenchOptions:
         graph_calls=_config_number(cfg, "graph_calls", int, 20),
         size=str(cfg.size),
         malloc=str(cfg.get("malloc", "steady")),
-        train=dict(cfg.get("train") or {}),
-        dtypes=tuple(str(d) for d in (cfg.dtypes if not isinstance(cfg.dtypes, str) else [cfg.dtypes])),
+        train=dict(train),
+        dtypes=tuple(str(d) for d in (dtypes if not isinstance(dtypes, str) else [dtypes])),
     )
 
 

@@ -23,6 +23,8 @@ def _check(cfg: DictConfig) -> None:
     if cfg.suite != "all" and cfg.suite not in SUITES:
         raise ValueError(f"unknown suite {cfg.suite!r}; choose from: {', '.join([*SUITES, 'all'])}")
     options_from_config(cfg)
+    if cfg.out is None:  # str(None) would be a dir named "None"
+        raise ValueError("out=null is not a dir; pass out=DIR (default: benchmarks)")
     check_writable(str(cfg.out), "out=...")
 
 
@@ -30,7 +32,7 @@ def _check(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     if cfg.format not in ("text", "json"):
         raise ValueError(f"format={cfg.format!r} is not valid; choose from: text, json")
-    outcome = run_benchmarks(str(cfg.suite), options_from_config(cfg), out=cfg.out)
+    outcome = run_benchmarks(str(cfg.suite), options_from_config(cfg), out=str(cfg.out))
     if cfg.format == "json":
         print(json.dumps(outcome), flush=True)
     else:

@@ -21,8 +21,13 @@ from experiments.report import build_report, format_summary
 def main(cfg: DictConfig) -> None:
     if cfg.format not in ("text", "json"):
         raise ValueError(f"format={cfg.format!r} is not valid; choose from: text, json")
-    runs = OmegaConf.to_container(cfg.runs) if OmegaConf.is_list(cfg.runs) else cfg.runs  # runs=DIR or runs=[DIR1,DIR2]
-    summary = build_report(runs, out=cfg.out, source=cfg.source, project=cfg.project, entity=cfg.entity)
+    if cfg.out is None:  # str(None) would be a dir named "None"
+        raise ValueError("out=null is not a dir; pass out=DIR (default: report)")
+    # runs=DIR or runs=[DIR1,DIR2]; a dir named by a number or true/false (runs=0) is still a dir
+    runs = (
+        [str(r) for r in OmegaConf.to_container(cfg.runs)] if OmegaConf.is_list(cfg.runs) else None if cfg.runs is None else str(cfg.runs)
+    )
+    summary = build_report(runs, out=str(cfg.out), source=cfg.source, project=cfg.project, entity=cfg.entity)
     print(json.dumps(summary) if cfg.format == "json" else format_summary(summary), flush=True)
 
 

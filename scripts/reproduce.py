@@ -150,7 +150,7 @@ def main(cfg: DictConfig) -> None:
     unbuilt = [c for c in costs if c["cost"] is None]
     if len(unbuilt) == len(costs):  # nothing to count or train: one line, nothing written
         raise ValueError(f"no row of table {cfg.table} can be built: {unbuilt[0]['error']}")
-    out = Path(cfg.out) if cfg.out is not None else Path("reproduce") / cfg.table / out_dir_name(passthrough)
+    out = Path(str(cfg.out)) if cfg.out is not None else Path("reproduce") / cfg.table / out_dir_name(passthrough)
     check_writable(str(out), "out=...")
     out.mkdir(parents=True, exist_ok=True)
 

@@ -309,3 +309,18 @@ def test_resource_errors_are_named_and_bugs_keep_their_traceback():
     assert resource_error(MemoryError()).startswith("out of memory: MemoryError;")
     assert resource_error(FileNotFoundError(errno.ENOENT, "No such file", "x")) is None  # may be a bug
     assert resource_error(RuntimeError("shape mismatch")) is None
+
+
+@pytest.mark.parametrize(
+    ("arg", "needle"),
+    [
+        ("dtypes=null", "dtypes=None is not valid; give a list of fp32, bf16, fp16"),
+        ("train=5", "train=5 is not valid; give the train suite's keys"),
+        ("out=null", "out=null is not a dir; pass out=DIR"),
+    ],
+)
+def test_benchmark_values_of_the_wrong_kind(tmp_path, arg, needle):
+    """They were TypeError tracebacks (or a dir named "None"), before any timing."""
+    args = ["suite=pointwise", "size=tiny", *([] if arg.startswith("out=") else [f"out={tmp_path}"]), arg]
+    assert_one_line_error(run_script("benchmark.py", *args, cwd=tmp_path), needle)
+    assert not (tmp_path / "None").exists()

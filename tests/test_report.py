@@ -523,6 +523,7 @@ def test_wandb_source_builds_no_api_without_a_key(monkeypatch):
         (["runs={tmp}/model=a,seed=0"], ["cannot parse the command line", "quote a value that holds '=' or ','"]),  # a sweep job's dir
         (["runs={tmp}/runs", "out={tmp}/blocker/out"], ["out dir", "blocker", "not writable"]),
         (["runs={tmp}/runs", "out="], ["out='' is empty", "out=DIR"]),  # not the current directory
+        (["runs={tmp}/runs", "out=null"], ["out=null is not a dir; pass out=DIR"]),  # not a dir named "None"
         (["source=wandb"], ["source=wandb needs project=NAME"]),
         ([], ["no runs dirs given"]),
     ],
@@ -535,3 +536,11 @@ def test_bad_input_one_line(tmp_path, args, needles):
     args = [a.format(tmp=tmp_path) for a in args]
     assert_one_line_error(run_script("report.py", *args, cwd=tmp_path), *[n.format(tmp=tmp_path) for n in needles])
     assert not list(tmp_path.glob("index.html")) and not list(tmp_path.glob("*.csv"))
+
+
+def test_dirs_named_by_numbers(tmp_path):
+    """runs=0 out=123: Hydra reads both as ints; they are still dir names (runs=0 said "no runs dirs given")."""
+    write_runs(tmp_path / "0")
+    proc = run_script("report.py", "runs=0", "out=123", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "123" / "index.html").exists()
