@@ -32,6 +32,7 @@ from .cost import measure_cost
 from .data import check_example_form, check_subset_form, load_data, make_loaders
 from .distributed import all_reduce_sum, broadcast_buffers, broadcast_object, convert_sync_bn, init_distributed
 from .records import env_info, incomplete, list_checkpoints, load_checkpoint, now, read_json, resolve_device, save_checkpoint, write_json
+from .tracking import MODES as WANDB_MODES
 from .tracking import Tracker, make_tracker
 
 __all__ = [
@@ -140,8 +141,26 @@ def check_config(cfg: DictConfig, device: torch.device) -> None:
     if o.name == "adamw":
         _number("optim.beta2", o.get("beta2", 0.999), 0.0, 0.999999)
     _check_data(cfg.data)
+    _check_logger(cfg.logger)
     if cfg.resume not in ("auto", "never") and not Path(str(cfg.resume)).exists():
         raise ValueError(f"resume={cfg.resume!r}: no such run dir or checkpoint; use auto, never, or a path that exists")
+
+
+# Characters W&B refuses in a project name ("Invalid project name ...: cannot contain characters '/,\\,#,?,%,:'").
+WANDB_BAD_PROJECT_CHARS = ("/", "\\", "#", "?", "%", ":")
+
+
+def _check_logger(logger: DictConfig) -> None:
+    """wandb's settings, before a run dir exists (wandb.init would refuse them after data and cost)."""
+    if logger.name != "wandb":
+        return
+    if logger.mode not in WANDB_MODES:
+        raise ValueError(f"logger.mode={logger.mode!r} is not valid; choose from: {', '.join(WANDB_MODES)}")
+    if not isinstance(logger.project, str) or not logger.project.strip() or set(logger.project) & set(WANDB_BAD_PROJECT_CHARS):
+        raise ValueError(f"logger.project={logger.project!r} is not valid; a name without any of {' '.join(WANDB_BAD_PROJECT_CHARS)}")
+    for key in ("entity", "group"):
+        if logger.get(key) is not None and not isinstance(logger.get(key), str):
+            raise ValueError(f"logger.{key}={logger.get(key)!r} is not valid; a name, or null")
 
 
 def _check_data(d: DictConfig) -> None:

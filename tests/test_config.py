@@ -97,3 +97,19 @@ def test_check_config_takes_only_true_or_false_for_switches(compose_cfg, overrid
 
     with pytest.raises(ValueError, match=re.escape(message)):
         check_config(compose_cfg("data=cifar10", override), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("logger.mode=cloud", "logger.mode='cloud' is not valid; choose from: auto, online, offline, disabled"),
+        ("logger.project=a/b", "logger.project='a/b' is not valid; a name without any of / \\ # ? % :"),
+        ("logger.group=[1,2]", "logger.group=[1, 2] is not valid; a name, or null"),
+    ],
+)
+def test_logger_settings_are_checked_before_the_run(compose_cfg, override, message):
+    """wandb refused them only after data and cost, leaving a failed run dir (mode), or training went on without W&B (project, group)."""
+    from experiments.train import check_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_config(compose_cfg("data=cifar10", override), torch.device("cpu"))
