@@ -343,6 +343,7 @@ def preflight(
         except Exception as ex:  # Hydra raises several types for composition errors
             key = _unknown_key(ex)
             raise UsageError(_valid_keys(compose, config_name, first, key) if key else _first_line(ex)) from None
+        _check_removed(first)
         groups = [o for o in first if "=" in o and loader.get_group_options(o.split("=", 1)[0].lstrip("+~"))]
         values = [o.split("=", 1)[0].lstrip("+") for o in first if "=" in o and o not in groups and not o.startswith("~")]
         base = compose(config_name, overrides=groups, return_hydra_config=True)
@@ -366,6 +367,15 @@ def preflight(
 
 
 _ABSENT = object()
+
+
+def _check_removed(overrides: list[str]) -> None:
+    """``~key`` removes a key or group; the run reads every one (a traceback deep in it), except a
+    model option, which its block then takes at the default, and Hydra's own keys."""
+    for text in overrides:
+        key = text[1:].split("=", 1)[0] if text.startswith("~") else ""
+        if (key and key.split(".")[0].split("/")[0] not in ("hydra", "model")) or key == "model":
+            raise UsageError(f"{text} removes {key}, which the run reads; give it a value instead ({key}=...)")
 
 
 def _check_appended(overrides: list[str], added: list[str], base: DictConfig, valid: Callable[[str], str]) -> None:

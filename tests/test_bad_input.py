@@ -324,3 +324,12 @@ def test_benchmark_values_of_the_wrong_kind(tmp_path, arg, needle):
     args = ["suite=pointwise", "size=tiny", *([] if arg.startswith("out=") else [f"out={tmp_path}"]), arg]
     assert_one_line_error(run_script("benchmark.py", *args, cwd=tmp_path), needle)
     assert not (tmp_path / "None").exists()
+
+
+@pytest.mark.parametrize("removal", ["~trainer.epochs", "~trainer", "~model", "~seed"])
+def test_removing_a_key_the_run_reads_is_one_line(tmp_path, removal):
+    """Hydra's ~key: a ConfigAttributeError traceback from deep in the run checks."""
+    proc = run_script("run.py", "data=synthetic", "trainer=smoke", "logger=none", removal, f"hydra.run.dir={tmp_path}/run")
+    key = removal[1:]
+    assert_one_line_error(proc, f"{removal} removes {key}, which the run reads; give it a value instead ({key}=...)")
+    assert not (tmp_path / "run").exists()
