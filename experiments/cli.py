@@ -12,6 +12,7 @@ Inside the task, a :class:`ValueError` (convlab's bad-input error) ends the same
 
 from __future__ import annotations
 
+import difflib
 import errno
 import functools
 import logging
@@ -270,12 +271,18 @@ def _first_line(ex: Exception) -> str:
 
 
 def _valid_keys(compose: Callable[..., DictConfig], config_name: str, overrides: list[str], key: str) -> str:
-    """The keys beside ``key`` in the composed config, for the error message."""
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    """The keys beside ``key`` in the composed config (its nearest existing parent: ``traner.epochs``
+    lists the top level), with the closest one when a typo is likely, for the error message."""
     base = compose(config_name, overrides=[o for o in overrides if not o.lstrip("+~").startswith(key)])
-    node = OmegaConf.select(base, parent) if parent else base
-    keys = ", ".join(str(k) for k in node) if isinstance(node, DictConfig) else ""
-    return f"unknown key {key!r}; {parent or 'the config'} has: {keys}"
+    parts = key.split(".")
+    depth = len(parts) - 1
+    while depth and not isinstance(OmegaConf.select(base, ".".join(parts[:depth])), DictConfig):
+        depth -= 1
+    parent = ".".join(parts[:depth])
+    keys = [str(k) for k in (OmegaConf.select(base, parent) if parent else base)]
+    close = difflib.get_close_matches(parts[depth], keys, n=1)
+    hint = f" (did you mean {'.'.join([*parts[:depth], close[0], *parts[depth + 1 :]])}?)" if close and close[0] != parts[depth] else ""
+    return f"unknown key {key!r}{hint}; {parent or 'the config'} has: {', '.join(keys)}"
 
 
 def check_writable(directory: str, key: str = "hydra.run.dir=... / hydra.sweep.dir=...") -> None:

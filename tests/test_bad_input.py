@@ -333,3 +333,16 @@ def test_removing_a_key_the_run_reads_is_one_line(tmp_path, removal):
     key = removal[1:]
     assert_one_line_error(proc, f"{removal} removes {key}, which the run reads; give it a value instead ({key}=...)")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("traner.epochs=3", "unknown key 'traner.epochs' (did you mean trainer.epochs?); the config has: model, data, trainer,"),
+        ("trainer.epoch=3", "unknown key 'trainer.epoch' (did you mean trainer.epochs?); trainer has: epochs, batch_size"),
+        ("trainer.epochs.x=3", "unknown key 'trainer.epochs.x'; trainer has: epochs,"),
+    ],
+)
+def test_an_unknown_key_lists_its_nearest_parent_and_the_closest_key(override, needle):
+    """'traner.epochs' said "traner has:" and listed nothing."""
+    assert_one_line_error(run_script("run.py", "data=synthetic", "logger=none", override), needle)
