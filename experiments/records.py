@@ -147,10 +147,26 @@ def load_checkpoint(source: Path) -> tuple[dict[str, Any], Path] | None:
     candidates = [source] if source.is_file() else list_checkpoints(source)
     for path in candidates:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True), path
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as ex:  # truncated zip, bad pickle, ...: all mean "unusable"
-            log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, " ".join(str(ex).split())[:120])
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, _gist(ex))
+            continue
+        missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+        if not missing:
+            return state, path
+        log.warning("checkpoint %s is not a convlab checkpoint (no %s); trying the previous one", path, ", ".join(missing))
     return None
+
+
+# What train() writes into a checkpoint and reads back to resume.
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "history", "config", "rng_cpu")
+
+
+def _gist(ex: BaseException) -> str:
+    """An exception as one short line: its type and first sentence, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(ex).split()))
+    first = re.split(r"(?<=\.)\s", text, maxsplit=1)[0] if text else ""
+    return f"{type(ex).__name__}: {first[:120]}" if first else type(ex).__name__
 
 
 def _git_commit() -> str | None:

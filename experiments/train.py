@@ -568,9 +568,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         loaded = resume_checkpoint(cfg, run_dir, config)
         if loaded is not None:
             state, path = loaded
-            raw_model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
+            try:
+                raw_model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scaler.load_state_dict(state["scaler"])
+            except (RuntimeError, ValueError, KeyError) as ex:  # same config, other tensors: another code version, or a hand-made file
+                message = " ".join(str(ex).split())[:200]
+                raise ValueError(f"checkpoint {path} does not fit this model ({message}); use resume=never or another run dir") from None
             torch.set_rng_state(state["rng_cpu"])
             if device.type == "cuda" and state.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(state["rng_cuda"], device)

@@ -436,3 +436,35 @@ def test_a_completed_record_that_lacks_its_results_is_not_reused(compose_cfg, tm
     assert "says completed but final=None is not a mapping: it is not reused" in caplog.text
     assert again["status"] == "completed" and again["final"]["test_acc"] == first["final"]["test_acc"]
     assert json.loads((tmp_path / "results.json").read_text())["final"] == again["final"]
+
+
+def test_resume_from_files_that_are_not_checkpoints_is_one_line(compose_cfg, tmp_path, caplog):
+    """A list saved with torch.save, a dict without the optimizer: were AttributeError / KeyError tracebacks."""
+    from experiments.train import check_resume
+
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"model": {}, "epoch": 1}, tmp_path / "partial.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, warned in (("list.pt", "is not a convlab checkpoint (no model, optimizer"), ("partial.pt", "(no optimizer, scaler, step"),
+                         ("empty.pt", "is unreadable (")):  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="convlab"), pytest.raises(ValueError, match=f"resume='{tmp_path / name}' holds no loadable"):
+            check_resume(compose_cfg("data=synthetic", "trainer=smoke", "logger=none", f"resume={tmp_path / name}"))
+        assert warned in caplog.text and "\x1b[" not in caplog.text
+
+
+def test_a_checkpoint_of_the_same_config_that_does_not_fit_the_model_is_recorded(compose_cfg, tmp_path):
+    base = ("data=synthetic", "trainer=smoke", "logger=none", "trainer.epochs=2", "trainer.max_steps=null", "data.train_size=64")
+    train(compose_cfg(*base, "trainer.epochs=1"), tmp_path)
+    (checkpoint,) = (tmp_path).glob("checkpoint-*.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["trainer"]["epochs"] = 2
+    state["model"] = {k: v[..., :1] if v.dim() > 1 else v for k, v in state["model"].items()}  # other shapes
+    torch.save(state, checkpoint)
+    (tmp_path / "results.json").unlink()  # a run stopped after epoch 1, to go on to 2
+    with pytest.raises(
+        ValueError, match=r"checkpoint .*checkpoint-epoch0001\.pt does not fit this model \(Error\(s\) in loading state_dict"
+    ):
+        train(compose_cfg(*base), tmp_path)
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["status"] == "failed" and "does not fit this model" in record["reason"]
