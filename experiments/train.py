@@ -26,7 +26,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .allocator import steady_malloc
-from .cli import Interrupted, raise_interrupted
+from .cli import Interrupted, raise_interrupted, resource_error
 from .config import input_shape, model_from_config, model_options
 from .cost import measure_cost
 from .data import check_example_form, check_subset_form, load_data, make_loaders
@@ -245,9 +245,21 @@ def record_latency(cost: dict[str, Any], model: nn.Module, cfg: DictConfig, devi
     """Measure ``model``'s latency at each batch size in ``sizes`` into ``cost``: ``latency_ms`` (by batch
     size, added to those already there), ``latency_device`` and, on a CPU, ``latency_load_avg`` (by
     batch size, the 1-minute load average then): a latency measured while other work shared the cores
-    can be many times too high, and the record says so. A load above the CPU count is also warned about."""
+    can be many times too high, and the record says so. A load above the CPU count is also warned about.
+    A batch size the machine has no memory for is skipped, its reason in ``latency_errors``."""
     load = os.getloadavg()[0] if device.type == "cpu" and hasattr(os, "getloadavg") else None
-    measured = {str(b): measure_latency(model, input_shape(cfg, int(b)), device, cfg.trainer.channels_last) for b in sizes}
+    measured, failed = {}, {}
+    for b in sizes:
+        try:
+            measured[str(b)] = measure_latency(model, input_shape(cfg, int(b)), device, cfg.trainer.channels_last)
+        except (MemoryError, RuntimeError) as ex:  # a batch too large for the machine: the trained run stands
+            reason = resource_error(ex)
+            if reason is None:
+                raise
+            failed[str(b)] = reason
+            log.warning("latency at batch size %s not measured: %s", b, reason)
+    if failed:
+        cost["latency_errors"] = {**(cost.get("latency_errors") or {}), **failed}
     cost["latency_ms"] = {**(cost.get("latency_ms") or {}), **measured}
     cost["latency_device"] = str(device)
     if load is not None:

@@ -468,3 +468,26 @@ def test_a_checkpoint_of_the_same_config_that_does_not_fit_the_model_is_recorded
         train(compose_cfg(*base), tmp_path)
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["status"] == "failed" and "does not fit this model" in record["reason"]
+
+
+def test_a_latency_batch_without_memory_leaves_the_trained_run_completed(compose_cfg, tmp_path, monkeypatch, caplog):
+    """latency_batch_sizes=[1,100000]: the memory ran out after training, and the whole run was recorded as failed."""
+    import experiments.train as train_module
+
+    real = train_module.measure_latency
+
+    def no_memory_for_large_batches(model, shape, *args, **kwargs):
+        if shape[0] > 8:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+        return real(model, shape, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "measure_latency", no_memory_for_large_batches)
+    with caplog.at_level("WARNING", logger="convlab"):
+        record = train(compose_cfg("data=synthetic", "trainer=smoke", "logger=none", "latency_batch_sizes=[1,100000]"), tmp_path)
+    assert record["status"] == "completed" and set(record["cost"]["latency_ms"]) == {"1"}
+    assert record["cost"]["latency_errors"]["100000"].startswith("out of memory: can't allocate memory")
+    assert "latency at batch size 100000 not measured: out of memory" in caplog.text
+    monkeypatch.setattr(train_module, "measure_latency", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    (tmp_path / "bug").mkdir()
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else is not swallowed
+        train(compose_cfg("data=synthetic", "trainer=smoke", "logger=none"), tmp_path / "bug")
