@@ -4,6 +4,9 @@ CIFAR-10/100 are downloaded by torchvision on first use, then read from the stan
 (``cifar-10-batches-py``, ``cifar-100-python``) by :func:`read_cifar`. Fashion-MNIST is read from
 IDX files (gzipped or not), Debian's ``/usr/share/datasets/fashion-mnist`` first. ``synthetic`` is
 random images in CIFAR's shapes. ImageNet streams from an ImageFolder with torchvision workers.
+
+A file that cannot be read (truncated or corrupt: an interrupted download) is a :class:`BadDataFile`,
+a ValueError of one line that names the file, what is wrong with it and how to get a good copy.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import math
 import pickle
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "DATASETS",
+    "BadDataFile",
     "Data",
     "Split",
     "TensorLoader",
@@ -79,6 +84,25 @@ class Data:
 # ---------------------------------------------------------------------------------------- readers
 
 
+class BadDataFile(ValueError):
+    """A dataset file that cannot be read: one line naming the file, what is wrong with it and the fix.
+
+    Raised in a DataLoader worker (ImageNet), torch re-raises it in the main process with the message
+    ``"Caught BadDataFile in DataLoader worker process 0.\\nOriginal Traceback ...: <message>"``; that is cut
+    back to the original message, so the command line still says one line and shows no traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.rstrip().rpartition("BadDataFile: ")[2])
+
+
+# What pickle.loads raises on bytes that are not a pickle: the documented UnpicklingError, EOFError,
+# AttributeError, ImportError and IndexError, and on random bytes also ValueError, TypeError, KeyError,
+# OverflowError and MemoryError (a corrupt memo index or length asks for a huge allocation).
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError, TypeError, KeyError,
+                    OverflowError, MemoryError)  # fmt: skip
+
+
 def read_cifar(folder: Path, train: bool, fine_labels: bool = False) -> Split:
     """Read CIFAR's python pickles: ``data_batch_1..5``/``test_batch`` (10) or ``train``/``test`` (100).
 
@@ -89,25 +113,65 @@ def read_cifar(folder: Path, train: bool, fine_labels: bool = False) -> Split:
         files = [folder / ("train" if train else "test")]
     else:
         files = [folder / f"data_batch_{i}" for i in range(1, 6)] if train else [folder / "test_batch"]
+    key, classes = (b"fine_labels", 100) if fine_labels else (b"labels", 10)
+    kind = f"CIFAR-{classes}"
+    fix = f"delete {folder} and run with data.download=true to download it again, or set data.root to a folder holding a good copy"
     images, labels = [], []
     for path in files:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch[b"fine_labels" if fine_labels else b"labels"])
-    return Split(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64))
+        if not path.is_file():
+            raise BadDataFile(f"{path} is missing (an interrupted download?); {fix}")
+        try:
+            batch = pickle.loads(path.read_bytes(), encoding="bytes")
+        except _UNPICKLE_ERRORS:
+            raise BadDataFile(f"{path} is not a {kind} pickle (truncated or corrupt); {fix}") from None
+        data, y = (batch.get(b"data"), batch.get(key)) if isinstance(batch, dict) else (None, None)
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3 * 32 * 32):
+            raise BadDataFile(f"{path} is not a {kind} batch: b'data' is not an N x 3072 uint8 array; {fix}")
+        try:
+            y = np.asarray(y, dtype=np.int64)
+        except (TypeError, ValueError):  # None, or not numbers
+            y = None
+        if y is None or y.shape != (len(data),) or (y.size and not 0 <= y.min() <= y.max() < classes):
+            raise BadDataFile(f"{path} is not a {kind} batch: {key!r} is not {len(data)} labels in 0..{classes - 1}; {fix}")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(y)
+    return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+
+
+def _idx_fix(path: Path) -> str:
+    """How to get a good copy of the IDX file ``path``."""
+    if path.parent == DEBIAN_FASHION_MNIST:  # read before data.root, so only a reinstall mends it
+        return "reinstall Debian's dataset-fashion-mnist (apt-get install --reinstall dataset-fashion-mnist)"
+    return f"delete {path.parent} and run with data.download=true to download it again, or set data.root to a folder holding a good copy"
 
 
 def read_idx(path: Path) -> Tensor:
-    """Read an IDX file (MNIST format; ``.gz`` or plain): magic, dims, then big-endian uint8 data."""
+    """Read an IDX file (MNIST format; ``.gz`` or plain): magic, dims, then big-endian uint8 data.
+
+    Raises:
+        BadDataFile: the file is not gzip (``.gz``), is truncated, or its header does not match its data.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error):  # not gzip, cut short, a corrupt deflate stream
+        raise BadDataFile(f"{path} is not a readable gzip file (truncated or corrupt); {_idx_fix(path)}") from None
+    if len(raw) < 4:
+        raise BadDataFile(f"{path} holds {len(raw)} bytes, too few for an IDX header (truncated); {_idx_fix(path)}")
     zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file (magic {raw[:4].hex()})")
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    return torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8).reshape(shape)
+        raise BadDataFile(f"{path} is not a uint8 IDX file (magic {raw[:4].hex()}, expected 000008nn); {_idx_fix(path)}")
+    start = 4 + 4 * ndim
+    if len(raw) < start:
+        raise BadDataFile(f"{path} holds {len(raw)} bytes, too few for an IDX header of {ndim} dimensions (truncated); {_idx_fix(path)}")
+    shape = struct.unpack(f">{ndim}I", raw[4:start])
+    if math.prod(shape) != len(raw) - start:
+        raise BadDataFile(
+            f"{path}: IDX header says {'x'.join(map(str, shape))} but the file holds {len(raw) - start} bytes of data "
+            f"(truncated or corrupt); {_idx_fix(path)}"
+        )
+    return torch.frombuffer(bytearray(raw[start:]), dtype=torch.uint8).reshape(shape)
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -135,6 +199,14 @@ def _fashion_mnist(root: Path, download: bool) -> tuple[Split, Split]:
         paths = [_find_idx(folder, stem) for stem in stems]
     log.info("data: Fashion-MNIST from %s", folder)
     images_train, labels_train, images_test, labels_test = (read_idx(p) for p in paths)  # type: ignore[arg-type]
+    for images, labels, image_path, label_path in ((images_train, labels_train, *paths[:2]), (images_test, labels_test, *paths[2:])):
+        if images.dim() != 3:
+            raise BadDataFile(f"{image_path} holds {tuple(images.shape)} values, not N x H x W images; {_idx_fix(image_path)}")
+        if labels.shape != images.shape[:1] or (len(labels) and labels.max() >= 10):
+            raise BadDataFile(
+                f"{label_path} holds {tuple(labels.shape)} values, not the {len(images)} labels in 0..9 of {image_path}; "
+                f"{_idx_fix(label_path)}"
+            )
     return (
         Split(images_train.unsqueeze(1).contiguous(), labels_train.long()),
         Split(images_test.unsqueeze(1).contiguous(), labels_test.long()),
@@ -183,8 +255,35 @@ def _synthetic(cfg: Any, seed: int) -> tuple[Split, Split]:
     return make(cfg.train_size), make(cfg.test_size)
 
 
-def _imagenet(cfg: Any, root: Path) -> tuple[Any, Any]:
+def _read_image(path: str) -> Any:
+    """torchvision's PIL loader (an RGB image); a file PIL cannot read is a :class:`BadDataFile` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as ex:  # PIL's errors for an unknown, truncated or corrupt file are all OSErrors
+        problem = (
+            "is not an image PIL can identify (truncated or corrupt)"
+            if isinstance(ex, UnidentifiedImageError)
+            else f"is a truncated or corrupt image ({ex})"
+        )
+        raise BadDataFile(
+            f"{path} {problem}; replace or delete it (ImageNet cannot be downloaded automatically), "
+            "or set data.root to a folder holding a good copy"
+        ) from None
+
+
+def _image_folder(folder: Path, transform: Any) -> Any:
     import torchvision.datasets as tvd
+
+    try:
+        return tvd.ImageFolder(str(folder), transform=transform, loader=_read_image)
+    except FileNotFoundError as ex:  # no class folders, or a class folder with no images
+        raise BadDataFile(f"{folder} is not a complete ImageFolder ({' '.join(str(ex).split())}); set data.root to a good copy") from None
+
+
+def _imagenet(cfg: Any, root: Path) -> tuple[Any, Any]:
     import torchvision.transforms.v2 as T
 
     folder = root / "imagenet"
@@ -197,7 +296,7 @@ def _imagenet(cfg: Any, root: Path) -> tuple[Any, Any]:
     size = cfg.image_size
     train_tf = T.Compose([T.RandomResizedCrop(size, antialias=True), T.PILToTensor()])
     eval_tf = T.Compose([T.Resize(round(size * 256 / 224), antialias=True), T.CenterCrop(size), T.PILToTensor()])
-    return tvd.ImageFolder(str(folder / "train"), transform=train_tf), tvd.ImageFolder(str(folder / "val"), transform=eval_tf)
+    return _image_folder(folder / "train", train_tf), _image_folder(folder / "val", eval_tf)
 
 
 # ------------------------------------------------------------------------------------ load + split
@@ -245,11 +344,12 @@ def load_data(cfg: Any, seed: int = 0) -> Data:
 
     Raises:
         ValueError: unknown dataset, files missing with ``download=false`` (naming the path), a
-            failed download, or ``subset``/``val_split`` larger than the split.
+            failed download, a truncated or corrupt file (:class:`BadDataFile`), or ``subset``/``val_split``
+            larger than the split.
     """
     if cfg.name not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.name!r}; choose from: {', '.join(DATASETS)}")
-    root = Path(cfg.root).expanduser().resolve()
+    root = Path(str(cfg.root)).expanduser().resolve()  # data.root=2026 is a dir name too
     if cfg.name == "imagenet":
         if cfg.get("val_split"):  # held-out examples of a streamed folder: not built; ImageNet's val is its test split here
             raise ValueError(f"data.val_split={cfg.val_split} is not supported for imagenet; use data.val_split=0")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from omegaconf import OmegaConf
 
 from experiments.data import DEBIAN_FASHION_MNIST, Split, TensorLoader, epoch_seed, load_data, read_cifar, read_idx
 
+from .conftest import assert_one_line_error, run_script
 from .helpers import write_cifar10
 
 
@@ -218,3 +221,208 @@ def test_eval_loader_yields_every_example_once_with_a_partial_last_batch():
     batches = [y.tolist() for _, y in loader]
     assert len(loader) == 3 and [len(b) for b in batches] == [4, 4, 2]
     assert sorted(i for b in batches for i in b) == list(range(10))
+
+
+# ------------------------------------------------------------------------------ truncated or corrupt files
+# An interrupted download leaves a file cut short or holding junk; each reader says so in one line that
+# names the file and how to get a good copy (a ValueError: the command line prints it as one error: line).
+
+
+def _write_cifar100(root: Path, n: int = 20) -> Path:
+    """``cifar-100-python`` as the real dataset stores it: ``train``/``test`` pickles with ``b"fine_labels"``."""
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name in ("train", "test"):
+        batch = {b"filenames": [b"x.png"] * n, b"fine_labels": rng.integers(0, 100, n).tolist(), b"coarse_labels": [0] * n,
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}  # fmt: skip
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return folder
+
+
+def _junk(n: int, seed: int = 0) -> bytes:
+    """``n`` random bytes, the same every run (os.urandom's could, once in a blue moon, be valid)."""
+    return np.random.default_rng(seed).bytes(n)
+
+
+def _corrupt(path: Path, how: str) -> None:
+    raw, good = path.read_bytes(), pickle.loads(path.read_bytes(), encoding="bytes")
+    key = b"fine_labels" if b"fine_labels" in good else b"labels"
+    if how == "missing":
+        path.unlink()
+        return
+    path.write_bytes(
+        {
+            "random": _junk(3000),
+            "empty": b"",
+            "truncated": raw[: len(raw) // 2],
+            "not a dict": pickle.dumps([1, 2, 3]),
+            "no data key": pickle.dumps({key: good[key]}),
+            "wrong shape": pickle.dumps({**good, b"data": good[b"data"].reshape(-1)[:1000]}),
+            "too few labels": pickle.dumps({**good, key: good[key][:-1]}),
+            "label out of range": pickle.dumps({**good, key: [100] * len(good[key])}),
+        }[how]
+    )
+
+
+CORRUPTIONS = {  # how the file is spoiled: what the message says is wrong with it
+    "random": "pickle (truncated or corrupt)",
+    "empty": "pickle (truncated or corrupt)",
+    "truncated": "pickle (truncated or corrupt)",
+    "missing": "is missing",
+    "not a dict": "b'data' is not an N x 3072 uint8 array",
+    "no data key": "b'data' is not an N x 3072 uint8 array",
+    "wrong shape": "b'data' is not an N x 3072 uint8 array",
+    "too few labels": "labels in 0..",
+    "label out of range": "labels in 0..",
+}
+
+
+@pytest.mark.parametrize("how", list(CORRUPTIONS))
+@pytest.mark.parametrize(("dataset", "file"), [("cifar10", "cifar-10-batches-py/data_batch_3"), ("cifar100", "cifar-100-python/test")])
+def test_corrupt_cifar_file_is_one_line_naming_it_and_the_fix(compose_cfg, tmp_path, dataset, file, how):
+    """Random bytes were an UnpicklingError traceback, an empty file EOFError, a dict without b"data" KeyError."""
+    if dataset == "cifar10":
+        write_cifar10(tmp_path, per_batch=8, test=8)
+    else:
+        _write_cifar100(tmp_path)
+    _corrupt(tmp_path / file, how)
+    cfg = compose_cfg(f"data={dataset}", "data.download=false", f"data.root={tmp_path}").data
+    with pytest.raises(ValueError) as raised:
+        load_data(cfg)
+    message = str(raised.value)
+    assert "\n" not in message and str(tmp_path / file) in message, message
+    assert f"delete {(tmp_path / file).parent} and run with data.download=true" in message and "set data.root" in message, message
+    assert CORRUPTIONS[how] in message, message
+
+
+@pytest.mark.parametrize(("dataset", "file", "raw"), [("cifar10", "cifar-10-batches-py/data_batch_2", _junk(5000)),
+                                                      ("cifar100", "cifar-100-python/train", b"")])  # fmt: skip
+def test_corrupt_cifar_file_on_the_command_line_is_one_error_line(tmp_path, dataset, file, raw):
+    """The audit's command: a traceback (UnpicklingError for random bytes, EOFError for an empty file)."""
+    if dataset == "cifar10":
+        write_cifar10(tmp_path / "data", per_batch=8, test=8)
+    else:
+        _write_cifar100(tmp_path / "data")
+    (tmp_path / "data" / file).write_bytes(raw)
+    proc = run_script("run.py", "trainer=smoke", "logger=none", f"data={dataset}", f"data.root={tmp_path / 'data'}", "data.download=false",
+                      f"hydra.run.dir={tmp_path / 'run'}", timeout=300)  # fmt: skip
+    assert_one_line_error(proc, str(tmp_path / "data" / file), "pickle (truncated or corrupt)", "data.download=true", "data.root")
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1, proc.stderr
+
+
+def _idx(shape: tuple[int, ...], data: bytes | None = None) -> bytes:
+    return struct.pack(f">HBB{len(shape)}I", 0, 8, len(shape), *shape) + (bytes(int(np.prod(shape))) if data is None else data)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"", "holds 0 bytes, too few for an IDX header"),
+        (b"\x00\x00", "holds 2 bytes, too few for an IDX header"),
+        (_idx((5, 28, 28))[:10], "holds 10 bytes, too few for an IDX header of 3 dimensions"),
+        (b"\x1f\x8b\x08\x00" + bytes(100), "is not a uint8 IDX file (magic 1f8b0800"),  # still gzipped
+        (_idx((5, 28, 28))[:1000], "IDX header says 5x28x28 but the file holds 984 bytes of data"),
+        (_idx((5, 28, 28)) + b"xx", "IDX header says 5x28x28 but the file holds 3922 bytes of data"),
+    ],
+)
+@pytest.mark.parametrize("gz", [False, True])
+def test_bad_idx_file_is_one_line_naming_it_and_the_fix(tmp_path, raw, message, gz):
+    """A truncated IDX file was a RuntimeError (shape ... invalid) or struct.error traceback."""
+    path = tmp_path / "fashion-mnist" / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+    path.parent.mkdir()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:? ") as raised:
+        read_idx(path)
+    assert message in str(raised.value) and "\n" not in str(raised.value), str(raised.value)
+    assert f"delete {path.parent} and run with data.download=true" in str(raised.value) and "set data.root" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [_junk(2000), gzip.compress(_junk(5000))[:2000], gzip.compress(_idx((5, 28, 28)))[:12] + _junk(500)],
+    ids=["not gzip", "gzip cut short", "corrupt deflate stream"],
+)
+def test_bad_gzip_idx_file_is_one_line(tmp_path, raw):
+    """gzip.BadGzipFile, EOFError and zlib.error tracebacks before."""
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a readable gzip file (truncated or corrupt); delete {tmp_path} and")):
+        read_idx(path)
+
+
+def _fashion_files(folder: Path, train: int = 6, test: int = 4) -> None:
+    folder.mkdir(parents=True)
+    for split, n in (("train", train), ("t10k", test)):
+        (folder / f"{split}-images-idx3-ubyte").write_bytes(_idx((n, 28, 28)))
+        (folder / f"{split}-labels-idx1-ubyte").write_bytes(_idx((n,), bytes(range(n))))
+
+
+def test_fashion_mnist_labels_that_do_not_fit_the_images(compose_cfg, tmp_path, monkeypatch):
+    """Valid IDX files that are not Fashion-MNIST's (a labels file of another count) are refused by name, not trained on."""
+    import experiments.data
+
+    monkeypatch.setattr(experiments.data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")  # else Debian's copy is read first
+    folder = tmp_path / "fashion-mnist"
+    _fashion_files(folder)
+    cfg = compose_cfg("data=fashion_mnist", "data.download=false", f"data.root={tmp_path}").data
+    assert len(load_data(cfg).train) == 6
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(_idx((3,), bytes(3)))
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 't10k-labels-idx1-ubyte'} holds (3,) values, not the 4 labels in 0..9")):
+        load_data(cfg)
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(_idx((4,)))
+    (folder / "train-images-idx3-ubyte").write_bytes(_idx((6, 28 * 28 - 1)))
+    with pytest.raises(
+        ValueError, match=re.escape(f"{folder / 'train-images-idx3-ubyte'} holds (6, 783) values, not N x H x W images; delete {folder}")
+    ):
+        load_data(cfg)
+
+
+def test_corrupt_debian_fashion_mnist_says_reinstall(tmp_path, monkeypatch):
+    """Debian's copy is read before data.root: deleting it or setting data.root would not help."""
+    import experiments.data
+
+    monkeypatch.setattr(experiments.data, "DEBIAN_FASHION_MNIST", tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"is not a readable gzip file .*; reinstall Debian's dataset-fashion-mnist"):
+        read_idx(tmp_path / "train-labels-idx1-ubyte.gz")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_in_an_image_folder_is_one_line_naming_it(compose_cfg, tmp_path, workers):
+    """PIL's UnidentifiedImageError/OSError came out of the DataLoader (from a worker: its whole traceback in the message)."""
+    from experiments.data import FolderLoader
+
+    _image_folder(tmp_path, {"train": 4, "val": 4})
+    bad = tmp_path / "imagenet" / "val" / "b" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:100])  # cut short
+    data = load_data(compose_cfg("data=imagenet", f"data.root={tmp_path}", "data.image_size=32", "data.num_classes=2").data)
+    loader = FolderLoader(data.test, 4, train=False, device=torch.device("cpu"), mean=[0.5] * 3, std=[0.25] * 3, flip=False, seed=0,
+                          channels_last=False, workers=workers)  # fmt: skip
+    with pytest.raises(ValueError) as raised:
+        list(loader)
+    message = str(raised.value)
+    assert message.startswith(f"{bad} is a truncated or corrupt image (image file is truncated); replace or delete it"), message
+    assert "\n" not in message and "Traceback" not in message and "set data.root" in message, message
+
+
+def test_unreadable_image_on_the_command_line_is_one_error_line(tmp_path):
+    """During training, in one of the 8 DataLoader workers: an OSError traceback ("Caught OSError in DataLoader worker process 0")."""
+    _image_folder(tmp_path, {"train": 8, "val": 4})
+    bad = tmp_path / "imagenet" / "train" / "b" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:100])
+    proc = run_script("run.py", "trainer=smoke", "trainer.batch_size=4", "logger=none", "data=imagenet", f"data.root={tmp_path}",
+                      "data.image_size=32", "data.num_classes=2", f"hydra.run.dir={tmp_path / 'run'}", timeout=300)  # fmt: skip
+    assert_one_line_error(proc, str(bad), "truncated or corrupt image", "set data.root")
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1, proc.stderr
+
+
+def test_image_folder_with_an_empty_class_folder(compose_cfg, tmp_path):
+    _image_folder(tmp_path, {"train": 4, "val": 4})
+    for image in (tmp_path / "imagenet" / "val" / "a").iterdir():
+        image.unlink()
+    cfg = compose_cfg("data=imagenet", f"data.root={tmp_path}", "data.image_size=32", "data.num_classes=2").data
+    with pytest.raises(
+        ValueError, match=re.escape(f"{tmp_path / 'imagenet' / 'val'} is not a complete ImageFolder (Found no valid file for the classes a")
+    ):
+        load_data(cfg)
