@@ -168,6 +168,8 @@ def _check_data(d: DictConfig) -> None:
     _whole("data.in_channels", d.in_channels)
     _whole("data.num_classes", d.num_classes, low=2)
     _whole("data.image_size", d.image_size)
+    if "root" in d and (d.root is None or not str(d.root).strip()):
+        raise ValueError(f"data.root={d.root!r} is not a dir; pass data.root=PATH (the default is data, or $CONVLAB_DATA)")
     if "download" in d:
         _flag("data.download", d.download)
     if "val_split" in d:  # their forms; whether the split holds enough examples is known after loading

@@ -346,3 +346,12 @@ def test_removing_a_key_the_run_reads_is_one_line(tmp_path, removal):
 def test_an_unknown_key_lists_its_nearest_parent_and_the_closest_key(override, needle):
     """'traner.epochs' said "traner has:" and listed nothing."""
     assert_one_line_error(run_script("run.py", "data=synthetic", "logger=none", override), needle)
+
+
+def test_data_root_null_is_one_line_and_a_number_is_a_dir_name(tmp_path):
+    """data.root=null and data.root=123 were TypeError tracebacks (Path(None), Path(123))."""
+    proc = run_script("run.py", "data=synthetic", "trainer=smoke", "logger=none", "data.root=null", f"hydra.run.dir={tmp_path}/a")
+    assert_one_line_error(proc, "data.root=None is not a dir; pass data.root=PATH")
+    proc = run_script("run.py", "data=cifar10", "data.root=123", "data.download=false", "trainer=smoke", "logger=none",
+                      f"hydra.run.dir={tmp_path}/b", cwd=tmp_path)  # fmt: skip
+    assert_one_line_error(proc, f"cifar10 not found at {tmp_path / '123' / 'cifar-10-batches-py'}")
