@@ -448,15 +448,20 @@ def _set_aside_previous_run(run_dir: Path) -> None:
     checkpoints move to ``previous/``. Left in place, they would outrank the fresh run's: its
     epoch-1 checkpoint pruned as the oldest, and after a crash the same command would resume the
     earlier run."""
-    results_path = run_dir / "results.json"
+    results_path, kept = run_dir / "results.json", run_dir / "results.previous.json"
     if results_path.exists():
-        results_path.replace(run_dir / "results.previous.json")
+        if kept.exists():  # one earlier run is kept, not all: say which one goes
+            log.warning("resume=never: %s (the run before the earlier one) is replaced", kept)
+        results_path.replace(kept)
         log.info("resume=never: the run dir's earlier results.json is kept as results.previous.json")
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
         aside = run_dir / "previous"
         aside.mkdir(exist_ok=True)
-        for old in list_checkpoints(aside):  # one earlier run is kept, like results.previous.json
+        older = list_checkpoints(aside)
+        if older:
+            log.warning("resume=never: %d checkpoint(s) of the run before the earlier one are deleted from %s", len(older), aside)
+        for old in older:  # one earlier run is kept, like results.previous.json
             old.unlink()
         for path in checkpoints:
             path.replace(aside / path.name)

@@ -491,3 +491,16 @@ def test_a_latency_batch_without_memory_leaves_the_trained_run_completed(compose
     (tmp_path / "bug").mkdir()
     with pytest.raises(RuntimeError, match="a bug"):  # anything else is not swallowed
         train(compose_cfg("data=synthetic", "trainer=smoke", "logger=none"), tmp_path / "bug")
+
+
+def test_resume_never_twice_says_what_it_deletes(compose_cfg, tmp_path, caplog):
+    """One earlier run is kept: the one before it went without a word."""
+    base = ("data=synthetic", "trainer=smoke", "logger=none", "resume=never")
+    train(compose_cfg(*base, "seed=1"), tmp_path)
+    train(compose_cfg(*base, "seed=2"), tmp_path)
+    assert "is replaced" not in caplog.text
+    with caplog.at_level("WARNING", logger="convlab"):
+        train(compose_cfg(*base, "seed=3"), tmp_path)
+    assert f"{tmp_path / 'results.previous.json'} (the run before the earlier one) is replaced" in caplog.text
+    assert f"checkpoint(s) of the run before the earlier one are deleted from {tmp_path / 'previous'}" in caplog.text
+    assert json.loads((tmp_path / "results.previous.json").read_text())["seed"] == 2
