@@ -48,8 +48,8 @@ class DropEmptySweepDir(Callback):
     Hydra makes ``multirun/<date>/`` with one empty dir per job and a ``multirun.yaml`` even when
     ``output_subdir`` is null; left behind, they are clutter that looks like a sweep's results.
     Only what this sweep created goes: a sweep dir that existed before it is left alone, and so
-    is one holding anything but ``multirun.yaml`` and empty dirs (and the parent only when this
-    sweep made it too).
+    is one holding anything but ``multirun.yaml`` and empty dirs (and the parents only when this
+    sweep made them too, and they are empty).
     """
 
     def __init__(self) -> None:
@@ -57,7 +57,7 @@ class DropEmptySweepDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        self._new = [p for p in (sweep_dir, sweep_dir.parent) if not p.exists()]
+        self._new = [p for p in (sweep_dir, *sweep_dir.parents) if not p.exists()]  # e.g. multirun/<date>/<time>: all three
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -70,6 +70,8 @@ class DropEmptySweepDir(Callback):
         for path in [*entries, sweep_dir]:
             if path.is_dir():
                 path.rmdir()
-        if sweep_dir.parent in self._new:  # ``multirun/`` itself, when this sweep made it
-            with contextlib.suppress(OSError):
-                sweep_dir.parent.rmdir()
+        for parent in sweep_dir.parents:  # ``multirun/<date>`` and ``multirun/`` when this sweep made them, nearest first
+            if parent not in self._new:
+                break
+            with contextlib.suppress(OSError):  # not empty: another sweep's too
+                parent.rmdir()

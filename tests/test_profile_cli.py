@@ -82,3 +82,33 @@ def test_profile_says_which_stem_auto_chose():
     assert large.returncode == 0, large.stderr
     report = json.loads(large.stdout)
     assert report["stem"] == "large" and report["params"] == 25_557_032  # torchvision's ResNet-50
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        ("profile.py", ["model=standard,depthwise", "format=json"]),
+        ("report.py", ["runs={runs}", "out={tmp}/out", "format=text,json"]),
+        (
+            "benchmark.py",
+            [
+                "suite=pointwise",
+                "size=tiny",
+                "dtypes=[fp32]",
+                "repeats=1",
+                "warmup=0",
+                "min_time_s=0",
+                "out={tmp}/bench",
+                "format=text,json",
+            ],
+        ),
+    ],
+)
+def test_a_sweep_of_a_script_that_writes_only_its_out_leaves_no_multirun_dir(tmp_path, script, args):
+    """Hydra makes multirun/<date>/<time>/<job>: all of it went but multirun/ (report.py), or none of it (benchmark.py)."""
+    from .test_report import write_runs
+
+    write_runs(tmp_path / "runs")
+    proc = run_script(script, "-m", *[a.format(tmp=tmp_path, runs=tmp_path / "runs") for a in args], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "multirun").exists(), sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("multirun*"))
