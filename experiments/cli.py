@@ -199,7 +199,11 @@ def _first_values(overrides: list[str], loader: Any, multirun: bool = True, swee
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as ex:
-        hint = " (quote a value that holds '=' or ',', e.g. out='runs/a=1,b=2')" if "mismatched input" in str(ex) else ""
+        hint = (
+            " (quote a value that holds '=' or ',', e.g. out='runs/a=1,b=2')" if "mismatched input" in str(ex)
+            else " (quote a value with spaces or letters outside ASCII, e.g. name='résumé run')" if "LexerNoViableAlt" in str(ex)
+            else ""
+        )  # fmt: skip
         raise UsageError(f"cannot parse the command line: {str(ex).splitlines()[0]}{hint}") from None
     first = []
     for override, text in zip(parsed, overrides):
@@ -215,7 +219,11 @@ def _first_values(overrides: list[str], loader: Any, multirun: bool = True, swee
         options = loader.get_group_options(key)  # [] when key is not a config group
         if options:
             for value in values:
-                if value not in options and value != "null":
+                if value == "null":  # Hydra refuses it for a group on the command line ("Got NoneType")
+                    name = key.split("/")[-1]
+                    why = "it is the default: leave experiment= out" if key == "experiment" else f"a run needs a {name}"
+                    raise UsageError(f"{key}=null cannot be given: {why}; choose from: {', '.join(options)}")
+                if value not in options:
                     label = key.split("/")[-1] if key != "hydra/launcher" else "launcher"
                     raise UsageError(f"unknown {label} {value!r}; choose from: {', '.join(options)}")
         if override.is_sweep_override():

@@ -355,3 +355,17 @@ def test_data_root_null_is_one_line_and_a_number_is_a_dir_name(tmp_path):
     proc = run_script("run.py", "data=cifar10", "data.root=123", "data.download=false", "trainer=smoke", "logger=none",
                       f"hydra.run.dir={tmp_path}/b", cwd=tmp_path)  # fmt: skip
     assert_one_line_error(proc, f"cifar10 not found at {tmp_path / '123' / 'cifar-10-batches-py'}")
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("model=null", "model=null cannot be given: a run needs a model; choose from: basic, bottleneck, depthwise"),
+        ("experiment=null", "experiment=null cannot be given: it is the default: leave experiment= out; choose from: blocks"),
+        ("name=ünï", "LexerNoViableAltException: name=ünï (quote a value with spaces or letters outside ASCII, e.g. name='résumé run')"),
+    ],
+)
+def test_group_null_and_unquoted_non_ascii_say_what_to_do(tmp_path, override, needle):
+    """Hydra's own words were 'Config group override must be a string or a list. Got NoneType' and a bare lexer error."""
+    proc = run_script("run.py", "data=synthetic", "trainer=smoke", "logger=none", override, f"hydra.run.dir={tmp_path}/run")
+    assert_one_line_error(proc, needle)
