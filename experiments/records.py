@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "CHECKPOINT_KEYS",
     "atomic_write",
     "env_info",
     "incomplete",
@@ -138,10 +139,11 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], epoch: int, keep: int 
     return path
 
 
-def load_checkpoint(source: Path) -> tuple[dict[str, Any], Path] | None:
+def load_checkpoint(source: Path, required: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path] | None:
     """The newest loadable checkpoint in a run dir (or the file ``source``), with its path; None if there is none.
 
-    A checkpoint that fails to load (truncated, corrupt) is reported in one line and skipped.
+    A checkpoint that fails to load (truncated, corrupt), is not a dict, or lacks a ``required`` key
+    (train() asks for :data:`CHECKPOINT_KEYS`) is reported in one line and skipped.
     """
     source = Path(source)
     candidates = [source] if source.is_file() else list_checkpoints(source)
@@ -151,7 +153,10 @@ def load_checkpoint(source: Path) -> tuple[dict[str, Any], Path] | None:
         except Exception as ex:  # truncated zip, bad pickle, ...: all mean "unusable"
             log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, _gist(ex))
             continue
-        missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+        if not isinstance(state, dict):
+            log.warning("checkpoint %s is not a convlab checkpoint (a %s, not a dict); trying the previous one", path, type(state).__name__)
+            continue
+        missing = [key for key in required if key not in state]
         if not missing:
             return state, path
         log.warning("checkpoint %s is not a convlab checkpoint (no %s); trying the previous one", path, ", ".join(missing))

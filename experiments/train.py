@@ -31,7 +31,18 @@ from .config import input_shape, model_from_config, model_options
 from .cost import measure_cost
 from .data import check_example_form, check_subset_form, load_data, make_loaders
 from .distributed import all_reduce_sum, broadcast_buffers, broadcast_object, convert_sync_bn, init_distributed
-from .records import env_info, incomplete, list_checkpoints, load_checkpoint, now, read_json, resolve_device, save_checkpoint, write_json
+from .records import (
+    CHECKPOINT_KEYS,
+    env_info,
+    incomplete,
+    list_checkpoints,
+    load_checkpoint,
+    now,
+    read_json,
+    resolve_device,
+    save_checkpoint,
+    write_json,
+)
 from .tracking import MODES as WANDB_MODES
 from .tracking import Tracker, make_tracker
 
@@ -399,7 +410,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path | None, config: dict[str, A
             another config (naming the first key that differs).
     """
     source = run_dir if cfg.resume == "auto" else None if cfg.resume == "never" else Path(str(cfg.resume))
-    loaded = load_checkpoint(source) if source is not None else None
+    loaded = load_checkpoint(source, CHECKPOINT_KEYS) if source is not None else None
     if loaded is None and cfg.resume not in ("auto", "never"):
         raise ValueError(f"resume={cfg.resume!r} holds no loadable checkpoint (checkpoint-epochNNNN.pt); use resume=auto or never")
     if loaded is not None:

@@ -445,7 +445,7 @@ def test_resume_from_files_that_are_not_checkpoints_is_one_line(compose_cfg, tmp
     torch.save([1, 2, 3], tmp_path / "list.pt")
     torch.save({"model": {}, "epoch": 1}, tmp_path / "partial.pt")
     (tmp_path / "empty.pt").write_bytes(b"")
-    for name, warned in (("list.pt", "is not a convlab checkpoint (no model, optimizer"), ("partial.pt", "(no optimizer, scaler, step"),
+    for name, warned in (("list.pt", "is not a convlab checkpoint (a list, not a dict)"), ("partial.pt", "(no optimizer, scaler, step"),
                          ("empty.pt", "is unreadable (")):  # fmt: skip
         caplog.clear()
         with caplog.at_level("WARNING", logger="convlab"), pytest.raises(ValueError, match=f"resume='{tmp_path / name}' holds no loadable"):
