@@ -71,19 +71,33 @@ def wandb_summary(records: list) -> dict:
 
 
 def signal_when(command: list[str], ready: Callable[[], bool], sig: int, timeout: float = 240.0) -> tuple[int, str]:
-    """Start ``command``, send it ``sig`` as soon as ``ready()`` (or it exits, or ``timeout``); its (exit status, stderr)."""
+    """Start ``command``, send it ``sig`` as soon as ``ready()`` (or it exits, or ``timeout``); its (exit status, stderr).
+
+    The command runs in a process group of its own, and once it has exited whatever it left running (a child it should
+    have stopped, still writing) is killed: its stderr is what was written up to then, not a pipe held open for minutes.
+    """
+    import contextlib
     import os
+    import signal
     import subprocess
+    import tempfile
     import time
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + timeout
-    while not ready() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
-    return proc.returncode, stderr
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        try:
+            deadline = time.time() + timeout
+            while not ready() and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.02)
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # nothing left in the group
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        stderr.seek(0)
+        return proc.returncode, stderr.read().decode()
 
 
 def kill_when(command: list[str], path: Path, timeout: float = 240.0) -> None:
