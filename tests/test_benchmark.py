@@ -29,7 +29,7 @@ from experiments.bench import (
 )
 from experiments.cost import measure_cost
 from models import BLOCKS, ConvNormAct, PointwiseConv2d, pointwise_conv2d
-from models.functional import FOLD_MAX_PIXELS
+from models.functional import FOLD_MAX_PIXELS, _onednn_linear_dtypes
 
 from .conftest import assert_one_line_error, run_script
 
@@ -71,9 +71,14 @@ def test_all_runs_every_registered_suite_and_writes_files(outcome):
         assert json.loads((out / f"{name}.json").read_text())["suite"] == name
         assert report["env"]["torch"] == torch.__version__ and report["env"]["device"] == "cpu"
         assert set(report["peak"]) == {"fp32", "bf16"}
-        for peak in report["peak"].values():
+        for dtype, peak in report["peak"].items():
             _close(peak["gflops"], peak["flops"] / (peak["median_ms"] / 1e3) / 1e9)
             assert peak["flops"] == 2 * peak["n"] ** 3
+            # The peak is the fastest product torch has here: oneDNN's beside torch.matmul where this torch has it.
+            want = {"torch.matmul", "onednn"} if bench.DTYPES[dtype] in _onednn_linear_dtypes() else {"torch.matmul"}
+            assert set(peak["backends"]) == want
+            assert peak["gflops"] == max(b["gflops"] for b in peak["backends"].values())
+            assert peak["backends"][peak["backend"]]["gflops"] == peak["gflops"]
         bw = report["bandwidth"]
         _close(bw["gb_per_s"], bw["bytes"] / (bw["median_ms"] / 1e3) / 1e9)
         markdown = (out / f"{name}.md").read_text()
@@ -331,6 +336,45 @@ def test_bandwidth_counts_a_copy_twice(monkeypatch):
     assert bw["bytes"] == 2 * 2**20  # a 1 MiB fp32 tensor copied
     assert bw["gb_per_s"] == pytest.approx(2 * 2**20 / 2e-3 / 1e9) and bw["best_gb_per_s"] == pytest.approx(2 * 2**20 / 1e-3 / 1e9)
     assert (bw["median_ms"], bw["min_ms"]) == (2.0, 1.0)
+
+
+@pytest.mark.parametrize("faster", ["torch.matmul", "onednn"])
+def test_matmul_peak_is_the_faster_product_and_names_both(monkeypatch, faster):
+    """On CPU torch.matmul (MKL) and oneDNN's product are timed together; the peak is the faster one's median, both are reported."""
+    if torch.float32 not in _onednn_linear_dtypes():
+        pytest.skip("this torch has no oneDNN matrix product")
+    calls: dict = {}
+
+    def fake_time_interleaved(fns, **kwargs):
+        results = {name: fn() for name, fn in fns.items()}
+        calls["products"] = results
+        ms = {name: (1.0 if name == faster else 2.0) for name in fns}
+        return {name: {"median_ms": ms[name], "min_ms": ms[name] / 2} for name in fns}
+
+    monkeypatch.setattr(bench, "time_interleaved", fake_time_interleaved)
+    peak = bench.measure_matmul_peak(torch.device("cpu"), torch.float32, n=64)
+    a, b = (torch.randn(64, 64, generator=g) for g in [torch.Generator().manual_seed(0)] * 2)
+    # Both contenders compute n^3 multiply-adds on the same operands: a @ b and a @ b^T.
+    assert torch.allclose(calls["products"]["torch.matmul"], a @ b, atol=1e-4)
+    assert torch.allclose(calls["products"]["onednn"], a @ b.t(), atol=1e-4)
+    flops = 2 * 64**3
+    assert peak["backend"] == faster and peak["gflops"] == pytest.approx(flops / 1e-3 / 1e9)
+    assert peak["best_gflops"] == pytest.approx(flops / 0.5e-3 / 1e9)
+    slower = ({"torch.matmul", "onednn"} - {faster}).pop()
+    assert peak["backends"][slower]["gflops"] == pytest.approx(flops / 2e-3 / 1e9)
+    line = bench._peak_source(peak)
+    assert line.startswith(f"{faster}, median; best ") and f"; {slower} " in line, line
+
+
+def test_cpu_name_carries_family_and_model(monkeypatch):
+    """Two hosts that both say 'AMD EPYC' differ by their family and model numbers, so results can tell them apart."""
+    from experiments import records
+
+    text = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\nmodel name\t: other\n"
+    monkeypatch.setattr(records.Path, "read_text", lambda self, *a, **k: text)
+    assert records._cpu_name() == "AMD EPYC (family 26, model 2)"
+    monkeypatch.setattr(records.Path, "read_text", lambda self, *a, **k: "model name\t: Some CPU\n")
+    assert records._cpu_name() == "Some CPU"
 
 
 def test_summarize_and_round_robin():
