@@ -1077,10 +1077,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"Timing: {timing_method(report['suite'], env['device'], report['options'])}.",
         "",
         "Machine limits measured in this run: "
-        + ", ".join(
-            f"{d} matmul peak {p['gflops']:.1f} GFLOP/s ({p['n']}^3, {_peak_source(p)})"
-            for d, p in report["peak"].items()
-        )
+        + ", ".join(f"{d} matmul peak {p['gflops']:.1f} GFLOP/s ({p['n']}^3, {_peak_source(p)})" for d, p in report["peak"].items())
         + f"; copy bandwidth {report['bandwidth']['gb_per_s']:.1f} GB/s (median; best {report['bandwidth']['best_gb_per_s']:.1f}).",
         "",
     ]
