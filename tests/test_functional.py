@@ -265,6 +265,96 @@ def test_channels_last_cpu_product_runs_on_onednn_where_torch_has_it():
     assert "aten.convolution" not in ops.names
 
 
+def _op_names(fn) -> list[str]:
+    """The aten / mkldnn ops ``fn()`` dispatched, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        fn()
+    return ops.names
+
+
+def _needs_onednn_fp32() -> None:
+    from models.functional import _onednn_linear_dtypes
+
+    if torch.float32 not in _onednn_linear_dtypes():
+        pytest.skip("this torch has no oneDNN matrix product for fp32")
+
+
+# (N, C, K, H, W): per image (H*W >= PER_IMAGE_MIN_PIXELS, odd sizes so no dimension is a round number),
+# one product over the batch (7x7 and 3x5), and more channels than pixels.
+NCHW_ONEDNN_CASES = [(3, 12, 20, 29, 31), (2, 40, 24, 28, 28), (4, 16, 40, 7, 7), (2, 5, 3, 3, 5), (2, 96, 80, 2, 3)]
+
+
+@pytest.mark.parametrize("case", NCHW_ONEDNN_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("bias", [True, False])
+def test_nchw_fp32_cpu_runs_on_onednn_and_matches_conv(case, bias):
+    """NCHW fp32 on CPU is oneDNN products (per image on strided views, or over the batch after a copy), forward and
+    backward, with no batched MKL GEMM and no convolution; values and all three gradients match F.conv2d."""
+    from models.functional import PER_IMAGE_MIN_PIXELS
+
+    _needs_onednn_fp32()
+    n, c, k, h, w_ = case
+    g = torch.Generator().manual_seed(sum(case))
+    x, w = torch.randn(n, c, h, w_, generator=g), torch.randn(k, c, 1, 1, generator=g) / c**0.5
+    b = torch.randn(k, generator=g) if bias else None
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    upstream = torch.randn(n, k, h, w_, generator=g)
+
+    def step():
+        out = pointwise_conv2d(x, w, b)
+        return out, torch.autograd.grad(out, leaves, upstream)
+
+    names = _op_names(step)
+    per_image = h * w_ >= PER_IMAGE_MIN_PIXELS
+    # forward: one product per image or one in all; backward: dX and dW per image
+    assert names.count("mkldnn._linear_pointwise") == (n if per_image else 1) + 2 * n, names
+    assert not {"aten.bmm", "aten.baddbmm", "aten.mm", "aten.addmm", "aten.convolution"} & set(names), names
+    # Copies: W^T for dX, and for the whole-batch product a transposed copy of x; never one of x per image.
+    assert names.count("aten.clone") == (1 if per_image else 2), names
+    (ours, grads), ref = step(), F.conv2d(x, w, b)
+    assert ours.is_contiguous() and ours.shape == ref.shape  # NCHW in, NCHW out, as F.conv2d
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_nchw_onednn_path_is_fp32_eager_cpu_only():
+    """float64 (oneDNN has none), bf16 and autocast keep the batched GEMMs (aten sends those to oneDNN already)."""
+    from models.functional import _onednn_images
+
+    _needs_onednn_fp32()
+    x = torch.zeros(1, 2, 3, 3)
+    assert _onednn_images(x, None)
+    assert not _onednn_images(x.double(), None) and not _onednn_images(x.bfloat16(), None)
+    assert not _onednn_images(x, torch.bfloat16)  # under autocast the product runs in bf16
+    assert not _onednn_images(x.to("meta"), None)
+
+
+@pytest.mark.parametrize(("c", "k", "onednn"), [(128, 128, True), (64, 256, True), (64, 128, False), (32, 512, False)])
+def test_channels_last_fp32_weight_grad_on_onednn_for_wide_layers(c, k, onednn):
+    """dW = dY^T X runs on oneDNN's inner-product backward where C*K/(C+K) >= 50 (64 for 128->128, 51.2 for
+    64->256; 42.7 and 30.1 stay on the GEMMs) and matches F.conv2d either way."""
+    from models.functional import ONEDNN_WEIGHT_GRAD_MIN_INTENSITY
+
+    _needs_onednn_fp32()
+    assert (c * k >= ONEDNN_WEIGHT_GRAD_MIN_INTENSITY * (c + k)) == onednn
+    g = torch.Generator().manual_seed(c + k)
+    x = torch.randn(2, c, 5, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(k, c, 1, 1, generator=g) / c**0.5, torch.randn(k, generator=g)
+    names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, x, w, b, tol=(1e-4, 1e-4), grad_tol=(1e-4, 1e-4)))
+    assert ("aten.mkldnn_linear_backward_weights" in names) == onednn, names
+
+
 @pytest.mark.parametrize("threads", [2, 3, 7])
 def test_channels_last_split_weight_grad_matches_conv(monkeypatch, threads):
     """With the row threshold at zero the weight gradient is cut into one slab per thread on a small
