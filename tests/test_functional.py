@@ -328,6 +328,27 @@ def test_nchw_fp32_cpu_runs_on_onednn_and_matches_conv(case, bias):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("view", ["expanded batch", "expanded pixels", "channel slice", "column slice"])
+def test_nchw_fp32_views_read_by_their_strides_match_conv(view):
+    """oneDNN reads each image by its strides: views with a zero stride, a channel step or a row gap give F.conv2d's values."""
+    _needs_onednn_fp32()
+    g = torch.Generator().manual_seed(7)
+    x = {
+        "expanded batch": lambda: torch.randn(1, 16, 30, 30, generator=g).expand(3, 16, 30, 30),
+        "expanded pixels": lambda: torch.randn(2, 16, 1, 1, generator=g).expand(2, 16, 30, 30),
+        "channel slice": lambda: torch.randn(2, 32, 30, 30, generator=g)[:, ::2],
+        "column slice": lambda: torch.randn(2, 16, 30, 60, generator=g)[..., :30],
+    }[view]()
+    w, b = torch.randn(8, 16, 1, 1, generator=g) / 4, torch.randn(8, generator=g)
+    # dW reads x by the same strides in the backward; x itself stays a view (no gradient asked of it).
+    leaves = [w.requires_grad_(), b.requires_grad_()]
+    ours, ref = pointwise_conv2d(x, w, b), F.conv2d(x, w, b)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(ref.shape, generator=g)
+    for got, want in zip(torch.autograd.grad(ours, leaves, upstream), torch.autograd.grad(ref, leaves, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_nchw_onednn_path_is_fp32_eager_cpu_only():
     """float64 (oneDNN has none), bf16 and autocast keep the batched GEMMs (aten sends those to oneDNN already)."""
     from models.functional import _onednn_images
