@@ -238,33 +238,6 @@ def test_channels_last_without_onednn_falls_back_to_linear(monkeypatch):
     _assert_matches_conv(pointwise_conv2d, *_case())
 
 
-def test_channels_last_cpu_product_runs_on_onednn_where_torch_has_it():
-    """The fast path the benchmarks measured (oneDNN's matrix product, forward and input gradient) could
-    fall back to F.linear unnoticed: the numbers stay right, the speed does not."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from models.functional import _onednn_linear_dtypes
-
-    if torch.float32 not in _onednn_linear_dtypes():
-        pytest.skip("this torch has no oneDNN matrix product for fp32")
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
-    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
-    w, b = torch.randn(6, 8, 1, 1, requires_grad=True), torch.randn(6, requires_grad=True)
-    with Ops() as ops:
-        pointwise_conv2d(x, w, b).sum().backward()
-    assert ops.names.count("mkldnn._linear_pointwise") == 2, ops.names  # the forward and dX = dY W
-    assert "aten.convolution" not in ops.names
-
-
 def _op_names(fn) -> list[str]:
     """The aten / mkldnn ops ``fn()`` dispatched, in order."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -288,6 +261,17 @@ def _needs_onednn_fp32() -> None:
 
     if torch.float32 not in _onednn_linear_dtypes():
         pytest.skip("this torch has no oneDNN matrix product for fp32")
+
+
+def test_channels_last_cpu_product_runs_on_onednn_where_torch_has_it():
+    """The fast path the benchmarks measured (oneDNN's matrix product, forward and input gradient) could
+    fall back to F.linear unnoticed: the numbers stay right, the speed does not."""
+    _needs_onednn_fp32()
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = torch.randn(6, 8, 1, 1, requires_grad=True), torch.randn(6, requires_grad=True)
+    names = _op_names(lambda: pointwise_conv2d(x, w, b).sum().backward())
+    assert names.count("mkldnn._linear_pointwise") == 2, names  # the forward and dX = dY W
+    assert "aten.convolution" not in names
 
 
 # (N, C, K, H, W): per image (H*W >= PER_IMAGE_MIN_PIXELS, odd sizes so no dimension is a round number),
