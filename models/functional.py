@@ -263,9 +263,9 @@ class _ImagesPointwise(torch.autograd.Function):
             for i in range(grad.shape[0]):
                 grad_x[i].copy_(_onednn_nt(w_t, grad[i].t()))  # (C, K) @ (P, K)^T -> (C, P)
         if need_w:
-            grad_w = _onednn_nt(grad[0], x3[0])  # (K, P) @ (C, P)^T -> (K, C)
-            for i in range(1, grad.shape[0]):
-                grad_w += _onednn_nt(grad[i], x3[i])
+            grad_w = w2d.new_zeros(w2d.shape)  # (K, C); stays zero for an empty batch
+            for i in range(grad.shape[0]):
+                grad_w += _onednn_nt(grad[i], x3[i])  # (K, P) @ (C, P)^T -> (K, C)
         if ctx.has_bias and need_b:
             grad_b = grad.sum((0, 2))  # (K,)
         return grad_x, grad_w, grad_b

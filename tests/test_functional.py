@@ -333,6 +333,18 @@ def test_nchw_fp32_views_read_by_their_strides_match_conv(view):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("hw", [(30, 30), (5, 5)])
+def test_empty_batch_forward_and_backward_like_conv(memory_format, hw):
+    """N = 0: an empty output and zero weight and bias gradients, as F.conv2d gives (the per-image backward indexed image 0)."""
+    x = torch.randn(0, 8, *hw).contiguous(memory_format=memory_format).requires_grad_()
+    w, b = torch.randn(4, 8, 1, 1, requires_grad=True), torch.randn(4, requires_grad=True)
+    ours, ref = pointwise_conv2d(x, w, b), F.conv2d(x, w, b)
+    assert ours.shape == ref.shape == (0, 4, *hw)
+    for got, want in zip(torch.autograd.grad(ours.sum(), [x, w, b]), torch.autograd.grad(ref.sum(), [x, w, b])):
+        assert got.shape == want.shape and not got.any()
+
+
 def test_nchw_onednn_path_is_fp32_eager_cpu_only():
     """float64 (oneDNN has none), bf16 and autocast keep the batched GEMMs (aten sends those to oneDNN already)."""
     from models.functional import _onednn_images
