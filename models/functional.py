@@ -224,9 +224,9 @@ class _ImagesPointwise(torch.autograd.Function):
     output with the bias added; the backward is the same per image, ``dx[n] = W^T @ dy[n]`` and
     ``dW = sum_n dy[n] @ x[n]^T`` (its operands already reduce over their contiguous P). Images of
     fewer than ``PER_IMAGE_MIN_PIXELS`` pixels run one product over the batch instead, after a
-    transposing copy of the input (one-off A/B of the forward, N=8, 2 threads, two runs: per image
+    transposing copy of the input (one-off A/B of the forward, N=8, 2 threads, three runs: per image
     0.90-0.92x torch on 14x14 and 0.74-0.76x on 7x7 layers, over the batch 0.91-0.98x; on 28x28 to
-    112x112 per image 0.95-1.31x, over the batch 0.71-0.99x; the kept benchmark, with its third
+    112x112 per image 0.95-1.31x, over the batch 0.70-0.99x; the kept benchmark, with its third
     contender in the rotation, reads lower: see benchmarks/README.md). Under ``create_graph=True``
     the backward uses differentiable ops instead.
     """
