@@ -99,6 +99,23 @@ def _onednn_linear_dtypes() -> frozenset[torch.dtype]:
     return frozenset(dtypes)
 
 
+def _canonical(t: Tensor) -> Tensor:
+    """``t`` with exactly a contiguous tensor's strides, as oneDNN's memory descriptors need them.
+
+    A free view when ``t`` is contiguous: torch then ignores the strides of size-1 dimensions (a
+    ``::3`` slice of a 1-pixel-wide image leaves stride 3 on it), oneDNN does not, and refuses strides
+    that overlap ("could not construct a memory descriptor using strides"). Otherwise a copy.
+    """
+    if not t.is_contiguous():
+        return t.contiguous()
+    strides, step = [], 1
+    for size in reversed(t.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    strides.reverse()
+    return t if list(t.stride()) == strides else t.as_strided(t.shape, strides)
+
+
 def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     """``rows @ w2d^T + bias`` for ``rows`` ``(M, C)``, ``w2d`` ``(K, C)``: one matrix product, no autograd.
 
@@ -107,10 +124,10 @@ def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     than the BLAS ``sgemm`` behind ``F.linear`` on a 2-core AVX-512 CPU (see ``benchmarks/pointwise.md``).
     """
     if rows.device.type == "cpu" and rows.shape[0] and rows.dtype in _onednn_linear_dtypes() and w2d.dtype == rows.dtype:
-        # oneDNN reads every operand densely from its data pointer, whatever its strides: a sliced or
-        # expanded bias must be made contiguous like the matrices, or it reads the wrong values.
-        bias = None if bias is None else bias.contiguous()
-        return torch.ops.mkldnn._linear_pointwise(rows.contiguous(), w2d.contiguous(), bias, "none", [], "")
+        # A sliced or expanded bias read as it lies gave wrong values, and oneDNN refuses overlapping
+        # strides: every operand goes in with a contiguous tensor's strides.
+        bias = None if bias is None else _canonical(bias)
+        return torch.ops.mkldnn._linear_pointwise(_canonical(rows), _canonical(w2d), bias, "none", [], "")
     return F.linear(rows, w2d, bias)
 
 
@@ -207,8 +224,9 @@ def _onednn_images(x: Tensor, autocast_dtype: torch.dtype | None) -> bool:
 def _onednn_nt(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b^T`` for ``a`` ``(M, C)``, ``b`` ``(N, C)`` on oneDNN's CPU product, which reads both by their strides.
 
-    So a transposed view (an NCHW image ``(C, P)`` read as ``(P, C)``) costs no copy; the result is
-    a new contiguous ``(M, N)``. tests/test_functional.py checks every use against ``F.conv2d``.
+    So the transpose of a contiguous matrix (an NCHW image ``(C, P)`` read as ``(P, C)``) costs no
+    copy; callers pass views of :func:`_canonical` tensors, whose strides oneDNN always accepts. The
+    result is a new contiguous ``(M, N)``. tests/test_functional.py checks every use against ``F.conv2d``.
     """
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
@@ -258,7 +276,7 @@ class _ImagesPointwise(torch.autograd.Function):
             grad_w = torch.matmul(grad, x3.transpose(1, 2)).sum(0) if need_w else None  # (K, C)
             grad_b = grad.sum((0, 2)) if ctx.has_bias and need_b else None
             return grad_x, grad_w, grad_b
-        grad = grad.contiguous()  # (N, K, P)
+        grad = _canonical(grad)  # (N, K, P)
         if need_x:
             w_t = w2d.t().contiguous()  # (C, K)
             grad_x = torch.empty_like(x3)
@@ -469,7 +487,9 @@ def pointwise_conv2d(
         return out.view(n, k, h, w)
     if groups == 1 and _onednn_images(x, autocast_dtype):
         # NCHW fp32 on CPU: oneDNN products, per image or over the batch (see _ImagesPointwise).
-        return _ImagesPointwise.apply(x.reshape(n, c, h * w), w2d, bias).view(n, k, h, w)
+        # Operands with a contiguous tensor's strides (a stepped slice or an expansion is copied), made
+        # here, outside the Function, so autograd follows the copy (double backward differentiates x3).
+        return _ImagesPointwise.apply(_canonical(x.reshape(n, c, h * w)), _canonical(w2d), bias).view(n, k, h, w)
     if groups == 1 and h * w < FOLD_MAX_PIXELS:
         # Small images: one product over every pixel of the batch beats N thin ones. The two copies
         # move whole (H*W) rows and scale with C + K, the product with C * K.

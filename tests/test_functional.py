@@ -312,25 +312,65 @@ def test_nchw_fp32_cpu_runs_on_onednn_and_matches_conv(case, bias):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("view", ["expanded batch", "expanded pixels", "channel slice", "column slice"])
-def test_nchw_fp32_views_read_by_their_strides_match_conv(view):
-    """oneDNN reads each image by its strides: views with a zero stride, a channel step or a row gap give F.conv2d's values."""
+# (input maker, stride): views that are not a contiguous tensor's layout, and 1-pixel-high images whose stepped
+# slices leave strides oneDNN refuses ("could not construct a memory descriptor using strides", found by fuzzing).
+NCHW_VIEW_CASES = {
+    "expanded batch": (lambda g: torch.randn(1, 16, 30, 30, generator=g).expand(3, 16, 30, 30), 1),
+    "expanded pixels": (lambda g: torch.randn(2, 16, 1, 1, generator=g).expand(2, 16, 30, 30), 1),
+    "channel slice": (lambda g: torch.randn(2, 32, 30, 30, generator=g)[:, ::2], 1),
+    "column slice": (lambda g: torch.randn(2, 16, 30, 60, generator=g)[..., :30], 1),
+    "one row, every 2nd pixel (per image)": (lambda g: torch.randn(3, 16, 1, 2001, generator=g)[..., ::2], 1),
+    "one row, stride (1, 2), one image (over the batch)": (lambda g: torch.randn(1, 16, 1, 33, generator=g), (1, 2)),
+    "one column, stride 3": (lambda g: torch.randn(2, 16, 17, 1, generator=g), 3),
+}
+
+
+@pytest.mark.parametrize("view", list(NCHW_VIEW_CASES))
+def test_nchw_fp32_views_match_conv(view):
+    """Strided views on the NCHW oneDNN path give F.conv2d's values and weight/bias gradients: operands reach oneDNN
+    with a contiguous tensor's strides, as a copy where the view is not one."""
     _needs_onednn_fp32()
+    make, stride = NCHW_VIEW_CASES[view]
     g = torch.Generator().manual_seed(7)
-    x = {
-        "expanded batch": lambda: torch.randn(1, 16, 30, 30, generator=g).expand(3, 16, 30, 30),
-        "expanded pixels": lambda: torch.randn(2, 16, 1, 1, generator=g).expand(2, 16, 30, 30),
-        "channel slice": lambda: torch.randn(2, 32, 30, 30, generator=g)[:, ::2],
-        "column slice": lambda: torch.randn(2, 16, 30, 60, generator=g)[..., :30],
-    }[view]()
+    x = make(g)
     w, b = torch.randn(8, 16, 1, 1, generator=g) / 4, torch.randn(8, generator=g)
-    # dW reads x by the same strides in the backward; x itself stays a view (no gradient asked of it).
-    leaves = [w.requires_grad_(), b.requires_grad_()]
-    ours, ref = pointwise_conv2d(x, w, b), F.conv2d(x, w, b)
+    leaves = [w.requires_grad_(), b.requires_grad_()]  # x stays the view (no gradient asked of it)
+    ours, ref = pointwise_conv2d(x, w, b, stride), F.conv2d(x, w, b, stride)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     upstream = torch.randn(ref.shape, generator=g)
     for got, want in zip(torch.autograd.grad(ours, leaves, upstream), torch.autograd.grad(ref, leaves, upstream)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_nchw_fp32_double_backward_through_a_copied_view():
+    """The copy of a strided input is made outside the autograd Function, so a gradient penalty still reaches x."""
+    _needs_onednn_fp32()
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(2, 16, 30, 60, generator=g).requires_grad_()
+    w, b = (torch.randn(8, 16, 1, 1, generator=g) / 4).requires_grad_(), torch.randn(8, generator=g).requires_grad_()
+
+    def penalty(conv):
+        (grad_w,) = torch.autograd.grad(conv(base[..., ::2], w, b).square().sum(), w, create_graph=True)
+        return torch.autograd.grad(grad_w.square().sum(), [base, w])
+
+    for got, want in zip(penalty(pointwise_conv2d), penalty(F.conv2d)):
+        scale = want.abs().max()  # fp32 sums of squares in another order: compare against the gradient's scale
+        assert scale > 0 and (got - want).abs().max() <= 1e-5 * scale, ((got - want).abs().max(), scale)
+
+
+def test_canonical_strides():
+    """A contiguous tensor with odd strides on a size-1 dimension gets a contiguous tensor's strides as a view; others a copy."""
+    from models.functional import _canonical
+
+    t = torch.randn(2, 6, 17, 1)[:, :, ::3, ::3].reshape(2, 6, 6)  # contiguous by torch's rule, strides (102, 17, 3)
+    odd = torch.randn(6, 1).as_strided((6, 1), (1, 3))
+    assert odd.is_contiguous() and odd.stride() == (1, 3)
+    got = _canonical(odd)
+    assert got.stride() == (1, 1) and got.data_ptr() == odd.data_ptr() and torch.equal(got, odd)  # a view
+    copied = _canonical(t)
+    assert copied.stride() == (36, 6, 1) and torch.equal(copied, t)
+    same = torch.randn(3, 4)
+    assert _canonical(same) is same
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
