@@ -406,8 +406,8 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048,
     On CPU torch has two: ``torch.matmul`` (MKL's ``sgemm`` for fp32) and oneDNN's (its inner-product
     primitive, ``torch.ops.mkldnn._linear_pointwise``, which :func:`models.pointwise_conv2d` uses). They
     can differ a lot: on a 2-core AMD Zen 5, fp32, MKL ran at 200 GFLOP/s and oneDNN at 467 (MKL takes
-    a slower code path on AMD CPUs). A peak from the slower one made oneDNN's convolutions read "114%
-    of peak", so both are timed, round-robin, and the faster median is the peak. On CUDA: ``torch.matmul``
+    a slower code path on AMD CPUs). A peak from the slower one made oneDNN's convolutions read up to
+    "121% of peak", so both are timed, round-robin, and the faster median is the peak. On CUDA: ``torch.matmul``
     (cuBLAS) alone.
 
     FLOPs = ``2 n^3`` (n^3 multiply-adds). ``gflops`` is from the peak backend's median call,

@@ -259,7 +259,7 @@ class _ImagesPointwise(torch.autograd.Function):
                 y = _onednn_nt(w2d, x3[i].t())  # (K, C) @ (P, C)^T -> (K, P)
                 out[i].copy_(y) if bias is None else torch.add(y, bias.view(k, 1), out=out[i])
         else:
-            rows = x3.transpose(1, 2).reshape(n * p, c)  # (N*P, C), a transposing copy
+            rows = x3.transpose(1, 2).reshape(n * p, c)  # (N*P, C): a transposing copy (a view for one image)
             cols = _onednn_nt(w2d, rows).view(k, n, p).transpose(0, 1)  # (K, N*P) read as (N, K, P)
             out.copy_(cols) if bias is None else torch.add(cols, bias.view(1, k, 1), out=out)
         ctx.save_for_backward(x3, w2d)
