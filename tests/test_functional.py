@@ -230,6 +230,41 @@ def test_rows_product_is_linear(dtype, bias):
     assert empty.shape == (0, 24) and empty.dtype == dtype
 
 
+def test_weight_operand_layouts():
+    """The fp32 weight reaches oneDNN column-major when narrow (a copy, or free when it already is), as it lies
+    when wide with few rows, packed into oneDNN's blocked layout when wide with many rows; other dtypes and
+    size-1 dimensions as a contiguous tensor. Each layout's product equals F.linear's."""
+    from models.functional import COLUMN_MAJOR_MAX_OUT, PACK_MIN_ROWS, _rows_product, _weight_operand
+
+    _needs_onednn_fp32()
+    g = torch.Generator().manual_seed(5)
+    narrow, wide = torch.randn(24, 16, generator=g), torch.randn(COLUMN_MAJOR_MAX_OUT, 16, generator=g)
+    col = _weight_operand(narrow, 100)
+    assert col.stride() == (1, 24) and torch.equal(col, narrow)  # a column-major copy
+    free = narrow.t()  # (16, 24), already column-major: itself, as the backward's W^T
+    assert _weight_operand(free, 100) is free
+    assert _weight_operand(wide, PACK_MIN_ROWS - 1).stride() == (16, 1)  # as it lies
+    assert _weight_operand(wide, PACK_MIN_ROWS).is_mkldnn  # packed
+    assert _weight_operand(narrow.bfloat16(), 100).stride() == (16, 1)
+    assert _weight_operand(narrow[:1], 100).stride() == (16, 1)  # one row: no layout to choose
+    for w, m in ((narrow, 100), (free, 100), (wide, PACK_MIN_ROWS - 1), (wide, PACK_MIN_ROWS)):
+        rows, b = torch.randn(m, w.shape[1], generator=g), torch.randn(w.shape[0], generator=g)
+        torch.testing.assert_close(_rows_product(rows, w, b), F.linear(rows, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_channels_last_packed_weight_matches_conv():
+    """A wide layer over many pixels (the packed-weight forward): values and all three gradients as F.conv2d."""
+    from models.functional import COLUMN_MAJOR_MAX_OUT, PACK_MIN_ROWS
+
+    _needs_onednn_fp32()
+    g = torch.Generator().manual_seed(6)
+    side = int(PACK_MIN_ROWS**0.5) + 1
+    x = torch.randn(1, 8, side, side, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(COLUMN_MAJOR_MAX_OUT, 8, 1, 1, generator=g), torch.randn(COLUMN_MAJOR_MAX_OUT, generator=g)
+    ours, _, _ = _assert_matches_conv(pointwise_conv2d, x, w, b, tol=(1e-5, 1e-4), grad_tol=(1e-4, 1e-3))
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_channels_last_without_onednn_falls_back_to_linear(monkeypatch):
     """A torch built without oneDNN (or a dtype it lacks) gets F.linear: same values and gradients."""
     import models.functional as functional
@@ -300,11 +335,12 @@ def test_nchw_fp32_cpu_runs_on_onednn_and_matches_conv(case, bias):
 
     names = _op_names(step)
     per_image = h * w_ >= PER_IMAGE_MIN_PIXELS
-    # forward: one product per image or one in all; backward: dX and dW per image
-    assert names.count("mkldnn._linear_pointwise") == (n if per_image else 1) + 2 * n, names
+    # Per image: a product per image each way (forward, dX, dW). Over the batch: one each way.
+    assert names.count("mkldnn._linear_pointwise") == (3 * n if per_image else 3), names
     assert not {"aten.bmm", "aten.baddbmm", "aten.mm", "aten.addmm", "aten.convolution"} & set(names), names
-    # Copies: W^T for dX, and for the whole-batch product a transposed copy of x; never one of x per image.
-    assert names.count("aten.clone") == (1 if per_image else 2), names
+    # Copies, never one of x per image. Per image: W^T for dX. Over the batch: x transposed to rows (forward),
+    # then in the backward dY to rows, dX back from rows, and dY and x to (channels, pixels) for dW.
+    assert names.count("aten.clone") == (1 if per_image else 5), names
     (ours, grads), ref = step(), F.conv2d(x, w, b)
     assert ours.is_contiguous() and ours.shape == ref.shape  # NCHW in, NCHW out, as F.conv2d
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
