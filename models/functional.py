@@ -146,14 +146,14 @@ def _weight_operand(w2d: Tensor, m: int) -> Tensor:
     column-major (``W^T`` contiguous, strides ``(1, K)``) the kernel reads it in place, stored
     row-major (as a ``(K, C)`` weight lies) it transposes blocks of it as it goes. A one-off A/B on a
     2-core AMD EPYC (family 26), 2 threads, N=8, medians (not kept; the kept figures are the
-    benchmark's): with K < 512, column-major ran 1.10-1.27x faster than row-major on all 11 layers
+    benchmark's): with K < 512, column-major ran 1.11-1.27x faster than row-major on all 11 layers
     tried (16->96 @112 to 256->256 @28; 32->64 @56: 0.284 -> 0.229 ms) for a transposing copy of the
     weight; with K >= 512 that copy costs more than it saves (512->512 @14: 1.80 -> 2.06 ms). There,
     with many rows, oneDNN's own blocked layout (``_reorder_linear_weight``, about 0.08 ms a call) ran
     1.15-1.26x faster than either (32->512 @56: 2.37 -> 1.89 ms; 128->512 @28, 64->512 @56,
     32->1024 @28 alike; 64->512 @28 0.92x) and with few rows slower (1024->1024 @7: 1.86 -> 2.08 ms).
     The backward's ``dY @ W`` passes ``W^T``, a free column-major view, taken as it is whatever K:
-    on 23 layers it ran 1.0-1.5x faster than the row-major copy it had before (1024->1024 @7:
+    on 23 layers it ran 1.08-1.67x faster than the row-major copy it had before (1024->1024 @7:
     2.89 -> 1.90 ms).
     """
     k, c = w2d.shape
@@ -161,9 +161,15 @@ def _weight_operand(w2d: Tensor, m: int) -> Tensor:
         return _canonical(w2d)  # measured for fp32 only; a size-1 dimension has no layout to choose
     if k < COLUMN_MAJOR_MAX_OUT or w2d.stride() == (1, k):  # the second: column-major already, free
         return _column_major(w2d)
-    if m >= PACK_MIN_ROWS:
+    if m >= PACK_MIN_ROWS and _onednn_packing_available():
         return torch.ops.mkldnn._reorder_linear_weight(_canonical(w2d), m)
     return _canonical(w2d)
+
+
+@functools.cache
+def _onednn_packing_available() -> bool:
+    """Whether this torch can pack a weight into oneDNN's blocked layout for its product."""
+    return hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def _column_major(t: Tensor) -> Tensor:
@@ -281,7 +287,7 @@ class _ImagesPointwise(torch.autograd.Function):
     x[n]`` as ``(K, C) @ ((C, P) read as (P, C))^T``, its ``(K, P)`` result then written into the
     output with the bias added; the backward is the same per image, ``dx[n] = W^T @ dy[n]`` and
     ``dW = sum_n dy[n] @ x[n]^T`` (its operands already reduce over their contiguous P). Images of
-    fewer than ``PER_IMAGE_MIN_PIXELS`` pixels run one product over the batch instead, after a
+    fewer than ``PER_IMAGE_MIN_PIXELS`` pixels run one product over the batch each way instead, after a
     transposing copy of the input (one-off A/B of the forward, N=8, 2 threads, three runs: per image
     0.90-0.92x torch on 14x14 and 0.74-0.76x on 7x7 layers, over the batch 0.91-0.98x; on 28x28 to
     112x112 per image 0.95-1.31x, over the batch 0.70-0.99x; the kept benchmark, with its third
