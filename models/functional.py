@@ -287,8 +287,8 @@ class _ImagesPointwise(torch.autograd.Function):
     x[n]`` as ``(K, C) @ ((C, P) read as (P, C))^T``, its ``(K, P)`` result then written into the
     output with the bias added; the backward is the same per image, ``dx[n] = W^T @ dy[n]`` and
     ``dW = sum_n dy[n] @ x[n]^T`` (its operands already reduce over their contiguous P). Images of
-    fewer than ``PER_IMAGE_MIN_PIXELS`` pixels run one product over the batch each way instead, after a
-    transposing copy of the input (one-off A/B of the forward, N=8, 2 threads, three runs: per image
+    fewer than ``PER_IMAGE_MIN_PIXELS`` pixels run one product over the batch each way instead, after
+    transposing copies (one-off A/B of the forward, N=8, 2 threads, three runs: per image
     0.90-0.92x torch on 14x14 and 0.74-0.76x on 7x7 layers, over the batch 0.91-0.98x; on 28x28 to
     112x112 per image 0.95-1.31x, over the batch 0.70-0.99x; the kept benchmark, with its third
     contender in the rotation, reads lower: see benchmarks/README.md). Under ``create_graph=True``
@@ -301,9 +301,11 @@ class _ImagesPointwise(torch.autograd.Function):
         k = w2d.shape[0]
         out = x3.new_empty(n, k, p)
         if p >= PER_IMAGE_MIN_PIXELS:
-            for i in range(n):
-                y = _onednn_nt(w2d, x3[i].t())  # (K, C) @ (P, C)^T -> (K, P)
-                out[i].copy_(y) if bias is None else torch.add(y, bias.view(k, 1), out=out[i])
+            b = None if bias is None else bias.view(k, 1)
+            # unbind: the N views in one call each (per-image indexing costs two ops an image)
+            for image, o in zip(x3.transpose(1, 2).unbind(0), out.unbind(0)):
+                y = _onednn_nt(w2d, image)  # (K, C) @ (P, C)^T -> (K, P)
+                o.copy_(y) if b is None else torch.add(y, b, out=o)
         else:
             rows = x3.transpose(1, 2).reshape(n * p, c)  # (N*P, C): a transposing copy (a view for one image)
             cols = _onednn_nt(w2d, rows).view(k, n, p).transpose(0, 1)  # (K, N*P) read as (N, K, P)
@@ -339,12 +341,12 @@ class _ImagesPointwise(torch.autograd.Function):
         if need_x:
             w_t = w2d.t().contiguous()  # (C, K)
             grad_x = torch.empty_like(x3)
-            for i in range(grad.shape[0]):
-                grad_x[i].copy_(_onednn_nt(w_t, grad[i].t()))  # (C, K) @ (P, K)^T -> (C, P)
+            for g, o in zip(grad.transpose(1, 2).unbind(0), grad_x.unbind(0)):
+                o.copy_(_onednn_nt(w_t, g))  # (C, K) @ (P, K)^T -> (C, P)
         if need_w:
             grad_w = w2d.new_zeros(w2d.shape)  # (K, C); stays zero for an empty batch
-            for i in range(grad.shape[0]):
-                grad_w += _onednn_nt(grad[i], x3[i])  # (K, P) @ (C, P)^T -> (K, C)
+            for g, image in zip(grad.unbind(0), x3.unbind(0)):
+                grad_w += _onednn_nt(g, image)  # (K, P) @ (C, P)^T -> (K, C)
         if ctx.has_bias and need_b:
             grad_b = grad.sum((0, 2))  # (K,)
         return grad_x, grad_w, grad_b
