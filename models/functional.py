@@ -216,7 +216,7 @@ def _weight_grad(grad: Tensor, rows: Tensor) -> Tensor:
     if fp32_cpu and m > 1 and c in THIN_GRAD_IN_CHANNELS and k >= THIN_GRAD_MIN_RATIO * c and torch.float32 in _onednn_linear_dtypes():
         # Few input channels, many more outputs: dW^T = X^T dY as oneDNN's product of the transposed views
         # (C, M) and (K, M), no copies. One-off A/B, 2 threads, N=8: 1.05-1.9x faster than the paths below
-        # on 15 layers from 32->128 @56 to 96->576 @14 (32->1024 @28: 3.4 -> 1.8 ms), ties at 7x7-14x14;
+        # on 14 layers at 14x14-56x56 (32->1024 @28: 3.4 -> 1.8 ms), 0.98-1.31x on five at 7x7-14x14;
         # 0.94-0.99x on 32->160 @56; with 16 or 24 input channels (0.74-0.92x), with K < 4C (32->64 @56
         # 0.89x) and from 128 input channels up (128->512 @28 0.88-0.93x) slower, hence the bounds.
         return _onednn_nt(_canonical(rows).t(), _canonical(grad).t()).t().contiguous()  # (C, M) @ (K, M)^T -> (K, C)
