@@ -331,11 +331,11 @@ class _ImagesPointwise(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x3, w2d = ctx.saved_tensors  # (N, C, P), (K, C)
         need_x, need_w, need_b = ctx.needs_input_grad
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_w = None
+        grad_b = grad.sum((0, 2)) if ctx.has_bias and need_b else None  # (K,), on every path below
         if torch.is_grad_enabled():  # the backward itself is differentiated: plain ops autograd can follow
             grad_x = torch.matmul(w2d.t(), grad) if need_x else None  # (C, K) @ (N, K, P) -> (N, C, P)
             grad_w = torch.matmul(grad, x3.transpose(1, 2)).sum(0) if need_w else None  # (K, C)
-            grad_b = grad.sum((0, 2)) if ctx.has_bias and need_b else None
             return grad_x, grad_w, grad_b
         grad = _canonical(grad)  # (N, K, P)
         n, k, p = grad.shape
@@ -349,7 +349,6 @@ class _ImagesPointwise(torch.autograd.Function):
                 grad_x = _onednn_nt(rows_g, _weight_operand(w2d.t(), n * p)).view(n, p, c).transpose(1, 2).contiguous()
             if need_w:  # (K, N*P) @ (C, N*P)^T: the reduction runs along contiguous memory in both
                 grad_w = _onednn_nt(grad.transpose(0, 1).reshape(k, n * p), x3.transpose(0, 1).reshape(c, n * p))
-            grad_b = grad.sum((0, 2)) if ctx.has_bias and need_b else None
             return grad_x, grad_w, grad_b
         if need_x:
             w_t = w2d.t().contiguous()  # (C, K)
@@ -360,8 +359,6 @@ class _ImagesPointwise(torch.autograd.Function):
             grad_w = w2d.new_zeros(w2d.shape)  # (K, C); stays zero for an empty batch
             for g, image in zip(grad.unbind(0), x3.unbind(0)):
                 grad_w += _onednn_nt(g, image)  # (K, P) @ (C, P)^T -> (K, C)
-        if ctx.has_bias and need_b:
-            grad_b = grad.sum((0, 2))  # (K,)
         return grad_x, grad_w, grad_b
 
 
