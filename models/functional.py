@@ -108,6 +108,9 @@ def _canonical(t: Tensor) -> Tensor:
     """
     if not t.is_contiguous():
         return t.contiguous()
+    shape = t.shape
+    if 1 not in shape and 0 not in shape:  # every dimension counts: a contiguous tensor's strides already
+        return t
     strides, step = [], 1
     for size in reversed(t.shape):
         strides.append(step)
@@ -290,6 +293,24 @@ def _onednn_nt(a: Tensor, b: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
+def _images_product(x3: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
+    """``W @ x[n] + b`` for every image of ``x3`` ``(N, C, P)``: the forward of :class:`_ImagesPointwise`, no autograd."""
+    n, c, p = x3.shape
+    k = w2d.shape[0]
+    out = x3.new_empty(n, k, p)
+    if p >= PER_IMAGE_MIN_PIXELS:
+        b = None if bias is None else bias.view(k, 1)
+        # unbind: the N views in one call each (per-image indexing costs two ops an image)
+        for image, o in zip(x3.transpose(1, 2).unbind(0), out.unbind(0)):
+            y = _onednn_nt(w2d, image)  # (K, C) @ (P, C)^T -> (K, P)
+            o.copy_(y) if b is None else torch.add(y, b, out=o)
+    else:
+        rows = x3.transpose(1, 2).reshape(n * p, c)  # (N*P, C): a transposing copy (a view for one image)
+        cols = _onednn_nt(w2d, rows).view(k, n, p).transpose(0, 1)  # (K, N*P) read as (N, K, P)
+        out.copy_(cols) if bias is None else torch.add(cols, bias.view(1, k, 1), out=out)
+    return out
+
+
 class _ImagesPointwise(torch.autograd.Function):
     """NCHW fp32 1x1 convolution on CPU as oneDNN products: ``y[n] = W @ x[n] + b`` on ``x`` ``(N, C, P)``.
 
@@ -310,22 +331,9 @@ class _ImagesPointwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x3: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
-        n, c, p = x3.shape
-        k = w2d.shape[0]
-        out = x3.new_empty(n, k, p)
-        if p >= PER_IMAGE_MIN_PIXELS:
-            b = None if bias is None else bias.view(k, 1)
-            # unbind: the N views in one call each (per-image indexing costs two ops an image)
-            for image, o in zip(x3.transpose(1, 2).unbind(0), out.unbind(0)):
-                y = _onednn_nt(w2d, image)  # (K, C) @ (P, C)^T -> (K, P)
-                o.copy_(y) if b is None else torch.add(y, b, out=o)
-        else:
-            rows = x3.transpose(1, 2).reshape(n * p, c)  # (N*P, C): a transposing copy (a view for one image)
-            cols = _onednn_nt(w2d, rows).view(k, n, p).transpose(0, 1)  # (K, N*P) read as (N, K, P)
-            out.copy_(cols) if bias is None else torch.add(cols, bias.view(1, k, 1), out=out)
         ctx.save_for_backward(x3, w2d)
         ctx.has_bias = bias is not None
-        return out
+        return _images_product(x3, w2d, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -362,6 +370,11 @@ class _ImagesPointwise(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _tracks_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record an op on these operands (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _autocast_operand(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if t is None or not t.is_floating_point() or t.dtype == torch.float64:
         return t
@@ -381,6 +394,8 @@ def _int(value: Any) -> int | None:
 
 def _pair(value: int | tuple[int, ...], name: str) -> tuple[int, int]:
     """An int or a sequence of one or two ints (as ``F.conv2d`` takes them) -> ``(h, w)``."""
+    if type(value) is int:  # the usual case, ahead of the general parsing below (each call counts on small layers)
+        return value, value
     single = _int(value)
     items = (single,) if single is not None else tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else ()
     pair = tuple(_int(v) for v in items)
@@ -411,12 +426,13 @@ def _channels_last_like(t: Tensor) -> bool:
     channels, every s-th pixel), False for NCHW and for a channels_last ``(C, H, W)`` with a batch
     dimension added in front (which F.conv2d also treats as NCHW).
     """
-    if t.dim() != 4 or t.stride(1) == 0:
+    shape, strides = t.shape, t.stride()
+    if len(shape) != 4 or strides[1] == 0:
         return False
     span = 0
     for d in (1, 3, 2, 0):
-        size, stride = t.shape[d], t.stride(d)
-        if size == 0 or stride < span or (d == 0 and span == t.stride(1)):
+        size, stride = shape[d], strides[d]
+        if size == 0 or stride < span or (d == 0 and span == strides[1]):
             return False
         span = stride * size if size > 1 else stride
     return True
@@ -548,7 +564,8 @@ def pointwise_conv2d(
                 # Autocast lowers F.linear's operands; this product is not an op autocast knows, so cast
                 # here as autocast would: floating tensors other than float64 go to the autocast dtype.
                 rows, w2d, bias = (_autocast_operand(t, autocast_dtype) for t in (rows, w2d, bias))
-            out = _RowsPointwise.apply(rows, w2d, bias)  # (N*H*W, K)
+            # No gradient to track (inference, torch.no_grad()): the product alone, without the Function's bookkeeping.
+            out = _RowsPointwise.apply(rows, w2d, bias) if _tracks_grad(rows, w2d, bias) else _rows_product(rows, w2d, bias)  # (N*H*W, K)
         return out.view(n, h, w, k).permute(0, 3, 1, 2)  # channels_last (N, K, H, W)
     if groups == 1 and plain:
         # The plain product (the same numbers), whose aten::matmul fvcore's cost model counts.
@@ -560,7 +577,9 @@ def pointwise_conv2d(
         # NCHW fp32 on CPU: oneDNN products, per image or over the batch (see _ImagesPointwise).
         # Operands with a contiguous tensor's strides (a stepped slice or an expansion is copied), made
         # here, outside the Function, so autograd follows the copy (double backward differentiates x3).
-        return _ImagesPointwise.apply(_canonical(x.reshape(n, c, h * w)), _canonical(w2d), bias).view(n, k, h, w)
+        x3, w2d = _canonical(x.reshape(n, c, h * w)), _canonical(w2d)
+        out = _ImagesPointwise.apply(x3, w2d, bias) if _tracks_grad(x3, w2d, bias) else _images_product(x3, w2d, bias)
+        return out.view(n, k, h, w)
     if groups == 1 and h * w < FOLD_MAX_PIXELS:
         # Small images: one product over every pixel of the batch beats N thin ones. The two copies
         # move whole (H*W) rows and scale with C + K, the product with C * K.

@@ -265,6 +265,24 @@ def test_channels_last_packed_weight_matches_conv():
     assert ours.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_no_grad_forward_skips_autograd_and_matches_conv(memory_format):
+    """Without a gradient to track (no_grad, inference_mode, or no operand requiring one) the product runs without
+    the autograd Function: no grad_fn, the same values as F.conv2d; with one, the Function records the op."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 12, 30, 30, generator=g).contiguous(memory_format=memory_format)  # 900 pixels: per image in NCHW
+    w, b = torch.randn(20, 12, 1, 1, generator=g), torch.randn(20, generator=g)
+    expect = F.conv2d(x, w, b)
+    for context in (torch.no_grad, torch.inference_mode, contextlib.nullcontext):
+        with context():
+            out = pointwise_conv2d(x, w, b)
+        assert out.grad_fn is None and out.is_contiguous(memory_format=memory_format)
+        torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-4)
+    out = pointwise_conv2d(x, w.requires_grad_(), b)
+    assert out.grad_fn is not None
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("c, k, expect_op", [(32, 128, "mkldnn._linear_pointwise"), (32, 96, "aten.mm"), (16, 96, "aten.mm")])
 def test_thin_weight_grad_runs_on_onednn_and_is_exact(c, k, expect_op):
     """fp32 dW = dY^T X with 32-96 input channels and at least 4x as many outputs is one oneDNN product of the
