@@ -134,12 +134,11 @@ def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(rows, w2d, bias)
 
 
-# fp32 weights ``(K, C)`` of at least this many rows K go to oneDNN's product as they lie (or packed,
-# below); narrower ones as the transpose of a contiguous ``(C, K)`` (see _weight_operand).
+# fp32 weights ``(K, C)`` go to oneDNN's product in another layout than they lie in only for products of at
+# least this many rows; there, narrower than COLUMN_MAJOR_MAX_OUT rows K as the transpose of a contiguous
+# ``(C, K)``, wider ones packed into oneDNN's blocked layout (see _weight_operand).
+RELAYOUT_MIN_ROWS = 4096
 COLUMN_MAJOR_MAX_OUT = 512
-# fp32 weights of at least COLUMN_MAJOR_MAX_OUT rows are packed into oneDNN's blocked layout when the
-# product has at least this many rows (see _weight_operand).
-PACK_MIN_ROWS = 4096
 
 
 def _weight_operand(w2d: Tensor, m: int) -> Tensor:
@@ -147,24 +146,38 @@ def _weight_operand(w2d: Tensor, m: int) -> Tensor:
 
     oneDNN's matrix product reads the weight by its strides and works on ``W^T`` ``(C, K)``: stored
     column-major (``W^T`` contiguous, strides ``(1, K)``) the kernel reads it in place, stored
-    row-major (as a ``(K, C)`` weight lies) it transposes blocks of it as it goes. A one-off A/B on a
-    2-core AMD EPYC (family 26), 2 threads, N=8, medians (not kept; the kept figures are the
-    benchmark's): with K < 512, column-major ran 1.11-1.27x faster than row-major on all 11 layers
-    tried (16->96 @112 to 256->256 @28; 32->64 @56: 0.284 -> 0.229 ms) for a transposing copy of the
-    weight; with K >= 512 that copy costs more than it saves (512->512 @14: 1.80 -> 2.06 ms). There,
-    with many rows, oneDNN's own blocked layout (``_reorder_linear_weight``, about 0.08 ms a call) ran
-    1.15-1.26x faster than either (32->512 @56: 2.37 -> 1.89 ms; 128->512 @28, 64->512 @56,
-    32->1024 @28 alike; 64->512 @28 0.92x) and with few rows slower (1024->1024 @7: 1.86 -> 2.08 ms).
-    The backward's ``dY @ W`` passes ``W^T``, a free column-major view, taken as it is whatever K:
-    on 23 layers it ran 1.08-1.67x faster than the row-major copy it had before (1024->1024 @7:
-    2.89 -> 1.90 ms).
+    row-major (as a ``(K, C)`` weight lies) it transposes blocks of it as it goes. Which pays for
+    its per-call copy depends on the product's rows, and on this shared host also on the hour: two
+    kept runs of ``benchmarks/ab_weight_layout.py`` five minutes apart (2 threads, N=8, each layout
+    timed with its per-call copy or packing, against torch's 1x1 convolution; files
+    ``benchmarks/ab_weight_layout_at_bdecc8d.md``, then ``ab_weight_layout.md``) ranked the layouts
+    differently on the larger layers:
+
+    * at least 4096 rows (28x28 and larger at N=8) and K < 512: a column-major copy. On these 15
+      layers it read 0.97-1.13x torch in the first run, where the weight as it lies read 0.82-0.91x
+      on 10 of them; in the second the two were within 6% of each other (as it lies 0.98-1.11x,
+      the copy 0.95-1.11x). The copy's worst case is the smaller loss;
+    * at least 4096 rows and K >= 512: oneDNN's packed layout (``_reorder_linear_weight``, about
+      0.08 ms a call), 0.95-0.96x torch on 32->512 @56 in both runs, where the weight as it lies
+      read 0.83x and then 1.02x;
+    * fewer rows (the 14x14 and 7x7 layers at N=8): the weight as it lies, ahead of the
+      column-major copy on all 15 such layers in both runs (MobileNet v2's 192->64 @14 1.19x
+      against 1.10x torch, 576->160 @7 1.15x against 0.94x): on so few rows the copy costs what
+      the product gains.
+
+    The backward's ``dY @ W`` passes ``W^T``, a free column-major view, taken as it is whatever
+    K and m: a row-major copy of it was slower on all 31 layers in both runs (0.54-0.99x its speed).
     """
     k, c = w2d.shape
     if w2d.dtype != torch.float32 or min(k, c) < 2:
         return _canonical(w2d)  # measured for fp32 only; a size-1 dimension has no layout to choose
-    if k < COLUMN_MAJOR_MAX_OUT or w2d.stride() == (1, k):  # the second: column-major already, free
+    if w2d.stride() == (1, k):  # column-major already: free
+        return w2d
+    if m < RELAYOUT_MIN_ROWS:
+        return _canonical(w2d)
+    if k < COLUMN_MAJOR_MAX_OUT:
         return _column_major(w2d)
-    if m >= PACK_MIN_ROWS and _onednn_packing_available():
+    if _onednn_packing_available():
         return torch.ops.mkldnn._reorder_linear_weight(_canonical(w2d), m)
     return _canonical(w2d)
 

@@ -231,36 +231,41 @@ def test_rows_product_is_linear(dtype, bias):
 
 
 def test_weight_operand_layouts():
-    """The fp32 weight reaches oneDNN column-major when narrow (a copy, or free when it already is), as it lies
-    when wide with few rows, packed into oneDNN's blocked layout when wide with many rows; other dtypes and
-    size-1 dimensions as a contiguous tensor. Each layout's product equals F.linear's."""
-    from models.functional import COLUMN_MAJOR_MAX_OUT, PACK_MIN_ROWS, _rows_product, _weight_operand
+    """The fp32 weight reaches oneDNN as it lies in products of few rows; with many rows column-major when narrow
+    and packed into oneDNN's blocked layout when wide; an already column-major weight (the backward's W^T) always
+    as itself; other dtypes and size-1 dimensions as a contiguous tensor. Each layout's product equals F.linear's."""
+    from models.functional import COLUMN_MAJOR_MAX_OUT, RELAYOUT_MIN_ROWS, _rows_product, _weight_operand
 
     _needs_onednn_fp32()
     g = torch.Generator().manual_seed(5)
     narrow, wide = torch.randn(24, 16, generator=g), torch.randn(COLUMN_MAJOR_MAX_OUT, 16, generator=g)
-    col = _weight_operand(narrow, 100)
+    few, many = RELAYOUT_MIN_ROWS - 1, RELAYOUT_MIN_ROWS
+    assert _weight_operand(narrow, few) is narrow  # few rows: as it lies, no copy
+    col = _weight_operand(narrow, many)
     assert col.stride() == (1, 24) and torch.equal(col, narrow)  # a column-major copy
     free = narrow.t()  # (16, 24), already column-major: itself, as the backward's W^T
-    assert _weight_operand(free, 100) is free
-    assert _weight_operand(wide, PACK_MIN_ROWS - 1).stride() == (16, 1)  # as it lies
-    assert _weight_operand(wide, PACK_MIN_ROWS).is_mkldnn  # packed
-    assert _weight_operand(narrow.bfloat16(), 100).stride() == (16, 1)
-    assert _weight_operand(narrow[:1], 100).stride() == (16, 1)  # one row: no layout to choose
-    for w, m in ((narrow, 100), (free, 100), (wide, PACK_MIN_ROWS - 1), (wide, PACK_MIN_ROWS)):
+    assert _weight_operand(free, few) is free and _weight_operand(free, many) is free
+    assert _weight_operand(wide, few).stride() == (16, 1)  # as it lies
+    assert _weight_operand(wide, many).is_mkldnn  # packed
+    assert _weight_operand(narrow.bfloat16(), many).stride() == (16, 1)
+    assert _weight_operand(narrow[:1], many).stride() == (16, 1)  # one row: no layout to choose
+    for w, m in ((narrow, few), (narrow, many), (free, few), (wide, few), (wide, many)):
         rows, b = torch.randn(m, w.shape[1], generator=g), torch.randn(w.shape[0], generator=g)
         torch.testing.assert_close(_rows_product(rows, w, b), F.linear(rows, w, b), rtol=1e-5, atol=1e-4)
 
 
-def test_channels_last_packed_weight_matches_conv():
-    """A wide layer over many pixels (the packed-weight forward): values and all three gradients as F.conv2d."""
-    from models.functional import COLUMN_MAJOR_MAX_OUT, PACK_MIN_ROWS
+@pytest.mark.parametrize("wide", [False, True])
+def test_channels_last_relaid_weight_matches_conv(wide):
+    """Many pixels (the forward copies the weight column-major when narrow, packs it when wide): values and all
+    three gradients as F.conv2d."""
+    from models.functional import COLUMN_MAJOR_MAX_OUT, RELAYOUT_MIN_ROWS
 
     _needs_onednn_fp32()
     g = torch.Generator().manual_seed(6)
-    side = int(PACK_MIN_ROWS**0.5) + 1
+    side = int(RELAYOUT_MIN_ROWS**0.5) + 1
+    k = COLUMN_MAJOR_MAX_OUT if wide else 24
     x = torch.randn(1, 8, side, side, generator=g).contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(COLUMN_MAJOR_MAX_OUT, 8, 1, 1, generator=g), torch.randn(COLUMN_MAJOR_MAX_OUT, generator=g)
+    w, b = torch.randn(k, 8, 1, 1, generator=g), torch.randn(k, generator=g)
     ours, _, _ = _assert_matches_conv(pointwise_conv2d, x, w, b, tol=(1e-5, 1e-4), grad_tol=(1e-4, 1e-3))
     assert ours.is_contiguous(memory_format=torch.channels_last)
 
