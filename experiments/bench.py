@@ -109,6 +109,7 @@ class BenchOptions:
     block: int = 1
     graph_calls: int = 20
     size: str = "full"
+    passes: int = 3
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     malloc: str = "steady"
     train: dict[str, Any] = field(default_factory=dict)  # the train suite's options (conf/benchmark.yaml: train)
@@ -134,6 +135,8 @@ class BenchOptions:
             raise ValueError(f"warmup={self.warmup!r} must be an int >= 0 (untimed calls per contender)")
         if isinstance(self.min_time_s, bool) or not isinstance(self.min_time_s, (int, float)) or not 0 <= self.min_time_s < math.inf:
             raise ValueError(f"min_time_s={self.min_time_s!r} must be a finite number >= 0 (seconds of timed calls per contender)")
+        if not _is_int(self.passes, 1):
+            raise ValueError(f"passes={self.passes!r} must be an int >= 1 (pointwise suite: timing passes over all its cases)")
         if not _is_int(self.block, 1):
             raise ValueError(f"block={self.block!r} must be an int >= 1 (timed calls per contender's turn)")
         if not _is_int(self.graph_calls, 0):
@@ -597,19 +600,13 @@ def _pointwise_fns(conv: nn.Conv2d, x: torch.Tensor, backward: bool) -> dict[str
     return {name: with_backward(fn) for name, fn in fns.items()}
 
 
-@register_suite("pointwise")
-def pointwise_suite(ctx: BenchContext) -> dict[str, Any]:
-    """convlab's ``pointwise_conv2d`` vs ``nn.Conv2d(kernel_size=1)`` vs ``F.linear`` over channels.
-
-    Every shape in :data:`POINTWISE_SHAPES`, each dtype, NCHW and channels_last input (all three
-    contenders get the same tensor), forward (no grad) and forward + backward (gradients of input,
-    weight and bias).
-    """
-    device, rows = ctx.device, []
+def _pointwise_pass(ctx: BenchContext) -> list[tuple[dict[str, Any], dict[str, dict[str, float]]]]:
+    """One timing pass over every case of the pointwise suite: ``(what was timed, its timings)`` per case, in a fixed order."""
+    device, cases = ctx.device, []
     for group, label, n, c_in, c_out, hw in POINTWISE_SHAPES[ctx.options.size]:
         for dtype_name in ctx.options.dtypes:
             dtype = DTYPES[dtype_name]
-            torch.manual_seed(0)
+            torch.manual_seed(0)  # the same weights and inputs in every pass
             conv = nn.Conv2d(c_in, c_out, 1).to(device, dtype)
             for fmt, memory_format in MEMORY_FORMATS.items():
                 x = torch.randn(n, c_in, hw, hw, device=device, dtype=dtype).contiguous(memory_format=memory_format)
@@ -618,21 +615,76 @@ def pointwise_suite(ctx: BenchContext) -> dict[str, Any]:
                 for pass_name, backward in (("fwd", False), ("fwd+bwd", True)):
                     xin = x.detach().requires_grad_(backward)
                     timings = ctx.time(_pointwise_fns(conv, xin, backward))
-                    macs = n * c_in * c_out * hw * hw
-                    row = _rate_row(ctx, dtype_name, macs, pass_name, timings)
-                    row.update(
+                    case = dict(
                         group=group, layer=label, n=n, c_in=c_in, c_out=c_out, h=hw, w=hw, memory_format=fmt, max_abs_diff_vs_torch=max_diff
                     )
-                    row["speed_ratio_ours_vs_torch"] = timings["torch"]["median_ms"] / timings["ours"]["median_ms"]
-                    row["speed_ratio_linear_vs_torch"] = timings["torch"]["median_ms"] / timings["linear"]["median_ms"]
-                    row["speed_ratio_ours_vs_torch_min"] = timings["torch"]["min_ms"] / timings["ours"]["min_ms"]
-                    rows.append(row)
-                    t = row["timings"]
-                    log.info(
-                        "pointwise %-13s %-14s %s %-13s %-7s ours %.3f ms  torch %.3f ms  linear %.3f ms  ours/torch speed %.2fx  ours %.0f%% of peak",
-                        group, label, dtype_name, fmt, pass_name, t["ours"]["median_ms"], t["torch"]["median_ms"], t["linear"]["median_ms"],
-                        row["speed_ratio_ours_vs_torch"], t["ours"]["pct_peak"],
-                    )  # fmt: skip
+                    cases.append(({"dtype": dtype_name, "pass": pass_name, **case}, timings))
+    return cases
+
+
+def merge_passes(passes: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One contender -> summary dict from the same case's timings in several passes (see :func:`time_interleaved`).
+
+    ``median_ms`` is the median of the passes' medians (so one pass spent in a burst of load from
+    another process cannot move it alone), ``min_ms`` the least of their minimums, the quartiles the
+    medians of theirs (and the IQR between those), ``repeats`` and page faults over all calls; ``pass_median_ms`` keeps
+    each pass's median and ``pass_spread`` their range relative to ``median_ms``.
+    """
+    merged = {}
+    for name in passes[0]:
+        runs = [p[name] for p in passes]
+        medians = [r["median_ms"] for r in runs]
+        median = statistics.median(medians)
+        calls = sum(r["repeats"] for r in runs)
+        merged[name] = {
+            "median_ms": median,
+            "min_ms": min(r["min_ms"] for r in runs),
+            **(quartiles := {k: statistics.median(r[k] for r in runs) for k in ("q1_ms", "q3_ms")}),
+            "iqr_ms": quartiles["q3_ms"] - quartiles["q1_ms"],
+            "repeats": calls,
+            "page_faults_per_call": sum(r["page_faults_per_call"] * r["repeats"] for r in runs) / calls,
+            "timing": runs[0]["timing"],
+            "pass_median_ms": medians,
+            "pass_spread": (max(medians) - min(medians)) / median,
+        }
+    return merged
+
+
+@register_suite("pointwise")
+def pointwise_suite(ctx: BenchContext) -> dict[str, Any]:
+    """convlab's ``pointwise_conv2d`` vs ``nn.Conv2d(kernel_size=1)`` vs ``F.linear`` over channels.
+
+    Every shape in :data:`POINTWISE_SHAPES`, each dtype, NCHW and channels_last input (all three
+    contenders get the same tensor), forward (no grad) and forward + backward (gradients of input,
+    weight and bias). With ``passes`` > 1 every case is timed once per pass,
+    the passes one after another over the whole suite, and each contender's times are merged
+    across passes (:func:`merge_passes`): a case's passes lie minutes apart, so a spell of load from
+    another process, or a change of the host's state, reaches one pass of it, not all.
+    """
+    passes = ctx.options.passes
+    runs = []
+    for index in range(passes):
+        log.info("pointwise: pass %d of %d", index + 1, passes)
+        runs.append(_pointwise_pass(ctx))
+    rows = []
+    for per_pass in zip(*runs):
+        case = per_pass[0][0]
+        timings = merge_passes([t for _, t in per_pass])
+        row = _rate_row(ctx, case["dtype"], case["n"] * case["c_in"] * case["c_out"] * case["h"] * case["w"], case["pass"], timings)
+        row.update({k: v for k, v in case.items() if k not in ("dtype", "pass")}, passes=passes)
+        row["speed_ratio_ours_vs_torch"] = timings["torch"]["median_ms"] / timings["ours"]["median_ms"]
+        row["speed_ratio_linear_vs_torch"] = timings["torch"]["median_ms"] / timings["linear"]["median_ms"]
+        row["speed_ratio_ours_vs_torch_min"] = timings["torch"]["min_ms"] / timings["ours"]["min_ms"]
+        row["pass_speed_ratios_ours_vs_torch"] = [
+            t / o for t, o in zip(timings["torch"]["pass_median_ms"], timings["ours"]["pass_median_ms"], strict=True)
+        ]
+        rows.append(row)
+        t = row["timings"]
+        log.info(
+            "pointwise %-13s %-14s %s %-13s %-7s ours %.3f ms  torch %.3f ms  linear %.3f ms  ours/torch speed %.2fx  ours %.0f%% of peak",
+            case["group"], case["layer"], case["dtype"], case["memory_format"], case["pass"], t["ours"]["median_ms"], t["torch"]["median_ms"],
+            t["linear"]["median_ms"], row["speed_ratio_ours_vs_torch"], t["ours"]["pct_peak"],
+        )  # fmt: skip
     summary = _pointwise_summary(rows)
     return {"results": rows, "summary": summary, "tables": [_summary_table(summary), *_pointwise_tables(rows)], "notes": POINTWISE_NOTES}
 
@@ -660,9 +712,11 @@ def _pointwise_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         chosen = [r for r in rows if f"{r['dtype']} {r['memory_format']} {r['pass']}" == key]
         ratios = [r["speed_ratio_ours_vs_torch"] for r in chosen]
         worst = min(chosen, key=lambda r: r["speed_ratio_ours_vs_torch"])
+        per_pass = zip(*(r.get("pass_speed_ratios_ours_vs_torch", [r["speed_ratio_ours_vs_torch"]]) for r in chosen), strict=True)
         summary[key] = {
             "shapes": len(chosen),
             "shapes_at_least_0.95x": sum(r >= 0.95 for r in ratios),
+            "shapes_at_least_0.95x_per_pass": [sum(r >= 0.95 for r in ratios_in_pass) for ratios_in_pass in per_pass],
             "min_speed_ratio_ours_vs_torch": worst["speed_ratio_ours_vs_torch"],
             "min_at": worst["layer"],
             "median_speed_ratio_ours_vs_torch": statistics.median(ratios),
@@ -670,6 +724,11 @@ def _pointwise_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "ours_pct_peak_large": {r["layer"]: round(r["timings"]["ours"]["pct_peak"], 1) for r in chosen if _is_large(r)},
         }
     return summary
+
+
+def _per_pass_counts(counts: list[int]) -> str:
+    """`` (passes 6, 7, 8)`` after a count merged from several passes; nothing for one."""
+    return f" (passes {', '.join(map(str, counts))})" if len(counts) > 1 else ""
 
 
 def _summary_table(summary: dict[str, Any]) -> dict[str, Any]:
@@ -684,7 +743,7 @@ def _summary_table(summary: dict[str, Any]) -> dict[str, Any]:
     rows = [
         [
             key,
-            f"{e['shapes_at_least_0.95x']}/{e['shapes']}",
+            f"{e['shapes_at_least_0.95x']}/{e['shapes']}" + _per_pass_counts(e["shapes_at_least_0.95x_per_pass"]),
             f"{e['min_speed_ratio_ours_vs_torch']:.2f}x ({e['min_at']})",
             f"{e['median_speed_ratio_ours_vs_torch']:.2f}x",
             f"{e['min_speed_ratio_ours_vs_torch_by_min_times']:.2f}x",
@@ -698,7 +757,8 @@ def _summary_table(summary: dict[str, Any]) -> dict[str, Any]:
 def _pointwise_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     columns = [
         "group", "layer (C_in->C_out @H=W)", "format", "MACs (M)", "torch ms", "ours ms", "linear ms",
-        "speed ours/torch", "speed linear/torch", "ours GFLOP/s", "torch GFLOP/s", "ours % peak", "torch % peak", "rel. IQR ours/torch",
+        "speed ours/torch", "per pass", "speed linear/torch", "ours GFLOP/s", "torch GFLOP/s", "ours % peak", "torch % peak",
+        "rel. IQR ours/torch",
     ]  # fmt: skip
     tables = []
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
@@ -712,7 +772,8 @@ def _pointwise_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 body.append([
                     r["group"], r["layer"], r["memory_format"], f"{r['macs'] / 1e6:.1f}",
                     f"{t['torch']['median_ms']:.3f}", f"{t['ours']['median_ms']:.3f}", f"{t['linear']['median_ms']:.3f}",
-                    f"{r['speed_ratio_ours_vs_torch']:.2f}x", f"{r['speed_ratio_linear_vs_torch']:.2f}x",
+                    f"{r['speed_ratio_ours_vs_torch']:.2f}x", " / ".join(f"{v:.2f}" for v in r.get("pass_speed_ratios_ours_vs_torch", [])),
+                    f"{r['speed_ratio_linear_vs_torch']:.2f}x",
                     f"{t['ours']['gflops']:.1f}", f"{t['torch']['gflops']:.1f}", f"{t['ours']['pct_peak']:.0f}%", f"{t['torch']['pct_peak']:.0f}%",
                     f"{t['ours']['rel_iqr']:.0%} / {t['torch']['rel_iqr']:.0%}",
                 ])  # fmt: skip
@@ -726,7 +787,10 @@ def _pointwise_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 POINTWISE_NOTES = [
     "ours: models.pointwise_conv2d (a matrix product over channels); torch: nn.Conv2d(kernel_size=1) (oneDNN on CPU, cuDNN on GPU); "
     "linear: F.linear on the (N, H, W, C) view of the input, the 'per-pixel linear layer' (a transposing copy first when the input is NCHW).",
-    "All three get the same input tensor in the stated memory format and the same weights. Times are medians of round-robin calls.",
+    "All three get the same input tensor in the stated memory format and the same weights. Times are medians of round-robin calls; "
+    "with several passes (the run's passes option) each case was timed once per pass, the passes one after another over the whole "
+    "suite, and a contender's time is the median of its passes' medians. 'per pass': the ours/torch speed ratio in each pass; "
+    "'shapes >= 0.95x (passes a, b, c)': the count in each pass.",
     "speed ours/torch = torch median time / ours median time: above 1 means ours is faster.",
     "FLOPs = 2 x MACs for a forward pass and 6 x MACs for forward + backward (input gradient + weight gradient); "
     "% peak = achieved GFLOP/s / this run's median square-matmul GFLOP/s in the same dtype x 100.",
@@ -1045,16 +1109,18 @@ def timing_method(suite: str, device: str, options: dict[str, Any]) -> str:
     """How a report's calls were timed, in words (``options`` as the report records them)."""
     if suite == "train":
         return "wall clock around whole eager training steps (data loading included), after a device sync"
+    passes = options.get("passes", 1) if suite == "pointwise" else 1
+    over = f"; {passes} passes over the whole suite, each case's time the median of its passes' medians" if passes > 1 else ""
     if not device.startswith("cuda"):
-        return "host clock (time.perf_counter) around each call"
+        return "host clock (time.perf_counter) around each call" + over
     calls = options.get("graph_calls", 0)
     if calls:
         return (
             f"CUDA events around replays of a CUDA graph of {calls} calls of a contender, divided by {calls}: device time "
             "without Python, dispatch or launch overhead (a contender that could not be captured is timed eagerly; its "
-            "results.json timings say 'eager')"
+            "results.json timings say 'eager')" + over
         )
-    return "CUDA events around each eager call (Python, dispatch and launch overhead included)"
+    return "CUDA events around each eager call (Python, dispatch and launch overhead included)" + over
 
 
 def _peak_source(peak: dict[str, Any]) -> str:
@@ -1142,6 +1208,7 @@ def options_from_config(cfg: Any) -> BenchOptions:
         warmup=_config_number(cfg, "warmup", int),
         min_time_s=_config_number(cfg, "min_time_s", float),
         block=_config_number(cfg, "block", int, 1, low=1),
+        passes=_config_number(cfg, "passes", int, 3, low=1),
         graph_calls=_config_number(cfg, "graph_calls", int, 20),
         size=str(cfg.size),
         malloc=str(cfg.get("malloc", "steady")),

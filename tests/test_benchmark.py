@@ -114,6 +114,13 @@ def test_pointwise_arithmetic(outcome):
         _close(row["speed_ratio_linear_vs_torch"], t["torch"]["median_ms"] / t["linear"]["median_ms"])
         assert row["max_abs_diff_vs_torch"] < (1e-4 if row["dtype"] == "fp32" else 0.1)  # it timed the right computation
         _close(row["speed_ratio_ours_vs_torch_min"], t["torch"]["min_ms"] / t["ours"]["min_ms"])
+        # Each contender timed once per pass; its time is the median of the passes' medians, each pass's ratio from them.
+        assert row["passes"] == TINY.passes == 3
+        for stats in t.values():
+            assert len(stats["pass_median_ms"]) == 3 and stats["median_ms"] == statistics.median(stats["pass_median_ms"])
+            _close(stats["pass_spread"], (max(stats["pass_median_ms"]) - min(stats["pass_median_ms"])) / stats["median_ms"])
+        want = [a / b for a, b in zip(t["torch"]["pass_median_ms"], t["ours"]["pass_median_ms"], strict=True)]
+        assert row["pass_speed_ratios_ours_vs_torch"] == pytest.approx(want, rel=1e-12)
     # Every summary entry recomputed from its rows: one per (dtype, memory format, pass).
     keys = {(r["dtype"], r["memory_format"], r["pass"]) for r in rows}
     assert set(report["summary"]) == {f"{d} {f} {p}" for d, f, p in keys}
@@ -124,6 +131,8 @@ def test_pointwise_arithmetic(outcome):
         worst = min(chosen, key=lambda r: r["speed_ratio_ours_vs_torch"])
         assert summary["shapes"] == len(chosen) == len(POINTWISE_SHAPES["tiny"])
         assert summary["shapes_at_least_0.95x"] == sum(r >= 0.95 for r in ratios)
+        per_pass = [sum(r["pass_speed_ratios_ours_vs_torch"][i] >= 0.95 for r in chosen) for i in range(3)]
+        assert summary["shapes_at_least_0.95x_per_pass"] == per_pass
         _close(summary["min_speed_ratio_ours_vs_torch"], min(ratios))
         assert summary["min_at"] == worst["layer"]
         _close(summary["median_speed_ratio_ours_vs_torch"], statistics.median(ratios))
@@ -149,6 +158,34 @@ def test_pointwise_summary_by_hand():
     assert summary["median_speed_ratio_ours_vs_torch"] == 0.95  # of 0.5, 0.92, 0.95, 2, 4; the mean is 1.674
     assert summary["min_speed_ratio_ours_vs_torch_by_min_times"] == 0.25  # at c, whose median ratio is the best
     assert summary["ours_pct_peak_large"] == {"c": 12.3}  # c_in >= 512 is a large shape
+
+
+def test_merge_passes_by_hand():
+    """A contender's times over three passes: the median of the medians (not of all calls), the least minimum,
+    the medians of the quartiles (the IQR between them), all calls counted, page faults weighted by calls, and the passes' spread."""
+
+    def run(median: float, low: float, q1: float, q3: float, repeats: int, faults: float) -> dict:
+        return {"median_ms": median, "min_ms": low, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "repeats": repeats,
+                "page_faults_per_call": faults, "timing": "eager"}  # fmt: skip
+
+    passes = [
+        {"ours": run(2.0, 1.5, 1.8, 2.4, 10, 0.0)},
+        {"ours": run(1.0, 0.9, 0.95, 1.1, 30, 2.0)},
+        {"ours": run(4.0, 0.8, 3.0, 5.0, 20, 1.0)},
+    ]
+    merged = bench.merge_passes(passes)["ours"]
+    assert merged["median_ms"] == 2.0 and merged["pass_median_ms"] == [2.0, 1.0, 4.0]
+    assert merged["min_ms"] == 0.8 and merged["q1_ms"] == 1.8 and merged["q3_ms"] == 2.4
+    _close(merged["iqr_ms"], 0.6)
+    assert merged["repeats"] == 60 and merged["timing"] == "eager"
+    _close(merged["page_faults_per_call"], (0 * 10 + 2 * 30 + 1 * 20) / 60)
+    _close(merged["pass_spread"], (4.0 - 1.0) / 2.0)
+
+
+def test_passes_must_be_a_positive_int():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="passes="):
+            BenchOptions(device="cpu", passes=bad)
 
 
 def _closed_form_macs(block: str, n: int, c: int, k: int, hw: int) -> int:
@@ -439,6 +476,8 @@ def test_graph_timing_divides_replays_and_counts_their_whole_time(monkeypatch):
     assert "CUDA graph of 20 calls" in bench.timing_method("blocks", "cuda", {"graph_calls": 20})
     assert "each eager call" in bench.timing_method("pointwise", "cuda:1", {"graph_calls": 0})
     assert "whole eager training steps" in bench.timing_method("train", "cuda", {"graph_calls": 20})
+    assert "3 passes over the whole suite" in bench.timing_method("pointwise", "cpu", {"passes": 3})
+    assert "passes" not in bench.timing_method("blocks", "cpu", {"passes": 3})  # only the pointwise suite makes passes
 
 
 def test_registry_one_function_per_suite(monkeypatch, tmp_path):
