@@ -627,8 +627,8 @@ def merge_passes(passes: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str,
 
     ``median_ms`` is the median of the passes' medians (so one pass spent in a burst of load from
     another process cannot move it alone), ``min_ms`` the least of their minimums, the quartiles the
-    medians of theirs (and the IQR between those), ``repeats`` and page faults over all calls; ``pass_median_ms`` keeps
-    each pass's median and ``pass_spread`` their range relative to ``median_ms``.
+    medians of theirs (and the IQR between those), ``repeats`` and page faults over all calls;
+    ``pass_median_ms`` keeps each pass's median and ``pass_spread`` their range relative to ``median_ms``.
     """
     merged = {}
     for name in passes[0]:
@@ -636,11 +636,13 @@ def merge_passes(passes: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str,
         medians = [r["median_ms"] for r in runs]
         median = statistics.median(medians)
         calls = sum(r["repeats"] for r in runs)
+        q1, q3 = (statistics.median(r[k] for r in runs) for k in ("q1_ms", "q3_ms"))
         merged[name] = {
             "median_ms": median,
             "min_ms": min(r["min_ms"] for r in runs),
-            **(quartiles := {k: statistics.median(r[k] for r in runs) for k in ("q1_ms", "q3_ms")}),
-            "iqr_ms": quartiles["q3_ms"] - quartiles["q1_ms"],
+            "q1_ms": q1,
+            "q3_ms": q3,
+            "iqr_ms": q3 - q1,
             "repeats": calls,
             "page_faults_per_call": sum(r["page_faults_per_call"] * r["repeats"] for r in runs) / calls,
             "timing": runs[0]["timing"],
