@@ -112,7 +112,7 @@ def _canonical(t: Tensor) -> Tensor:
     if 1 not in shape and 0 not in shape:  # every dimension counts: a contiguous tensor's strides already
         return t
     strides, step = [], 1
-    for size in reversed(t.shape):
+    for size in reversed(shape):
         strides.append(step)
         step *= max(size, 1)
     strides.reverse()
@@ -176,7 +176,7 @@ def _weight_operand(w2d: Tensor, m: int) -> Tensor:
     if m < RELAYOUT_MIN_ROWS:
         return _canonical(w2d)
     if k < COLUMN_MAJOR_MAX_OUT:
-        return _column_major(w2d)
+        return w2d.t().contiguous().t()  # a column-major copy
     if _onednn_packing_available():
         return torch.ops.mkldnn._reorder_linear_weight(_canonical(w2d), m)
     return _canonical(w2d)
@@ -186,11 +186,6 @@ def _weight_operand(w2d: Tensor, m: int) -> Tensor:
 def _onednn_packing_available() -> bool:
     """Whether this torch can pack a weight into oneDNN's blocked layout for its product."""
     return hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
-def _column_major(t: Tensor) -> Tensor:
-    """2-d ``t`` ``(R, C)``, both at least 2, with strides ``(1, R)``: ``t`` itself when it has them, else a copy."""
-    return t if t.stride() == (1, t.shape[0]) else t.t().contiguous().t()
 
 
 # Below this many rows, or fewer rows than the gradient has elements (C*K), the weight gradient is
