@@ -600,8 +600,9 @@ def _pointwise_fns(conv: nn.Conv2d, x: torch.Tensor, backward: bool) -> dict[str
     return {name: with_backward(fn) for name, fn in fns.items()}
 
 
-def _pointwise_pass(ctx: BenchContext) -> list[tuple[dict[str, Any], dict[str, dict[str, float]]]]:
-    """One timing pass over every case of the pointwise suite: ``(what was timed, its timings)`` per case, in a fixed order."""
+def _pointwise_pass(ctx: BenchContext) -> list[tuple[str, str, dict[str, Any], dict[str, dict[str, float]]]]:
+    """One timing pass over every case of the pointwise suite: ``(dtype, pass, the layer and format, timings)`` per
+    case, in a fixed order."""
     device, cases = ctx.device, []
     for group, label, n, c_in, c_out, hw in POINTWISE_SHAPES[ctx.options.size]:
         for dtype_name in ctx.options.dtypes:
@@ -618,7 +619,7 @@ def _pointwise_pass(ctx: BenchContext) -> list[tuple[dict[str, Any], dict[str, d
                     case = dict(
                         group=group, layer=label, n=n, c_in=c_in, c_out=c_out, h=hw, w=hw, memory_format=fmt, max_abs_diff_vs_torch=max_diff
                     )
-                    cases.append(({"dtype": dtype_name, "pass": pass_name, **case}, timings))
+                    cases.append((dtype_name, pass_name, case, timings))
     return cases
 
 
@@ -670,10 +671,10 @@ def pointwise_suite(ctx: BenchContext) -> dict[str, Any]:
         runs.append(_pointwise_pass(ctx))
     rows = []
     for per_pass in zip(*runs):
-        case = per_pass[0][0]
-        timings = merge_passes([t for _, t in per_pass])
-        row = _rate_row(ctx, case["dtype"], case["n"] * case["c_in"] * case["c_out"] * case["h"] * case["w"], case["pass"], timings)
-        row.update({k: v for k, v in case.items() if k not in ("dtype", "pass")}, passes=passes)
+        dtype_name, pass_name, case, _ = per_pass[0]
+        timings = merge_passes([t for *_, t in per_pass])
+        row = _rate_row(ctx, dtype_name, case["n"] * case["c_in"] * case["c_out"] * case["h"] * case["w"], pass_name, timings)
+        row.update(case, passes=passes)
         row["speed_ratio_ours_vs_torch"] = timings["torch"]["median_ms"] / timings["ours"]["median_ms"]
         row["speed_ratio_linear_vs_torch"] = timings["torch"]["median_ms"] / timings["linear"]["median_ms"]
         row["speed_ratio_ours_vs_torch_min"] = timings["torch"]["min_ms"] / timings["ours"]["min_ms"]
@@ -684,7 +685,7 @@ def pointwise_suite(ctx: BenchContext) -> dict[str, Any]:
         t = row["timings"]
         log.info(
             "pointwise %-13s %-14s %s %-13s %-7s ours %.3f ms  torch %.3f ms  linear %.3f ms  ours/torch speed %.2fx  ours %.0f%% of peak",
-            case["group"], case["layer"], case["dtype"], case["memory_format"], case["pass"], t["ours"]["median_ms"], t["torch"]["median_ms"],
+            case["group"], case["layer"], dtype_name, case["memory_format"], pass_name, t["ours"]["median_ms"], t["torch"]["median_ms"],
             t["linear"]["median_ms"], row["speed_ratio_ours_vs_torch"], t["ours"]["pct_peak"],
         )  # fmt: skip
     summary = _pointwise_summary(rows)
