@@ -19,6 +19,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture
+def python_lowering(monkeypatch):
+    """pointwise_conv2d as it runs where convlab's native product is absent (no C++ compiler, ``CONVLAB_NATIVE=0``)."""
+    import models.functional as functional
+
+    monkeypatch.setattr(functional, "_native_matmul", lambda *operands: None)
+
+
+@pytest.fixture
 def compose_cfg():
     """compose_cfg(*overrides, config="config") -> DictConfig, with GlobalHydra cleared around it."""
 

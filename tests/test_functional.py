@@ -28,8 +28,11 @@ def _inputs(groups: int, bias: bool, channels_last: bool, dtype=torch.float32, s
     return x, w, b
 
 
+@pytest.mark.parametrize("lowering", ["native", "python"])
 @pytest.mark.parametrize(("stride", "padding", "groups", "bias", "channels_last"), GRID)
-def test_equals_conv2d_forward_and_backward(stride, padding, groups, bias, channels_last):
+def test_equals_conv2d_forward_and_backward(stride, padding, groups, bias, channels_last, lowering, request):
+    if lowering == "python":
+        request.getfixturevalue("python_lowering")
     x, w, b = _inputs(groups, bias, channels_last)
     leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
     ours = pointwise_conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
@@ -289,7 +292,7 @@ def test_no_grad_forward_skips_autograd_and_matches_conv(memory_format):
 
 
 @pytest.mark.parametrize("c, k, expect_op", [(32, 128, "mkldnn._linear_pointwise"), (32, 96, "aten.mm"), (16, 96, "aten.mm")])
-def test_thin_weight_grad_runs_on_onednn_and_is_exact(c, k, expect_op):
+def test_thin_weight_grad_runs_on_onednn_and_is_exact(python_lowering, c, k, expect_op):
     """fp32 dW = dY^T X with 32-96 input channels and at least 4x as many outputs is one oneDNN product of the
     transposed views; other shapes keep the GEMM path. Either way it equals the plain product."""
     from models.functional import _weight_grad
@@ -344,7 +347,7 @@ def _needs_onednn_fp32() -> None:
         pytest.skip("this torch has no oneDNN matrix product for fp32")
 
 
-def test_channels_last_cpu_product_runs_on_onednn_where_torch_has_it():
+def test_channels_last_cpu_product_runs_on_onednn_where_torch_has_it(python_lowering):
     """The fast path the benchmarks measured (oneDNN's matrix product, forward and input gradient) could
     fall back to F.linear unnoticed: the numbers stay right, the speed does not."""
     _needs_onednn_fp32()
@@ -362,7 +365,7 @@ NCHW_ONEDNN_CASES = [(3, 12, 20, 29, 31), (2, 40, 24, 28, 28), (4, 16, 40, 7, 7)
 
 @pytest.mark.parametrize("case", NCHW_ONEDNN_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("bias", [True, False])
-def test_nchw_fp32_cpu_runs_on_onednn_and_matches_conv(case, bias):
+def test_nchw_fp32_cpu_runs_on_onednn_and_matches_conv(python_lowering, case, bias):
     """NCHW fp32 on CPU is oneDNN products (per image on strided views, or over the batch after a copy), forward and
     backward, with no batched MKL GEMM and no convolution; values and all three gradients match F.conv2d."""
     from models.functional import PER_IMAGE_MIN_PIXELS
@@ -480,7 +483,7 @@ def test_nchw_onednn_path_is_fp32_eager_cpu_only():
 
 
 @pytest.mark.parametrize(("c", "k", "onednn"), [(128, 128, True), (128, 256, True), (64, 128, False), (32, 64, False)])
-def test_channels_last_fp32_weight_grad_on_onednn_for_wide_layers(c, k, onednn):
+def test_channels_last_fp32_weight_grad_on_onednn_for_wide_layers(python_lowering, c, k, onednn):
     """dW = dY^T X runs on oneDNN's inner-product backward where C*K/(C+K) >= 50 (64 for 128->128, 85.3 for
     128->256; 42.7 and 21.3 stay on the GEMMs) and matches F.conv2d either way (thin layers, K >= 4C with
     32-96 input channels, take their own path: test_thin_weight_grad_runs_on_onednn_and_is_exact)."""
@@ -496,7 +499,7 @@ def test_channels_last_fp32_weight_grad_on_onednn_for_wide_layers(c, k, onednn):
 
 
 @pytest.mark.parametrize("threads", [2, 3, 7])
-def test_channels_last_split_weight_grad_matches_conv(monkeypatch, threads):
+def test_channels_last_split_weight_grad_matches_conv(python_lowering, monkeypatch, threads):
     """With the row threshold at zero the weight gradient is cut into one slab per thread on a small
     case (120 rows >= C*K = 32; with 7 threads they do not split evenly, so one GEMM) and still
     matches F.conv2d."""

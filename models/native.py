@@ -1,0 +1,121 @@
+"""convlab's native op, ``torch.ops.convlab.matmul_out``: built from ``models/csrc`` on first use, else absent.
+
+pointwise_conv2d lowers a 1x1 convolution to matrix products. From Python, torch offers fp32 CPU
+products only on its BLAS (MKL's ``sgemm``, at half oneDNN's speed on some CPUs, see
+``benchmarks/README.md``) or on oneDNN's inner product into a fresh output. The native op calls
+``at::native::mkldnn_matmul``, the oneDNN matrix product torch itself runs for bf16 ``mm``/``bmm``:
+it reads 2-d or batched 3-d operands by their strides and writes ``out = beta * out + a @ b`` into
+a given tensor, so an NCHW image's product lands in place and transposed operands cost no copy.
+
+The op is compiled once per torch build and source, with the C++ compiler found as ``$CXX``,
+``c++`` or ``g++`` (about 4 s), into ``$CONVLAB_CACHE`` (default ``~/.cache/convlab``)
+``/native/<key>/``. With no compiler, a failed build or ``CONVLAB_NATIVE=0``, :func:`matmul_out`
+returns None and pointwise_conv2d runs its pure-Python lowering instead (one warning says why).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = ["SOURCE", "build", "matmul_out", "status"]
+
+SOURCE = Path(__file__).parent / "csrc" / "onednn_matmul.cpp"
+_LIBRARY_NAME = "convlab_native.so"
+
+
+def _compiler() -> str | None:
+    """The C++ compiler to build with: ``$CXX`` when set, else ``c++`` or ``g++`` on the PATH."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    return shutil.which("c++") or shutil.which("g++")
+
+
+def _command(compiler: str, source: Path, target: Path) -> list[str]:
+    torch_dir = Path(torch.__file__).parent
+    lib = torch_dir / "lib"
+    return [
+        compiler, "-O2", "-std=c++20", "-shared", "-fPIC", "-w",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-I{torch_dir / 'include'}", str(source), "-o", str(target),
+        f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}",
+    ]  # fmt: skip
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CONVLAB_CACHE") or Path.home() / ".cache" / "convlab") / "native"
+
+
+def build(cache: Path | None = None, compiler: str | None = None) -> Path:
+    """Compile :data:`SOURCE` against this torch, once per (source, torch build, compiler); return the library.
+
+    The key hashes all three, so a new torch or an edited source builds afresh. The library is
+    written under a temporary name and renamed into place, so processes building at once (a
+    Hydra sweep, DDP ranks) never load a half-written file.
+
+    Raises:
+        RuntimeError: no C++ compiler, or the build failed (the message has the compiler's first lines).
+    """
+    compiler = compiler or _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    cache = cache or _cache_dir()
+    key_parts = [SOURCE.read_bytes(), torch.__version__.encode(), str(torch.version.git_version).encode(), compiler.encode()]
+    key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
+    target = cache / key / _LIBRARY_NAME
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / _LIBRARY_NAME
+        done = subprocess.run(_command(compiler, SOURCE, partial), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise RuntimeError(f"{Path(compiler).name} failed (exit {done.returncode}): " + " | ".join(lines[:3]))
+        os.replace(partial, target)
+    return target
+
+
+_STATUS = {"state": "not loaded"}
+
+
+@functools.cache
+def matmul_out() -> Callable[..., None] | None:
+    """``torch.ops.convlab.matmul_out(a, b, out, beta=0.0)`` when it builds and loads here, else None.
+
+    ``a`` and ``b`` are 2-d, or batched 3-d with one batch size, on CPU in one floating dtype; the
+    product ``a @ b`` is written into ``out`` (``beta=1`` adds it to what ``out`` holds). Operands
+    that are neither contiguous nor the transpose of a contiguous matrix (an expanded weight) are
+    first copied by torch. The first call builds and loads the library; later calls are free.
+    """
+    if os.environ.get("CONVLAB_NATIVE", "1") == "0":
+        _STATUS["state"] = "off (CONVLAB_NATIVE=0)"
+        return None
+    if not (sys.platform.startswith("linux") and torch.backends.mkldnn.is_available()):
+        _STATUS["state"] = "unavailable (needs Linux and a torch built with oneDNN)"
+        return None
+    try:
+        library = build()
+        torch.ops.load_library(str(library))
+        op = torch.ops.convlab.matmul_out
+    except (RuntimeError, OSError, AttributeError) as error:
+        _STATUS["state"] = f"unavailable ({error})"
+        warnings.warn(f"convlab: native matmul_out {_STATUS['state']}; pointwise_conv2d runs its Python lowering", stacklevel=2)
+        return None
+    _STATUS["state"] = f"loaded ({library})"
+    return op
+
+
+def status() -> str:
+    """Where the native op stands in this process: ``loaded (<path>)``, ``off``, ``unavailable (why)`` or ``not loaded``."""
+    return _STATUS["state"]

@@ -1,0 +1,127 @@
+"""convlab's native product (models/native.py): it builds, multiplies right, pointwise_conv2d takes it, and its absence is safe."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import native, pointwise_conv2d
+from tests.test_functional import _assert_matches_conv, _op_names
+
+
+def _needs_native():
+    if native.matmul_out() is None:
+        pytest.skip(f"native product {native.status()}")
+
+
+@pytest.mark.skipif(native._compiler() is None or os.environ.get("CONVLAB_NATIVE") == "0", reason="no C++ compiler here")
+def test_builds_where_a_compiler_is():
+    """With a compiler on Linux the op must build and load: a silent fallback would keep the numbers and lose the speed."""
+    if not (torch.backends.mkldnn.is_available() and os.uname().sysname == "Linux"):
+        pytest.skip("needs Linux and a torch with oneDNN")
+    assert native.matmul_out() is not None, native.status()
+    assert native.status().startswith("loaded (") and native.status().endswith("convlab_native.so)")
+
+
+def test_matmul_out_writes_the_product_in_place():
+    """2-d, transposed operands read as they lie, batched 3-d with an expanded operand; beta=1 adds onto out."""
+    _needs_native()
+    mm = native.matmul_out()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 16, generator=g), torch.randn(23, 16, generator=g)
+    out = torch.full((37, 23), float("nan"))
+    mm(a, b.t(), out, 0.0)  # beta=0 ignores what out held, NaN included
+    torch.testing.assert_close(out, (a.double() @ b.double().t()).float(), rtol=1e-5, atol=1e-5)
+    ptr = out.data_ptr()
+    mm(a, b.t(), out, 1.0)
+    assert out.data_ptr() == ptr
+    torch.testing.assert_close(out, 2 * (a.double() @ b.double().t()).float(), rtol=1e-5, atol=1e-5)
+    x3, w = torch.randn(3, 16, 29, generator=g), torch.randn(8, 16, generator=g)
+    out3 = torch.empty(3, 8, 29)
+    mm(w.expand(3, 8, 16), x3, out3, 0.0)
+    torch.testing.assert_close(out3, torch.stack([w @ x for x in x3]), rtol=1e-5, atol=1e-5)
+
+
+# (N, C, K, H, W, channels_last, bias, native products expected over forward, dX and dW)
+NATIVE_CASES = [
+    (2, 16, 24, 5, 7, True, False, 3),
+    (2, 128, 24, 3, 5, True, True, 3),  # a bias, from NATIVE_BIAS_MIN_IN input channels: the native product, then the bias
+    (2, 16, 24, 5, 7, True, True, 2),  # a bias on few input channels: the inner product's fused bias forward
+    (3, 12, 20, 29, 31, False, True, 3),  # NCHW, H*W >= PER_IMAGE_MIN_PIXELS: one batched product each way
+    (2, 40, 24, 28, 28, False, False, 3),
+    (4, 16, 40, 7, 7, False, True, 0),  # NCHW small images: one product over the batch, on the inner product
+]
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + ("-cl" if c[5] else "-nchw") + ("-bias" if c[6] else ""))
+def test_pointwise_takes_the_native_product_and_matches_conv(case):
+    """fp32 on CPU, the forward and both gradients run where the rules send them and equal F.conv2d."""
+    _needs_native()
+    n, c, k, h, w_, channels_last, bias, expected = case
+    g = torch.Generator().manual_seed(sum(case))
+    x = torch.randn(n, c, h, w_, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(k, c, 1, 1, generator=g) / c**0.5
+    b = torch.randn(k, generator=g) if bias else None
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    upstream = torch.randn(n, k, h, w_, generator=g)
+
+    def step():
+        out = pointwise_conv2d(x, w, b)
+        return out, torch.autograd.grad(out, leaves, upstream)
+
+    names = _op_names(step)
+    assert names.count("convlab.matmul_out") == expected and "aten.convolution" not in names, names
+    (ours, grads), ref = step(), F.conv2d(x, w, b)
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_absent_native_op_falls_back_with_one_warning(monkeypatch):
+    """A failed build (no compiler, a torch whose symbols moved) leaves pointwise_conv2d correct on its Python lowering."""
+
+    def broken_build(*args, **kwargs):
+        raise RuntimeError("c++ failed (exit 1): test")
+
+    monkeypatch.setattr(native, "build", broken_build)
+    native.matmul_out.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"native matmul_out unavailable \(c\+\+ failed \(exit 1\): test\)"):
+            assert native.matmul_out() is None
+        assert native.status() == "unavailable (c++ failed (exit 1): test)"
+        x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+        names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, x, torch.randn(24, 16, 1, 1), torch.randn(24)))
+        assert "convlab.matmul_out" not in names and "mkldnn._linear_pointwise" in names, names
+        monkeypatch.setenv("CONVLAB_NATIVE", "0")
+        native.matmul_out.cache_clear()
+        with warnings_as_errors():
+            assert native.matmul_out() is None
+        assert native.status() == "off (CONVLAB_NATIVE=0)"
+    finally:
+        native.matmul_out.cache_clear()  # the next caller loads the real op again
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+def test_build_errors_name_the_cause(tmp_path, monkeypatch):
+    """A compiler that fails and a missing compiler are RuntimeErrors that say which; no half-written library is left."""
+    with pytest.raises(RuntimeError, match=r"^false failed \(exit 1\)"):
+        native.build(cache=tmp_path, compiler="/bin/false")
+    assert not list(tmp_path.rglob("*.so"))
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    with pytest.raises(RuntimeError, match="no C.. compiler found"):
+        native.build(cache=tmp_path)
