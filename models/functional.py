@@ -122,8 +122,8 @@ def _canonical(t: Tensor) -> Tensor:
 
 
 def _native_matmul(*operands: Tensor) -> Callable[..., None] | None:
-    """convlab's native ``matmul_out(a, b, out, beta)`` (models/native.py) for fp32 CPU operands, eagerly; else None."""
-    if torch.compiler.is_compiling() or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in operands):
+    """convlab's native ``matmul_out(a, b, out, beta)`` (models/native.py) for non-empty fp32 CPU operands, eagerly; else None."""
+    if torch.compiler.is_compiling() or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.numel() for t in operands):
         return None
     return native.matmul_out()
 
@@ -157,7 +157,7 @@ def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     0.62-0.88x against 0.84-0.94x.
     """
     m = rows.shape[0]
-    mm = _native_matmul(rows, w2d) if m and (bias is None or rows.shape[1] >= NATIVE_BIAS_MIN_IN) else None
+    mm = _native_matmul(rows, w2d) if bias is None or rows.shape[1] >= NATIVE_BIAS_MIN_IN else None
     if mm is not None:
         out = rows.new_empty(m, w2d.shape[0])
         mm(_matmul_operand(rows), _matmul_operand(w2d).t(), out, 0.0)  # (M, C) @ (C, K)
@@ -259,7 +259,7 @@ def _weight_grad(grad: Tensor, rows: Tensor) -> Tensor:
     (M = 25088 > C*K) 5% faster (A/B in both orders), hence M >= C*K.
     """
     (m, c), k = rows.shape, grad.shape[1]
-    mm = _native_matmul(grad, rows) if m else None
+    mm = _native_matmul(grad, rows)
     if mm is not None:
         # The native product reads dY^T as the transposed view it is and reduces over M itself. One-off A/B
         # (2 threads, N=8, the suite's 12 channels_last layers): 1.1-2.1x faster than the paths below
@@ -345,14 +345,20 @@ def _onednn_nt(a: Tensor, b: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
+# With the native product, NCHW input gradients of images with at least this many pixels are one batched
+# product; smaller images fold the batch into one product after transposing copies (see _images_input_grad).
+NATIVE_INPUT_GRAD_MIN_PIXELS = 196
+
+
 def _images_product(x3: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     """``W @ x[n] + b`` for every image of ``x3`` ``(N, C, P)``: the forward of :class:`_ImagesPointwise`, no autograd."""
     n, c, p = x3.shape
     k = w2d.shape[0]
     out = x3.new_empty(n, k, p)
-    mm = _native_matmul(x3, w2d) if p >= PER_IMAGE_MIN_PIXELS else None
+    mm = _native_matmul(x3, w2d)
     if mm is not None:
-        mm(w2d.expand(n, k, c), x3, out, 0.0)  # (N, K, C) @ (N, C, P): one batched product, written in place
+        # (1, K, C) @ (N, C, P): one batched product, the weight broadcast over images, written in place.
+        mm(w2d.unsqueeze(0), x3, out, 0.0)
         return out if bias is None else out.add_(bias.view(1, k, 1))
     if p >= PER_IMAGE_MIN_PIXELS:
         b = None if bias is None else bias.view(k, 1)
@@ -365,6 +371,45 @@ def _images_product(x3: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
         cols = _onednn_nt(w2d, rows).view(k, n, p).transpose(0, 1)  # (K, N*P) read as (N, K, P)
         out.copy_(cols) if bias is None else torch.add(cols, bias.view(1, k, 1), out=out)
     return out
+
+
+def _images_input_grad(grad: Tensor, w2d: Tensor) -> Tensor:
+    """``dx[n] = W^T @ dy[n]`` for ``grad`` ``(N, K, P)`` (canonical), ``w2d`` ``(K, C)``: the NCHW input gradient."""
+    n, k, p = grad.shape
+    c = w2d.shape[1]
+    mm = _native_matmul(grad, w2d) if p >= NATIVE_INPUT_GRAD_MIN_PIXELS else None
+    if mm is not None:
+        grad_x = grad.new_empty(n, c, p)
+        mm(w2d.t().contiguous().unsqueeze(0), grad, grad_x, 0.0)  # (1, C, K) @ (N, K, P), W^T broadcast over images
+        return grad_x
+    if n and p < PER_IMAGE_MIN_PIXELS:
+        # Small images: one product over the whole batch after a transposing copy: (N*P, K) @ W (K, C),
+        # W read as it lies (see _weight_operand).
+        rows_g = grad.transpose(1, 2).reshape(n * p, k)
+        return _onednn_nt(rows_g, _weight_operand(w2d.t(), n * p)).view(n, p, c).transpose(1, 2).contiguous()
+    w_t = w2d.t().contiguous()  # (C, K)
+    grad_x = grad.new_empty(n, c, p)
+    for g, o in zip(grad.transpose(1, 2).unbind(0), grad_x.unbind(0)):
+        o.copy_(_onednn_nt(w_t, g))  # (C, K) @ (P, K)^T -> (C, P)
+    return grad_x
+
+
+def _images_weight_grad(grad: Tensor, x3: Tensor) -> Tensor:
+    """``dW = sum_n dy[n] @ x[n]^T`` for ``grad`` ``(N, K, P)`` (canonical), ``x3`` ``(N, C, P)``: the NCHW weight gradient."""
+    n, k, p = grad.shape
+    c = x3.shape[1]
+    if n and p < PER_IMAGE_MIN_PIXELS:
+        # Small images: (K, N*P) @ (C, N*P)^T, one product after copies; the reduction runs along contiguous memory in both.
+        return _onednn_nt(grad.transpose(0, 1).reshape(k, n * p), x3.transpose(0, 1).reshape(c, n * p))
+    mm = _native_matmul(grad, x3)
+    if mm is not None:
+        per_image = grad.new_empty(n, k, c)
+        mm(grad, x3.transpose(1, 2), per_image, 0.0)  # (N, K, P) @ (N, P, C): one batched product, then the sum
+        return per_image.sum(0)
+    grad_w = grad.new_zeros(k, c)  # stays zero for an empty batch
+    for g, image in zip(grad.unbind(0), x3.unbind(0)):
+        grad_w += _onednn_nt(g, image)  # (K, P) @ (C, P)^T -> (K, C)
+    return grad_w
 
 
 class _ImagesPointwise(torch.autograd.Function):
@@ -402,37 +447,8 @@ class _ImagesPointwise(torch.autograd.Function):
             grad_w = torch.matmul(grad, x3.transpose(1, 2)).sum(0) if need_w else None  # (K, C)
             return grad_x, grad_w, grad_b
         grad = _canonical(grad)  # (N, K, P)
-        n, k, p = grad.shape
-        c = x3.shape[1]
-        if n and 0 < p < PER_IMAGE_MIN_PIXELS:
-            # Small images, as in the forward: one product each over the whole batch, after transposing
-            # copies, beats N thin ones (one-off A/B, N=8, 2 threads: 512->1024 @7 dx + dW 2.94 -> 2.03 ms,
-            # 256->512 @14 2.50 -> 2.09; 28x28 layers ran 1.2-1.3x slower folded).
-            rows_g = grad.transpose(1, 2).reshape(n * p, k)  # (N*P, K), a copy
-            if need_x:  # (N*P, K) @ W (K, C), W read as it lies (see _weight_operand)
-                grad_x = _onednn_nt(rows_g, _weight_operand(w2d.t(), n * p)).view(n, p, c).transpose(1, 2).contiguous()
-            if need_w:  # (K, N*P) @ (C, N*P)^T: the reduction runs along contiguous memory in both
-                grad_w = _onednn_nt(grad.transpose(0, 1).reshape(k, n * p), x3.transpose(0, 1).reshape(c, n * p))
-            return grad_x, grad_w, grad_b
-        mm = _native_matmul(grad, x3)
-        if mm is not None:  # one batched product each, written in place (see _ImagesPointwise)
-            if need_x:
-                grad_x = torch.empty_like(x3)
-                mm(w2d.t().expand(n, c, k), grad, grad_x, 0.0)  # (N, C, K) @ (N, K, P)
-            if need_w:
-                per_image = grad.new_empty(n, k, c)
-                mm(grad, x3.transpose(1, 2), per_image, 0.0)  # (N, K, P) @ (N, P, C), then summed over images
-                grad_w = per_image.sum(0)
-            return grad_x, grad_w, grad_b
-        if need_x:
-            w_t = w2d.t().contiguous()  # (C, K)
-            grad_x = torch.empty_like(x3)
-            for g, o in zip(grad.transpose(1, 2).unbind(0), grad_x.unbind(0)):
-                o.copy_(_onednn_nt(w_t, g))  # (C, K) @ (P, K)^T -> (C, P)
-        if need_w:
-            grad_w = w2d.new_zeros(w2d.shape)  # (K, C); stays zero for an empty batch
-            for g, image in zip(grad.unbind(0), x3.unbind(0)):
-                grad_w += _onednn_nt(g, image)  # (K, P) @ (C, P)^T -> (K, C)
+        grad_x = _images_input_grad(grad, w2d) if need_x else None
+        grad_w = _images_weight_grad(grad, x3) if need_w else None
         return grad_x, grad_w, grad_b
 
 

@@ -53,15 +53,22 @@ NATIVE_CASES = [
     (2, 16, 24, 5, 7, True, True, 2),  # a bias on few input channels: the inner product's fused bias forward
     (3, 12, 20, 29, 31, False, True, 3),  # NCHW, H*W >= PER_IMAGE_MIN_PIXELS: one batched product each way
     (2, 40, 24, 28, 28, False, False, 3),
-    (4, 16, 40, 7, 7, False, True, 0),  # NCHW small images: one product over the batch, on the inner product
+    (3, 24, 40, 14, 14, False, True, 2),  # H*W >= NATIVE_INPUT_GRAD_MIN_PIXELS: dW folds the batch, on the inner product
+    (4, 16, 40, 7, 7, False, True, 1),  # smaller: the forward only; both gradients fold the batch
 ]
 
 
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + ("-cl" if c[5] else "-nchw") + ("-bias" if c[6] else ""))
 def test_pointwise_takes_the_native_product_and_matches_conv(case):
     """fp32 on CPU, the forward and both gradients run where the rules send them and equal F.conv2d."""
+    from models.functional import NATIVE_BIAS_MIN_IN, NATIVE_INPUT_GRAD_MIN_PIXELS, PER_IMAGE_MIN_PIXELS
+
     _needs_native()
     n, c, k, h, w_, channels_last, bias, expected = case
+    if channels_last:  # dX and dW always; the forward unless a bias meets few input channels
+        assert expected == 2 + (not bias or c >= NATIVE_BIAS_MIN_IN)
+    else:  # the forward always; dX and dW from their pixel thresholds
+        assert expected == 1 + (h * w_ >= NATIVE_INPUT_GRAD_MIN_PIXELS) + (h * w_ >= PER_IMAGE_MIN_PIXELS)
     g = torch.Generator().manual_seed(sum(case))
     x = torch.randn(n, c, h, w_, generator=g)
     if channels_last:
