@@ -1058,7 +1058,7 @@ def run_benchmarks(suite: str, options: BenchOptions, out: str | Path = "benchma
         torch.set_num_threads(options.threads)
     malloc = set_malloc(options.malloc) if device.type == "cpu" else "n/a"
     try:
-        env = {**env_info(device), "cpu_flags": _cpu_flags(), "cpu_count": os.cpu_count(), "malloc": malloc}
+        env = {**env_info(device), "cpu_flags": _cpu_flags(), "cpu_count": os.cpu_count(), "malloc": malloc, "native": _native_status()}
         log.info("benchmark %s on %s (%s), %d threads, torch %s", suite, device, env["device_name"], env["threads"], env["torch"])
         peak, bandwidth = measure_machine(device, options)
         reports, files = {}, []
@@ -1133,6 +1133,14 @@ def _peak_source(peak: dict[str, Any]) -> str:
     return f"{backend}, median; best {peak['best_gflops']:.1f}{others}"
 
 
+def _native_status() -> str:
+    """Whether pointwise_conv2d's native product (models/native.py) loaded for this run: it decides the fp32 CPU paths."""
+    from models import native
+
+    native.matmul_out()  # builds it now if it is not built yet, outside any timing
+    return native.status()
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     """A suite's report as Markdown: what produced it, the machine's limits, the tables, how noisy it was."""
     env, noise, load = report["env"], report.get("noise", {}), report["load_avg_1_5_15min"]
@@ -1140,7 +1148,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"# Benchmark: {report['suite']}",
         "",
         f"{env['device_name']} ({env['device']}, {env['threads']} threads, {env['cpu_count']} logical CPUs, flags: {', '.join(env['cpu_flags']) or '-'}), "
-        f"torch {env['torch']}, git {env['git_commit']}, malloc {env['malloc']}, "
+        f"torch {env['torch']}, git {env['git_commit']}, malloc {env['malloc']}, native product {env.get('native', 'not recorded')}, "
         f"fp32 math {report.get('fp32_math', 'not recorded')}, started {report['started']}, {report['seconds']} s.",
         "",
         f"Timing: {timing_method(report['suite'], env['device'], report['options'])}.",

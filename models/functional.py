@@ -249,7 +249,8 @@ def _onednn_weight_grad_available() -> bool:
 def _weight_grad(grad: Tensor, rows: Tensor) -> Tensor:
     """``dW = dY^T X`` for ``grad`` ``(M, K)``, ``rows`` ``(M, C)``: a reduction over the M rows.
 
-    One GEMM with a small (K, C) output and a longer M-row reduction leaves the BLAS threads
+    In fp32 on CPU with convlab's native product, one oneDNN product on the transposed view of dY.
+    Without it, the paths below. One GEMM with a small (K, C) output and a longer M-row reduction leaves the BLAS threads
     little to share. With T > 1 threads, M >= C*K and M a multiple of T, the rows are cut into T
     slabs, one batched product ``(T, C, M/T) @ (T, M/T, K)`` gives T partial gradients and a sum
     adds them. Measured on a 2-core AVX-512 CPU (an earlier host), 2 threads, N=8: the fp32 weight gradient of
@@ -345,9 +346,9 @@ def _onednn_nt(a: Tensor, b: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
-# With the native product, NCHW input gradients of images with at least this many pixels are one batched
-# product; smaller images fold the batch into one product after transposing copies (see _images_input_grad).
-NATIVE_INPUT_GRAD_MIN_PIXELS = 196
+# With the native product, the NCHW forward and input gradient of images with at least this many pixels are one
+# batched product each; smaller images fold the batch into one product after transposing copies.
+NATIVE_MIN_PIXELS = 196
 
 
 def _images_product(x3: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
@@ -355,7 +356,7 @@ def _images_product(x3: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     n, c, p = x3.shape
     k = w2d.shape[0]
     out = x3.new_empty(n, k, p)
-    mm = _native_matmul(x3, w2d)
+    mm = _native_matmul(x3, w2d) if p >= NATIVE_MIN_PIXELS else None
     if mm is not None:
         # (1, K, C) @ (N, C, P): one batched product, the weight broadcast over images, written in place.
         mm(w2d.unsqueeze(0), x3, out, 0.0)
@@ -377,7 +378,7 @@ def _images_input_grad(grad: Tensor, w2d: Tensor) -> Tensor:
     """``dx[n] = W^T @ dy[n]`` for ``grad`` ``(N, K, P)`` (canonical), ``w2d`` ``(K, C)``: the NCHW input gradient."""
     n, k, p = grad.shape
     c = w2d.shape[1]
-    mm = _native_matmul(grad, w2d) if p >= NATIVE_INPUT_GRAD_MIN_PIXELS else None
+    mm = _native_matmul(grad, w2d) if p >= NATIVE_MIN_PIXELS else None
     if mm is not None:
         grad_x = grad.new_empty(n, c, p)
         mm(w2d.t().contiguous().unsqueeze(0), grad, grad_x, 0.0)  # (1, C, K) @ (N, K, P), W^T broadcast over images
@@ -414,6 +415,17 @@ def _images_weight_grad(grad: Tensor, x3: Tensor) -> Tensor:
 
 class _ImagesPointwise(torch.autograd.Function):
     """NCHW fp32 1x1 convolution on CPU as oneDNN products: ``y[n] = W @ x[n] + b`` on ``x`` ``(N, C, P)``.
+
+    With convlab's native product (models/native.py), images of at least ``NATIVE_MIN_PIXELS`` pixels
+    run the forward and the input gradient as one batched product each, ``(1, K, C) @ (N, C, P)`` and
+    ``(1, C, K) @ (N, K, P)``, the weight broadcast over images and the result written in place; from
+    ``PER_IMAGE_MIN_PIXELS`` the weight gradient too, ``(N, K, P) @ (N, P, C)`` summed over images.
+    Forward against torch's convolution, 2 threads, N=8, with the benchmark's three contenders in
+    rotation: 1.13-1.51x on the pointwise suite's layers from 28x28 up; one-off A/B on eight 14x14
+    and 7x7 layers (the suite's and MobileNet v2's), twice: at 14x14 0.99-1.03x against 0.94-0.97x
+    folded, at 7x7 0.77-1.14x (under 0.9x in 9 of 12) against 0.87-1.05x folded, which smaller
+    images therefore keep. The rest of this docstring is the lowering without the native op, which
+    also runs for those small images.
 
     For fp32, aten's matrix products (``bmm``, ``mm``) run on MKL's ``sgemm``, which on a 2-core AMD
     EPYC (family 26) reaches about 200 GFLOP/s where oneDNN's product reaches 460, so the batched
@@ -559,11 +571,13 @@ def pointwise_conv2d(
     * a 1x1 kernel reads one pixel, so ``padding`` is a zero border (the output there is the bias)
       and ``stride`` keeps every s-th pixel; both are applied to the input before the product;
     * channels_last input ``(N, H, W, C)`` in memory is already a ``(N*H*W, C)`` matrix: one GEMM
-      with no copy (oneDNN's on CPU where available, see :func:`_rows_product`), and the output
+      with no copy (oneDNN's on CPU where available, in fp32 through convlab's native op when it
+      built, see :func:`_rows_product`), and the output
       stays channels_last, as ``F.conv2d`` keeps it;
-    * contiguous NCHW input is ``N`` matrices ``(C, H*W)``: in fp32 on CPU, one oneDNN product
-      ``W @ x[n]`` per image on the input as it lies (aten's fp32 GEMMs run on MKL, at half oneDNN's
-      speed on some CPUs; see :class:`_ImagesPointwise`); otherwise one batched product with the
+    * contiguous NCHW input is ``N`` matrices ``(C, H*W)``: in fp32 on CPU, one batched oneDNN product
+      ``W @ x[n]`` written into the output where convlab's native op built (models/native.py), else one
+      per image on the input as it lies (aten's fp32 GEMMs run on MKL, at half oneDNN's speed on some
+      CPUs; see :class:`_ImagesPointwise`); otherwise one batched product with the
       bias fused into it and a hand-written backward (see :class:`_BatchedPointwise`), and images
       smaller than ``FOLD_MAX_PIXELS`` pixels folded into one product ``W @ (C, N*H*W)`` with a
       copy in and out (thin per-image products waste the GEMM kernel);

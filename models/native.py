@@ -112,10 +112,10 @@ def matmul_out() -> Callable[..., None] | None:
         _STATUS["state"] = f"unavailable ({error})"
         warnings.warn(f"convlab: native matmul_out {_STATUS['state']}; pointwise_conv2d runs its Python lowering", stacklevel=2)
         return None
-    _STATUS["state"] = f"loaded ({library})"
+    _STATUS["state"] = "loaded"
     return op
 
 
 def status() -> str:
-    """Where the native op stands in this process: ``loaded (<path>)``, ``off``, ``unavailable (why)`` or ``not loaded``."""
+    """Where the native op stands in this process: ``loaded``, ``off (...)``, ``unavailable (why)`` or ``not loaded``."""
     return _STATUS["state"]
