@@ -250,8 +250,8 @@ def _weight_grad(grad: Tensor, rows: Tensor) -> Tensor:
     """``dW = dY^T X`` for ``grad`` ``(M, K)``, ``rows`` ``(M, C)``: a reduction over the M rows.
 
     In fp32 on CPU with convlab's native product, one oneDNN product on the transposed view of dY.
-    Without it, the paths below. One GEMM with a small (K, C) output and a longer M-row reduction leaves the BLAS threads
-    little to share. With T > 1 threads, M >= C*K and M a multiple of T, the rows are cut into T
+    Without it, the paths below. One GEMM with a small (K, C) output and a longer M-row reduction
+    leaves the BLAS threads little to share. With T > 1 threads, M >= C*K and M a multiple of T, the rows are cut into T
     slabs, one batched product ``(T, C, M/T) @ (T, M/T, K)`` gives T partial gradients and a sum
     adds them. Measured on a 2-core AVX-512 CPU (an earlier host), 2 threads, N=8: the fp32 weight gradient of
     MobileNet's 32->64 @112 layer 4.8 -> 3.8 ms and of 32->512 @56 7.9 -> 6.5 ms; forward+backward
@@ -384,8 +384,9 @@ def _images_input_grad(grad: Tensor, w2d: Tensor) -> Tensor:
         mm(w2d.t().contiguous().unsqueeze(0), grad, grad_x, 0.0)  # (1, C, K) @ (N, K, P), W^T broadcast over images
         return grad_x
     if n and p < PER_IMAGE_MIN_PIXELS:
-        # Small images: one product over the whole batch after a transposing copy: (N*P, K) @ W (K, C),
-        # W read as it lies (see _weight_operand).
+        # Small images: one product over the whole batch after a transposing copy, (N*P, K) @ W (K, C) with W
+        # read as it lies (see _weight_operand), beats N thin ones (one-off A/B without the native product, N=8,
+        # 2 threads, dX + dW: 512->1024 @7 2.94 -> 2.03 ms, 256->512 @14 2.50 -> 2.09; 28x28 ran 1.2-1.3x slower).
         rows_g = grad.transpose(1, 2).reshape(n * p, k)
         return _onednn_nt(rows_g, _weight_operand(w2d.t(), n * p)).view(n, p, c).transpose(1, 2).contiguous()
     w_t = w2d.t().contiguous()  # (C, K)
@@ -421,7 +422,8 @@ class _ImagesPointwise(torch.autograd.Function):
     ``(1, C, K) @ (N, K, P)``, the weight broadcast over images and the result written in place; from
     ``PER_IMAGE_MIN_PIXELS`` the weight gradient too, ``(N, K, P) @ (N, P, C)`` summed over images.
     Forward against torch's convolution, 2 threads, N=8, with the benchmark's three contenders in
-    rotation: 1.13-1.51x on the pointwise suite's layers from 28x28 up; one-off A/B on eight 14x14
+    rotation: 1.09-1.52x on the pointwise suite's layers from 28x28 up (``benchmarks/pointwise.md``,
+    three passes); one-off A/B on eight 14x14
     and 7x7 layers (the suite's and MobileNet v2's), twice: at 14x14 0.99-1.03x against 0.94-0.97x
     folded, at 7x7 0.77-1.14x (under 0.9x in 9 of 12) against 0.87-1.05x folded, which smaller
     images therefore keep. The rest of this docstring is the lowering without the native op, which
