@@ -340,6 +340,25 @@ def _op_names(fn) -> list[str]:
     return ops.names
 
 
+def dispatch_and_compare(x, w, b, g, *, atol=1e-5):
+    """The ops one forward + backward of ``pointwise_conv2d(x, w, b)`` dispatches, and its output, after
+    checking that output and the gradients of x, w and b (for an upstream gradient drawn from ``g``) against F.conv2d."""
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    upstream = torch.randn(x.shape[0], w.shape[0], *x.shape[2:], generator=g)
+
+    def step():
+        out = pointwise_conv2d(x, w, b)
+        return out, torch.autograd.grad(out, leaves, upstream)
+
+    names = _op_names(step)
+    (ours, grads), ref = step(), F.conv2d(x, w, b)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=atol)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    return names, ours
+
+
 def _needs_onednn_fp32() -> None:
     from models.functional import _onednn_linear_dtypes
 
@@ -375,14 +394,8 @@ def test_nchw_fp32_cpu_runs_on_onednn_and_matches_conv(python_lowering, case, bi
     g = torch.Generator().manual_seed(sum(case))
     x, w = torch.randn(n, c, h, w_, generator=g), torch.randn(k, c, 1, 1, generator=g) / c**0.5
     b = torch.randn(k, generator=g) if bias else None
-    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
-    upstream = torch.randn(n, k, h, w_, generator=g)
-
-    def step():
-        out = pointwise_conv2d(x, w, b)
-        return out, torch.autograd.grad(out, leaves, upstream)
-
-    names = _op_names(step)
+    names, ours = dispatch_and_compare(x, w, b, g)
+    assert ours.is_contiguous()  # NCHW in, NCHW out, as F.conv2d
     per_image = h * w_ >= PER_IMAGE_MIN_PIXELS
     # Per image: a product per image each way (forward, dX, dW). Over the batch: one each way.
     assert names.count("mkldnn._linear_pointwise") == (3 * n if per_image else 3), names
@@ -390,11 +403,6 @@ def test_nchw_fp32_cpu_runs_on_onednn_and_matches_conv(python_lowering, case, bi
     # Copies, never one of x per image. Per image: W^T for dX. Over the batch: x transposed to rows (forward),
     # then in the backward dY to rows, dX back from rows, and dY and x to (channels, pixels) for dW.
     assert names.count("aten.clone") == (1 if per_image else 5), names
-    (ours, grads), ref = step(), F.conv2d(x, w, b)
-    assert ours.is_contiguous() and ours.shape == ref.shape  # NCHW in, NCHW out, as F.conv2d
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, torch.autograd.grad(ref, leaves, upstream)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 # (input maker, stride): views that are not a contiguous tensor's layout, and 1-pixel-high images whose stepped

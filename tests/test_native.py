@@ -7,10 +7,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import native, pointwise_conv2d
-from tests.test_functional import _assert_matches_conv, _op_names
+from tests.test_functional import _assert_matches_conv, _op_names, dispatch_and_compare
 
 
 def _needs_native():
@@ -77,20 +76,9 @@ def test_pointwise_takes_the_native_product_and_matches_conv(case):
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(k, c, 1, 1, generator=g) / c**0.5
     b = torch.randn(k, generator=g) if bias else None
-    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
-    upstream = torch.randn(n, k, h, w_, generator=g)
-
-    def step():
-        out = pointwise_conv2d(x, w, b)
-        return out, torch.autograd.grad(out, leaves, upstream)
-
-    names = _op_names(step)
+    names, ours = dispatch_and_compare(x, w, b, g, atol=1e-4)
     assert names.count("convlab.matmul_out") == expected and "aten.convolution" not in names, names
-    (ours, grads), ref = step(), F.conv2d(x, w, b)
     assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
-    for got, want in zip(grads, torch.autograd.grad(ref, leaves, upstream)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_absent_native_op_falls_back_with_one_warning(monkeypatch):
