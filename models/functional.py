@@ -121,9 +121,17 @@ def _canonical(t: Tensor) -> Tensor:
     return t if list(t.stride()) == strides else t.as_strided(t.shape, strides)
 
 
+# Dtypes the native product was measured for (fp32 against MKL and oneDNN's inner product; bf16 channels_last).
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _native_matmul(*operands: Tensor) -> Callable[..., None] | None:
-    """convlab's native ``matmul_out(a, b, out, beta)`` (models/native.py) for non-empty fp32 CPU operands, eagerly; else None."""
-    if torch.compiler.is_compiling() or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.numel() for t in operands):
+    """convlab's native ``matmul_out(a, b, out, beta)`` (models/native.py) for non-empty CPU operands of one
+    dtype in ``NATIVE_DTYPES``, eagerly; else None."""
+    dtype = operands[0].dtype
+    if torch.compiler.is_compiling() or dtype not in NATIVE_DTYPES:
+        return None
+    if any(t.dtype != dtype or t.device.type != "cpu" or not t.numel() for t in operands):
         return None
     return native.matmul_out()
 
@@ -148,16 +156,20 @@ def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     On CPU it runs oneDNN's matrix product where this torch has one for the dtype: for the tall,
     thin matrices of a 1x1 convolution (M = N*H*W rows, C and K in the tens) it is up to 1.7x faster
     than the BLAS ``sgemm`` behind ``F.linear`` on a 2-core AVX-512 CPU (see ``benchmarks/pointwise.md``).
-    In fp32 that is convlab's native product (oneDNN's matmul primitive, which reads the weight as it
-    lies) when it loaded, and with a bias only from ``NATIVE_BIAS_MIN_IN`` input channels: the bias
-    then costs a pass over the output, which oneDNN's inner product saves by adding it as it writes.
-    One-off A/B (2 threads, N=8, the pointwise suite's channels_last layers, against torch's
-    convolution): without a bias the native product read 0.94-1.40x, the inner product 0.76-1.33x;
-    with a bias from 128 input channels native 0.90-1.38x against 0.75-1.32x, at 64 a tie, at 32
-    0.62-0.88x against 0.84-0.94x.
+    In fp32 and bf16 that is convlab's native product (oneDNN's matmul primitive, which reads the
+    weight as it lies) when it loaded; with a bias only in fp32 from ``NATIVE_BIAS_MIN_IN`` input
+    channels: the bias then costs a pass over the output, which oneDNN's inner product saves by
+    adding it as it writes. One-off A/Bs (2 threads, N=8, the pointwise suite's channels_last
+    layers, against torch's convolution): fp32 without a bias the native product read 0.94-1.40x,
+    the inner product 0.76-1.33x; with a bias from 128 input channels native 0.90-1.38x against
+    0.75-1.32x, at 64 a tie, at 32 0.62-0.88x against 0.84-0.94x. bf16 without a bias native
+    0.97-1.39x against 0.86-1.31x; with one native 0.50-1.32x against 0.89-1.32x (the bf16 pass
+    costs more), so bf16 with a bias stays on the inner product. ``dX = dY W``: native on all 12,
+    fp32 and bf16 (bf16 1024->1024 @7 1.25 -> 0.89 ms).
     """
     m = rows.shape[0]
-    mm = _native_matmul(rows, w2d) if bias is None or rows.shape[1] >= NATIVE_BIAS_MIN_IN else None
+    fp32_wide = rows.dtype == torch.float32 and rows.shape[1] >= NATIVE_BIAS_MIN_IN
+    mm = _native_matmul(rows, w2d) if bias is None or fp32_wide else None
     if mm is not None:
         out = rows.new_empty(m, w2d.shape[0])
         mm(_matmul_operand(rows), _matmul_operand(w2d).t(), out, 0.0)  # (M, C) @ (C, K)
@@ -249,8 +261,8 @@ def _onednn_weight_grad_available() -> bool:
 def _weight_grad(grad: Tensor, rows: Tensor) -> Tensor:
     """``dW = dY^T X`` for ``grad`` ``(M, K)``, ``rows`` ``(M, C)``: a reduction over the M rows.
 
-    In fp32 on CPU with convlab's native product, one oneDNN product on the transposed view of dY.
-    Without it, the paths below. One GEMM with a small (K, C) output and a longer M-row reduction
+    In fp32 or bf16 on CPU with convlab's native product, one oneDNN product on the transposed view
+    of dY (in bf16 the kernel aten's ``mm`` also runs, timed the same). Without it, the paths below. One GEMM with a small (K, C) output and a longer M-row reduction
     leaves the BLAS threads little to share. With T > 1 threads, M >= C*K and M a multiple of T, the rows are cut into T
     slabs, one batched product ``(T, C, M/T) @ (T, M/T, K)`` gives T partial gradients and a sum
     adds them. Measured on a 2-core AVX-512 CPU (an earlier host), 2 threads, N=8: the fp32 weight gradient of

@@ -340,11 +340,12 @@ def _op_names(fn) -> list[str]:
     return ops.names
 
 
-def dispatch_and_compare(x, w, b, g, *, atol=1e-5):
-    """The ops one forward + backward of ``pointwise_conv2d(x, w, b)`` dispatches, and its output, after
-    checking that output and the gradients of x, w and b (for an upstream gradient drawn from ``g``) against F.conv2d."""
+def dispatch_and_compare(x, w, b, g, *, tol=(1e-5, 1e-5), grad_tol=(1e-4, 1e-4)):
+    """The ops one forward + backward of ``pointwise_conv2d(x, w, b)`` dispatches, and its output, after checking
+    that output and the gradients of x, w and b (for an upstream gradient drawn from ``g``) against F.conv2d,
+    each within ``(rtol, atol)``."""
     leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
-    upstream = torch.randn(x.shape[0], w.shape[0], *x.shape[2:], generator=g)
+    upstream = torch.randn(x.shape[0], w.shape[0], *x.shape[2:], generator=g).to(x.dtype)
 
     def step():
         out = pointwise_conv2d(x, w, b)
@@ -352,10 +353,10 @@ def dispatch_and_compare(x, w, b, g, *, atol=1e-5):
 
     names = _op_names(step)
     (ours, grads), ref = step(), F.conv2d(x, w, b)
-    assert ours.shape == ref.shape
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=atol)
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=tol[0], atol=tol[1])
     for got, want in zip(grads, torch.autograd.grad(ref, leaves, upstream)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.float(), want.float(), rtol=grad_tol[0], atol=grad_tol[1])
     return names, ours
 
 
