@@ -145,35 +145,30 @@ def _matmul_operand(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-# fp32 channels_last products with a bias run on the native product (then a pass adding the bias) from this
-# many input channels C; with fewer, oneDNN's inner product, which adds the bias as it writes (see _rows_product).
-NATIVE_BIAS_MIN_IN = 128
-
-
 def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     """``rows @ w2d^T + bias`` for ``rows`` ``(M, C)``, ``w2d`` ``(K, C)``: one matrix product, no autograd.
 
     On CPU it runs oneDNN's matrix product where this torch has one for the dtype: for the tall,
     thin matrices of a 1x1 convolution (M = N*H*W rows, C and K in the tens) it is up to 1.7x faster
     than the BLAS ``sgemm`` behind ``F.linear`` on a 2-core AVX-512 CPU (see ``benchmarks/pointwise.md``).
-    In fp32 and bf16 that is convlab's native product (oneDNN's matmul primitive, which reads the
-    weight as it lies) when it loaded; with a bias only in fp32 from ``NATIVE_BIAS_MIN_IN`` input
-    channels: the bias then costs a pass over the output, which oneDNN's inner product saves by
-    adding it as it writes. One-off A/Bs (2 threads, N=8, the pointwise suite's channels_last
-    layers, against torch's convolution): fp32 without a bias the native product read 0.94-1.40x,
-    the inner product 0.76-1.33x; with a bias from 128 input channels native 0.90-1.38x against
-    0.75-1.32x, at 64 a tie, at 32 0.62-0.88x against 0.84-0.94x. bf16 without a bias native
-    0.97-1.39x against 0.86-1.31x; with one native 0.50-1.32x against 0.89-1.32x (the bf16 pass
-    costs more), so bf16 with a bias stays on the inner product. ``dX = dY W``: native on all 12,
-    fp32 and bf16 (bf16 1024->1024 @7 1.25 -> 0.89 ms).
+    Without a bias, in fp32 and bf16, that is convlab's native product (oneDNN's matmul primitive,
+    which reads the weight as it lies) when it loaded; with a bias, oneDNN's inner product, which
+    adds it as it writes, where the native product needs a pass over the output for it. One-off
+    A/Bs (2 threads, N=8, the pointwise suite's channels_last layers, against torch's convolution):
+    fp32 without a bias the native product read 0.94-1.40x, the inner product 0.76-1.33x; with a
+    bias, the native product and its pass against the inner product (the layout _weight_operand
+    picks) on five layers in three rounds, 128->128 @56 0.77-0.90x against 0.75-0.96x (a tie),
+    128->256 @28, 256->256 @28 and 256->512 @14 0.78-1.00x against 0.92-1.02x, 32->512 @56
+    0.62-0.63x against 0.84-0.95x. bf16
+    without a bias 0.97-1.39x against 0.86-1.31x; with one 0.50-1.32x against 0.89-1.32x.
+    ``dX = dY W``: native faster on all 12, fp32 and bf16 (bf16 1024->1024 @7 1.25 -> 0.89 ms).
     """
     m = rows.shape[0]
-    fp32_wide = rows.dtype == torch.float32 and rows.shape[1] >= NATIVE_BIAS_MIN_IN
-    mm = _native_matmul(rows, w2d) if bias is None or fp32_wide else None
+    mm = _native_matmul(rows, w2d) if bias is None else None
     if mm is not None:
         out = rows.new_empty(m, w2d.shape[0])
         mm(_matmul_operand(rows), _matmul_operand(w2d).t(), out, 0.0)  # (M, C) @ (C, K)
-        return out if bias is None else out.add_(bias)
+        return out
     if rows.device.type == "cpu" and m and rows.dtype in _onednn_linear_dtypes() and w2d.dtype == rows.dtype:
         # A sliced or expanded bias read as it lies gave wrong values, and oneDNN refuses overlapping
         # strides: every operand goes in with a contiguous tensor's strides.

@@ -48,8 +48,8 @@ def test_matmul_out_writes_the_product_in_place():
 # (N, C, K, H, W, channels_last, bias, native products expected over forward, dX and dW)
 NATIVE_CASES = [
     (2, 16, 24, 5, 7, True, False, 3),
-    (2, 128, 24, 3, 5, True, True, 3),  # a bias, from NATIVE_BIAS_MIN_IN input channels: the native product, then the bias
-    (2, 16, 24, 5, 7, True, True, 2),  # a bias on few input channels: the inner product's fused bias forward
+    (2, 16, 24, 5, 7, True, True, 2),  # a bias: the forward on the inner product, which adds it as it writes
+    (2, 128, 24, 3, 5, True, True, 2),
     (3, 12, 20, 29, 31, False, True, 3),  # NCHW, H*W >= PER_IMAGE_MIN_PIXELS: one batched product each way
     (2, 40, 24, 28, 28, False, False, 3),
     (3, 24, 40, 14, 14, False, True, 2),  # H*W >= NATIVE_MIN_PIXELS: dW folds the batch, on the inner product
@@ -62,12 +62,12 @@ NATIVE_CASES = [
 )
 def test_pointwise_takes_the_native_product_and_matches_conv(case):
     """fp32 on CPU, the forward and both gradients run where the rules send them and equal F.conv2d."""
-    from models.functional import NATIVE_BIAS_MIN_IN, NATIVE_MIN_PIXELS, PER_IMAGE_MIN_PIXELS
+    from models.functional import NATIVE_MIN_PIXELS, PER_IMAGE_MIN_PIXELS
 
     _needs_native()
     n, c, k, h, w_, channels_last, bias, expected = case
-    if channels_last:  # dX and dW always; the forward unless a bias meets few input channels
-        assert expected == 2 + (not bias or c >= NATIVE_BIAS_MIN_IN)
+    if channels_last:  # dX and dW always; the forward without a bias
+        assert expected == 2 + (not bias)
     else:  # the forward and dX from NATIVE_MIN_PIXELS, dW from PER_IMAGE_MIN_PIXELS
         assert expected == 2 * (h * w_ >= NATIVE_MIN_PIXELS) + (h * w_ >= PER_IMAGE_MIN_PIXELS)
     g = torch.Generator().manual_seed(sum(case))
@@ -84,7 +84,7 @@ def test_pointwise_takes_the_native_product_and_matches_conv(case):
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_channels_last_takes_the_native_product_where_measured(bias):
     """bf16 channels_last: dX and dW on the native product; the forward too unless it has a bias (then the inner
-    product, whose fused bias the bf16 pass after the native product lost to). Values as F.conv2d's, to bf16 precision."""
+    product, which adds it as it writes). Values as F.conv2d's, to bf16 precision."""
     _needs_native()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 16, 5, 7, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
