@@ -27,7 +27,7 @@ def test_builds_where_a_compiler_is():
 
 
 def test_matmul_out_writes_the_product_in_place():
-    """2-d, transposed operands read as they lie, batched 3-d with an expanded operand; beta=1 adds onto out."""
+    """2-d, transposed operands read as they lie, batched 3-d with an expanded or broadcast operand; beta=1 adds onto out."""
     _needs_native()
     mm = native.matmul_out()
     g = torch.Generator().manual_seed(0)
@@ -40,9 +40,10 @@ def test_matmul_out_writes_the_product_in_place():
     assert out.data_ptr() == ptr
     torch.testing.assert_close(out, 2 * (a.double() @ b.double().t()).float(), rtol=1e-5, atol=1e-5)
     x3, w = torch.randn(3, 16, 29, generator=g), torch.randn(8, 16, generator=g)
-    out3 = torch.empty(3, 8, 29)
-    mm(w.expand(3, 8, 16), x3, out3, 0.0)
-    torch.testing.assert_close(out3, torch.stack([w @ x for x in x3]), rtol=1e-5, atol=1e-5)
+    for weight in (w.expand(3, 8, 16), w.unsqueeze(0)):  # a copy per image; a batch of 1, broadcast
+        out3 = torch.empty(3, 8, 29)
+        mm(weight, x3, out3, 0.0)
+        torch.testing.assert_close(out3, torch.stack([w @ x for x in x3]), rtol=1e-5, atol=1e-5)
 
 
 # (N, C, K, H, W, channels_last, bias, native products expected over forward, dX and dW)
