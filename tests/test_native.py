@@ -46,6 +46,24 @@ def test_matmul_out_writes_the_product_in_place():
         torch.testing.assert_close(out3, torch.stack([w @ x for x in x3]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "a, b, out, match",
+    [
+        ((4, 3), (5, 2), (4, 2), r"shapes \[4, 3\] @ \[5, 2\] do not give \[4, 2\]"),
+        ((4, 3), (3, 2), (4, 5), r"do not give \[4, 5\]"),
+        ((2, 4, 3), (3, 3, 2), (3, 4, 2), "batch sizes 2 and 3 do not broadcast to 3"),
+        ((4, 3), (1, 3, 2), (1, 4, 2), "operands must all be 2-d or all 3-d"),
+    ],
+)
+def test_matmul_out_refuses_shapes_that_do_not_fit(a, b, out, match):
+    """Mismatched operands are a RuntimeError naming the shapes, never an out-of-bounds read or write."""
+    _needs_native()
+    with pytest.raises(RuntimeError, match=match):
+        native.matmul_out()(torch.randn(a), torch.randn(b), torch.empty(out), 0.0)
+    with pytest.raises(RuntimeError, match="one dtype for all three"):
+        native.matmul_out()(torch.randn(4, 3), torch.randn(3, 2).double(), torch.empty(4, 2), 0.0)
+
+
 # (N, C, K, H, W, channels_last, bias, native products expected over forward, dX and dW)
 NATIVE_CASES = [
     (2, 16, 24, 5, 7, True, False, 3),
