@@ -354,7 +354,8 @@ def _onednn_nt(a: Tensor, b: Tensor) -> Tensor:
 
 
 # With the native product, the NCHW forward and input gradient of images with at least this many pixels are one
-# batched product each; smaller images fold the batch into one product after transposing copies.
+# batched product each, the weight broadcast over images; smaller images fold the batch into the columns of one
+# product, after a copy (see _images_product).
 NATIVE_MIN_PIXELS = 196
 
 
@@ -363,11 +364,20 @@ def _images_product(x3: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     n, c, p = x3.shape
     k = w2d.shape[0]
     out = x3.new_empty(n, k, p)
-    mm = _native_matmul(x3, w2d) if p >= NATIVE_MIN_PIXELS else None
-    if mm is not None:
+    mm = _native_matmul(x3, w2d)
+    if mm is not None and p >= NATIVE_MIN_PIXELS:
         # (1, K, C) @ (N, C, P): one batched product, the weight broadcast over images, written in place.
         mm(w2d.unsqueeze(0), x3, out, 0.0)
         return out if bias is None else out.add_(bias.view(1, k, 1))
+    if mm is not None:
+        # Small images: (K, C) @ (C, N*P), the batch folded into the columns. Both copies move P-long runs,
+        # where the inner product's folded form below transposes x. One-off A/B, 2 threads, N=8, against
+        # torch's convolution: 0.99-1.07x on five 7x7 layers against 0.91-1.02x, and 0.78-0.98x broadcast.
+        cols = x3.transpose(0, 1).reshape(c, n * p)  # (C, N*P), a copy
+        product = x3.new_empty(k, n * p)
+        mm(w2d, cols, product, 0.0)
+        folded = product.view(k, n, p).transpose(0, 1)  # (K, N*P) read as (N, K, P)
+        return out.copy_(folded) if bias is None else torch.add(folded, bias.view(1, k, 1), out=out)
     if p >= PER_IMAGE_MIN_PIXELS:
         b = None if bias is None else bias.view(k, 1)
         # unbind: the N views in one call each (per-image indexing costs two ops an image)
@@ -385,11 +395,17 @@ def _images_input_grad(grad: Tensor, w2d: Tensor) -> Tensor:
     """``dx[n] = W^T @ dy[n]`` for ``grad`` ``(N, K, P)`` (canonical), ``w2d`` ``(K, C)``: the NCHW input gradient."""
     n, k, p = grad.shape
     c = w2d.shape[1]
-    mm = _native_matmul(grad, w2d) if p >= NATIVE_MIN_PIXELS else None
-    if mm is not None:
+    mm = _native_matmul(grad, w2d)
+    if mm is not None and p >= NATIVE_MIN_PIXELS:
         grad_x = grad.new_empty(n, c, p)
         mm(w2d.t().contiguous().unsqueeze(0), grad, grad_x, 0.0)  # (1, C, K) @ (N, K, P), W^T broadcast over images
         return grad_x
+    if mm is not None:
+        # Small images, as in the forward: W^T (C, K) @ dY folded to (K, N*P). One-off A/B, 2 threads, N=8: faster
+        # than the inner product's folded form on all eight 7x7 and 14x14 layers (1024->1024 @7 2.04 -> 1.78 ms).
+        product = grad.new_empty(c, n * p)
+        mm(w2d.t(), grad.transpose(0, 1).reshape(k, n * p), product, 0.0)
+        return product.view(c, n, p).transpose(0, 1).contiguous()
     if n and p < PER_IMAGE_MIN_PIXELS:
         # Small images: one product over the whole batch after a transposing copy, (N*P, K) @ W (K, C) with W
         # read as it lies (see _weight_operand), beats N thin ones (one-off A/B without the native product, N=8,
@@ -428,13 +444,14 @@ class _ImagesPointwise(torch.autograd.Function):
     run the forward and the input gradient as one batched product each, ``(1, K, C) @ (N, C, P)`` and
     ``(1, C, K) @ (N, K, P)``, the weight broadcast over images and the result written in place; from
     ``PER_IMAGE_MIN_PIXELS`` the weight gradient too, ``(N, K, P) @ (N, P, C)`` summed over images.
-    Forward against torch's convolution, 2 threads, N=8, with the benchmark's three contenders in
-    rotation: 1.09-1.52x on the pointwise suite's layers from 28x28 up (``benchmarks/pointwise.md``,
-    three passes); one-off A/B on eight 14x14
-    and 7x7 layers (the suite's and MobileNet v2's), twice: at 14x14 0.99-1.03x against 0.94-0.97x
-    folded, at 7x7 0.77-1.14x (under 0.9x in 9 of 12) against 0.87-1.05x folded, which smaller
-    images therefore keep. The rest of this docstring is the lowering without the native op, which
-    also runs for those small images.
+    Smaller images fold the batch into the columns of one native product, ``W @ (C, N*P)`` and
+    ``W^T @ (K, N*P)``, after copies of P-long runs; their weight gradient stays on the inner
+    product's folded form below (timed the same as native there). Forward against torch's
+    convolution, 2 threads, N=8, with the benchmark's three contenders in rotation: 1.09-1.52x on
+    the pointwise suite's layers from 28x28 up (``benchmarks/pointwise.md``, three passes); one-off
+    A/B on eight 14x14 and 7x7 layers (the suite's and MobileNet v2's), twice: broadcast at 14x14
+    0.99-1.03x against 0.94-0.97x folded on the inner product, at 7x7 0.77-1.14x (under 0.9x in 9
+    of 12), hence the fold there. The rest of this docstring is the lowering without the native op.
 
     For fp32, aten's matrix products (``bmm``, ``mm``) run on MKL's ``sgemm``, which on a 2-core AMD
     EPYC (family 26) reaches about 200 GFLOP/s where oneDNN's product reaches 460, so the batched

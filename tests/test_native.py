@@ -72,7 +72,7 @@ NATIVE_CASES = [
     (3, 12, 20, 29, 31, False, True, 3),  # NCHW, H*W >= PER_IMAGE_MIN_PIXELS: one batched product each way
     (2, 40, 24, 28, 28, False, False, 3),
     (3, 24, 40, 14, 14, False, True, 2),  # H*W >= NATIVE_MIN_PIXELS: dW folds the batch, on the inner product
-    (4, 16, 40, 7, 7, False, True, 0),  # smaller: all three fold the batch, on the inner product
+    (4, 16, 40, 7, 7, False, True, 2),  # smaller: the forward and dX fold the batch on the native product, dW as above
 ]
 
 
@@ -87,8 +87,8 @@ def test_pointwise_takes_the_native_product_and_matches_conv(case):
     n, c, k, h, w_, channels_last, bias, expected = case
     if channels_last:  # dX and dW always; the forward without a bias
         assert expected == 2 + (not bias)
-    else:  # the forward and dX from NATIVE_MIN_PIXELS, dW from PER_IMAGE_MIN_PIXELS
-        assert expected == 2 * (h * w_ >= NATIVE_MIN_PIXELS) + (h * w_ >= PER_IMAGE_MIN_PIXELS)
+    else:  # the forward and dX always (broadcast from NATIVE_MIN_PIXELS, folded below), dW from PER_IMAGE_MIN_PIXELS
+        assert expected == 2 + (h * w_ >= PER_IMAGE_MIN_PIXELS)
     g = torch.Generator().manual_seed(sum(case))
     x = torch.randn(n, c, h, w_, generator=g)
     if channels_last:
@@ -98,6 +98,9 @@ def test_pointwise_takes_the_native_product_and_matches_conv(case):
     names, ours = dispatch_and_compare(x, w, b, g, tol=(1e-5, 1e-4))
     assert names.count("convlab.matmul_out") == expected and "aten.convolution" not in names, names
     assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if not channels_last:  # the broadcast forward reads x as it lies; the folded one copies it into (C, N*P) columns
+        forward = _op_names(lambda: pointwise_conv2d(x.detach(), w.detach(), None if b is None else b.detach()))
+        assert ("aten.clone" in forward) == (h * w_ < NATIVE_MIN_PIXELS), forward
 
 
 @pytest.mark.parametrize("bias", [False, True])
