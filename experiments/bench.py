@@ -1134,7 +1134,7 @@ def _peak_source(peak: dict[str, Any]) -> str:
 
 
 def _native_status() -> str:
-    """Whether pointwise_conv2d's native product (models/native.py) loaded for this run: it decides the fp32 CPU paths."""
+    """Whether pointwise_conv2d's native product (models/native.py) loaded for this run: it decides its CPU paths."""
     from models import native
 
     native.matmul_out()  # builds it now if it is not built yet, outside any timing
