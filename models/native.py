@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,9 +36,12 @@ _LIBRARY_NAME = "convlab_native.so"
 
 
 def _compiler() -> str | None:
-    """The C++ compiler to build with: ``$CXX`` when set, else ``c++`` or ``g++`` on the PATH."""
+    """The C++ compiler to build with: ``$CXX`` when set (a command line, such as ``ccache g++``), else ``c++`` or
+    ``g++`` on the PATH; None when the program is not found."""
     if os.environ.get("CXX"):
-        return shutil.which(os.environ["CXX"])
+        words = shlex.split(os.environ["CXX"])
+        program = shutil.which(words[0]) if words else None
+        return shlex.join([program, *words[1:]]) if program else None
     return shutil.which("c++") or shutil.which("g++")
 
 
@@ -45,7 +49,7 @@ def _command(compiler: str, source: Path, target: Path) -> list[str]:
     torch_dir = Path(torch.__file__).parent
     lib = torch_dir / "lib"
     return [
-        compiler, "-O2", "-std=c++20", "-shared", "-fPIC", "-w",
+        *shlex.split(compiler), "-O2", "-std=c++20", "-shared", "-fPIC", "-w",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-I{torch_dir / 'include'}", str(source), "-o", str(target),
         f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}",
@@ -81,7 +85,8 @@ def build(cache: Path | None = None, compiler: str | None = None) -> Path:
         done = subprocess.run(_command(compiler, SOURCE, partial), capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
-            raise RuntimeError(f"{Path(compiler).name} failed (exit {done.returncode}): " + " | ".join(lines[:3]))
+            name = Path(shlex.split(compiler)[0]).name
+            raise RuntimeError(f"{name} failed (exit {done.returncode}): " + " | ".join(lines[:3]))
         os.replace(partial, target)
     return target
 

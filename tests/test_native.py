@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,13 @@ def test_build_errors_name_the_cause(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_compiler", lambda: None)
     with pytest.raises(RuntimeError, match=r"no C\+\+ compiler found"):
         native.build(cache=tmp_path)
+
+
+def test_cxx_is_a_command_line(monkeypatch):
+    """$CXX may carry a wrapper or flags (``ccache g++``): the program is looked up on the PATH, the words after it kept."""
+    monkeypatch.setenv("CXX", "true -O1")  # `true`: a program every Linux has
+    compiler = native._compiler()
+    assert compiler is not None and compiler.endswith("true -O1") and os.path.isabs(compiler.split()[0])
+    assert native._command(compiler, native.SOURCE, Path("x.so"))[:3] == [compiler.split()[0], "-O1", "-O2"]
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert native._compiler() is None
