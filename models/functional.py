@@ -257,10 +257,11 @@ def _weight_grad(grad: Tensor, rows: Tensor) -> Tensor:
     """``dW = dY^T X`` for ``grad`` ``(M, K)``, ``rows`` ``(M, C)``: a reduction over the M rows.
 
     In fp32 or bf16 on CPU with convlab's native product, one oneDNN product on the transposed view
-    of dY (in bf16 the kernel aten's ``mm`` also runs, timed the same). Without it, the paths below. One GEMM with a small (K, C) output and a longer M-row reduction
-    leaves the BLAS threads little to share. With T > 1 threads, M >= C*K and M a multiple of T, the rows are cut into T
-    slabs, one batched product ``(T, C, M/T) @ (T, M/T, K)`` gives T partial gradients and a sum
-    adds them. Measured on a 2-core AVX-512 CPU (an earlier host), 2 threads, N=8: the fp32 weight gradient of
+    of dY (in bf16 the kernel aten's ``mm`` also runs, timed the same). Without it, the paths below.
+    One GEMM with a small (K, C) output and a longer M-row reduction leaves the BLAS threads little
+    to share. With T > 1 threads, M >= C*K and M a multiple of T, the rows are cut into T slabs,
+    one batched product ``(T, C, M/T) @ (T, M/T, K)`` gives T partial gradients and a sum adds
+    them. Measured on a 2-core AVX-512 CPU (an earlier host), 2 threads, N=8: the fp32 weight gradient of
     MobileNet's 32->64 @112 layer 4.8 -> 3.8 ms and of 32->512 @56 7.9 -> 6.5 ms; forward+backward
     of those layers 12.6 -> 11.5 ms and 20.4 -> 19.2 ms fp32, 6.6 -> 5.9 ms and 12.6 -> 11.9 ms bf16.
     Split, fp32 128->256 @28 and 256->256 @28 (M = 6272 < C*K) ran 4-6% slower and 128->128 @56
@@ -369,26 +370,24 @@ def _images_product(x3: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
         # (1, K, C) @ (N, C, P): one batched product, the weight broadcast over images, written in place.
         mm(w2d.unsqueeze(0), x3, out, 0.0)
         return out if bias is None else out.add_(bias.view(1, k, 1))
-    if mm is not None:
-        # Small images: (K, C) @ (C, N*P), the batch folded into the columns. Both copies move P-long runs,
-        # where the inner product's folded form below transposes x. One-off A/B, 2 threads, N=8, against
-        # torch's convolution: 0.99-1.07x on five 7x7 layers against 0.91-1.02x, and 0.78-0.98x broadcast.
-        cols = x3.transpose(0, 1).reshape(c, n * p)  # (C, N*P), a copy
-        product = x3.new_empty(k, n * p)
-        mm(w2d, cols, product, 0.0)
-        folded = product.view(k, n, p).transpose(0, 1)  # (K, N*P) read as (N, K, P)
-        return out.copy_(folded) if bias is None else torch.add(folded, bias.view(1, k, 1), out=out)
-    if p >= PER_IMAGE_MIN_PIXELS:
+    if mm is None and p >= PER_IMAGE_MIN_PIXELS:
         b = None if bias is None else bias.view(k, 1)
         # unbind: the N views in one call each (per-image indexing costs two ops an image)
         for image, o in zip(x3.transpose(1, 2).unbind(0), out.unbind(0)):
             y = _onednn_nt(w2d, image)  # (K, C) @ (P, C)^T -> (K, P)
             o.copy_(y) if b is None else torch.add(y, b, out=o)
+        return out
+    # Small images: one (K, N*P) product, the batch folded into its columns. With the native product,
+    # (K, C) @ (C, N*P) after a copy of P-long runs; without it, oneDNN's inner product on a transposing copy
+    # (N*P, C) (a view for one image). One-off A/B, 2 threads, N=8, against torch's convolution: native
+    # 0.99-1.07x on five 7x7 layers, against 0.91-1.02x on the inner product and 0.78-0.98x broadcast.
+    if mm is not None:
+        product = x3.new_empty(k, n * p)
+        mm(w2d, x3.transpose(0, 1).reshape(c, n * p), product, 0.0)
     else:
-        rows = x3.transpose(1, 2).reshape(n * p, c)  # (N*P, C): a transposing copy (a view for one image)
-        cols = _onednn_nt(w2d, rows).view(k, n, p).transpose(0, 1)  # (K, N*P) read as (N, K, P)
-        out.copy_(cols) if bias is None else torch.add(cols, bias.view(1, k, 1), out=out)
-    return out
+        product = _onednn_nt(w2d, x3.transpose(1, 2).reshape(n * p, c))
+    folded = product.view(k, n, p).transpose(0, 1)  # (K, N*P) read as (N, K, P)
+    return out.copy_(folded) if bias is None else torch.add(folded, bias.view(1, k, 1), out=out)
 
 
 def _images_input_grad(grad: Tensor, w2d: Tensor) -> Tensor:

@@ -101,7 +101,8 @@ def matmul_out() -> Callable[..., None] | None:
     ``a`` and ``b`` are 2-d, or batched 3-d (a batch of 1 broadcasts over the other's), on CPU in one
     floating dtype; the product ``a @ b`` is written into ``out`` (``beta=1`` adds it to what ``out``
     holds). Operands that are neither contiguous nor the transpose of a contiguous matrix (in 3-d,
-    of each matrix in the batch; an ``expand``-ed weight is neither) are first copied by torch. The first call builds and loads the library; later calls are free.
+    of each matrix in the batch; an ``expand``-ed weight is neither) are first copied by torch. The
+    first call builds and loads the library; later calls are free.
     """
     if os.environ.get("CONVLAB_NATIVE", "1") == "0":
         _STATUS["state"] = "off (CONVLAB_NATIVE=0)"
