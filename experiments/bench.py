@@ -1058,7 +1058,13 @@ def run_benchmarks(suite: str, options: BenchOptions, out: str | Path = "benchma
         torch.set_num_threads(options.threads)
     malloc = set_malloc(options.malloc) if device.type == "cpu" else "n/a"
     try:
-        env = {**env_info(device), "cpu_flags": _cpu_flags(), "cpu_count": os.cpu_count(), "malloc": malloc, "native": _native_status()}
+        env = {
+            **env_info(device),
+            "cpu_flags": _cpu_flags(),
+            "cpu_count": os.cpu_count(),
+            "malloc": malloc,
+            "native": _native_status(device),
+        }
         log.info("benchmark %s on %s (%s), %d threads, torch %s", suite, device, env["device_name"], env["threads"], env["torch"])
         peak, bandwidth = measure_machine(device, options)
         reports, files = {}, []
@@ -1133,8 +1139,11 @@ def _peak_source(peak: dict[str, Any]) -> str:
     return f"{backend}, median; best {peak['best_gflops']:.1f}{others}"
 
 
-def _native_status() -> str:
-    """Whether pointwise_conv2d's native product (models/native.py) loaded for this run: it decides its CPU paths."""
+def _native_status(device: torch.device) -> str:
+    """Whether pointwise_conv2d's native product (models/native.py) loaded for this run: it decides its CPU paths,
+    so a run on another device neither builds it nor reports it."""
+    if device.type != "cpu":
+        return "n/a (CPU only)"
     from models import native
 
     native.matmul_out()  # builds it now if it is not built yet, outside any timing

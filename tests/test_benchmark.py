@@ -524,8 +524,10 @@ def test_cli_json(tmp_path):
     assert "peak fp32" in proc.stderr
     report = result["reports"]["pointwise"]
     assert report["options"]["size"] == "tiny" and report["env"]["malloc"].startswith(("steady", "default (mallopt"))
+    assert report["env"]["native"].startswith(("loaded", "off", "unavailable")), report["env"]["native"]
     assert json.loads((tmp_path / "pointwise.json").read_text())["results"] == report["results"]
     markdown = (tmp_path / "pointwise.md").read_text()
+    assert f"native product {report['env']['native']}," in markdown
     batches = sorted({r["n"] for r in report["results"]})
     assert "| group |" in markdown and f"fwd (N={', '.join(map(str, batches))};" in markdown and "N=8" not in markdown  # tiny: not N=8
 
@@ -661,3 +663,10 @@ def test_baseline_times_every_step_asked_for_across_epochs():
     data = bench_train.load_data(cfg.data, seed=0)
     _, stats = bench_train._baseline(cfg, data, steps=5, warmup=2)  # 3 batches an epoch, 7 steps
     assert stats["steps"] == 7 and stats["img_per_s"] > 0
+
+
+def test_native_status_is_cpu_only():
+    """A run on another device neither builds the CPU-only native product nor reports it as loaded."""
+    from experiments.bench import _native_status
+
+    assert _native_status(torch.device("meta")) == "n/a (CPU only)"
