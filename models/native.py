@@ -1,4 +1,4 @@
-"""convlab's native op, ``torch.ops.convlab.matmul_out``: built from ``models/csrc`` on first use, else absent.
+"""convlab's native ops, ``torch.ops.convlab.matmul_out`` and ``linear_out``: built from ``models/csrc`` on first use, else absent.
 
 pointwise_conv2d lowers a 1x1 convolution to matrix products. From Python, torch offers fp32 CPU
 products only on its BLAS (MKL's ``sgemm``, at half oneDNN's speed on some CPUs, see
@@ -6,11 +6,14 @@ products only on its BLAS (MKL's ``sgemm``, at half oneDNN's speed on some CPUs,
 ``at::native::mkldnn_matmul``, the oneDNN matrix product torch itself runs for bf16 ``mm``/``bmm``:
 it reads 2-d or batched 3-d operands by their strides and writes ``out = beta * out + a @ b`` into
 a given tensor, so an NCHW image's product lands in place and transposed operands cost no copy.
+``linear_out`` is convlab's own fp32 kernel for ``x @ w^T + bias`` on AVX-512 CPUs
+(``csrc/avx512_linear.cpp``): it adds the bias in the registers, where oneDNN's matmul takes none.
 
 The op is compiled once per torch build and source, with the C++ compiler found as ``$CXX``,
 ``c++`` or ``g++`` (about 4 s), into ``$CONVLAB_CACHE`` (default ``~/.cache/convlab``)
 ``/native/<key>/``. With no compiler, a failed build or ``CONVLAB_NATIVE=0``, :func:`matmul_out`
-returns None and pointwise_conv2d runs its pure-Python lowering instead (one warning says why).
+and :func:`linear_out` return None and pointwise_conv2d runs its pure-Python lowering instead (one
+warning says why); on a CPU without AVX-512F only :func:`linear_out` is None.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SOURCE", "build", "matmul_out", "status"]
+__all__ = ["SOURCES", "build", "linear_out", "matmul_out", "status"]
 
-SOURCE = Path(__file__).parent / "csrc" / "onednn_matmul.cpp"
+SOURCES = (Path(__file__).parent / "csrc" / "onednn_matmul.cpp", Path(__file__).parent / "csrc" / "avx512_linear.cpp")
 _LIBRARY_NAME = "convlab_native.so"
 
 
@@ -45,13 +48,15 @@ def _compiler() -> str | None:
     return shutil.which("c++") or shutil.which("g++")
 
 
-def _command(compiler: str, source: Path, target: Path) -> list[str]:
+def _command(compiler: str, sources: tuple[Path, ...], target: Path) -> list[str]:
+    """The compile-and-link line. ``-fopenmp``: ``at::parallel_for``, a header template, compiles to an OpenMP
+    loop only with it (without it, serially); the library then loads the ``libgomp`` torch ships."""
     torch_dir = Path(torch.__file__).parent
     lib = torch_dir / "lib"
     return [
-        *shlex.split(compiler), "-O2", "-std=c++20", "-shared", "-fPIC", "-w",
+        *shlex.split(compiler), "-O2", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        f"-I{torch_dir / 'include'}", str(source), "-o", str(target),
+        f"-I{torch_dir / 'include'}", *map(str, sources), "-o", str(target),
         f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}",
     ]  # fmt: skip
 
@@ -61,7 +66,7 @@ def _cache_dir() -> Path:
 
 
 def build(cache: Path | None = None, compiler: str | None = None) -> Path:
-    """Compile :data:`SOURCE` against this torch, once per (source, torch build, compiler); return the library.
+    """Compile :data:`SOURCES` against this torch, once per (sources, torch build, compiler); return the library.
 
     The key hashes all three, so a new torch or an edited source builds afresh. The library is
     written under a temporary name and renamed into place, so processes building at once (a
@@ -74,7 +79,7 @@ def build(cache: Path | None = None, compiler: str | None = None) -> Path:
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     cache = cache or _cache_dir()
-    key_parts = [SOURCE.read_bytes(), torch.__version__.encode(), str(torch.version.git_version).encode(), compiler.encode()]
+    key_parts = [*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), str(torch.version.git_version).encode(), compiler.encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     target = cache / key / _LIBRARY_NAME
     if target.exists():
@@ -82,7 +87,7 @@ def build(cache: Path | None = None, compiler: str | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / _LIBRARY_NAME
-        done = subprocess.run(_command(compiler, SOURCE, partial), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        done = subprocess.run(_command(compiler, SOURCES, partial), capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             name = Path(shlex.split(compiler)[0]).name
@@ -122,6 +127,27 @@ def matmul_out() -> Callable[..., None] | None:
     return op
 
 
+# linear_out writes outputs of at least this many bytes with non-temporal stores (see pointwise's _rows_product).
+STREAM_MIN_BYTES = 4 << 20
+
+
+@functools.cache
+def linear_out() -> Callable[..., None] | None:
+    """``torch.ops.convlab.linear_out(x, w, bias, out, stream_min_bytes)`` where the library loaded and the CPU has
+    AVX-512F, else None.
+
+    Writes ``x @ w^T + bias`` into ``out``: fp32 CPU tensors, ``x`` ``(M, K)`` and ``out`` ``(M, N)`` with unit
+    column strides (any row stride), ``w`` ``(N, K)`` with any strides, ``bias`` ``(N,)`` or None. Outputs of at
+    least ``stream_min_bytes`` bytes (:data:`STREAM_MIN_BYTES` in convlab) bypass the cache.
+    """
+    if matmul_out() is None or not torch.ops.convlab.linear_supported():
+        return None
+    return torch.ops.convlab.linear_out
+
+
 def status() -> str:
-    """Where the native op stands in this process: ``loaded``, ``off (...)``, ``unavailable (why)`` or ``not loaded``."""
+    """Where the native ops stand in this process: ``loaded``, ``loaded, no AVX-512 kernel``, ``off (...)``,
+    ``unavailable (why)`` or ``not loaded``."""
+    if _STATUS["state"] == "loaded" and linear_out() is None:
+        return "loaded, no AVX-512 kernel"
     return _STATUS["state"]

@@ -24,7 +24,9 @@ def test_builds_where_a_compiler_is():
     if not (torch.backends.mkldnn.is_available() and os.uname().sysname == "Linux"):
         pytest.skip("needs Linux and a torch with oneDNN")
     assert native.matmul_out() is not None, native.status()
-    assert native.status() == "loaded"
+    assert native.status() in ("loaded", "loaded, no AVX-512 kernel")
+    has_avx512 = "avx512f" in Path("/proc/cpuinfo").read_text().split()
+    assert (native.linear_out() is not None) == has_avx512, native.status()
 
 
 def test_matmul_out_writes_the_product_in_place():
@@ -63,6 +65,81 @@ def test_matmul_out_refuses_shapes_that_do_not_fit(a, b, out, match):
         native.matmul_out()(torch.randn(a), torch.randn(b), torch.empty(out), 0.0)
     with pytest.raises(RuntimeError, match="one dtype for all three"):
         native.matmul_out()(torch.randn(4, 3), torch.randn(3, 2).double(), torch.empty(4, 2), 0.0)
+
+
+def _needs_linear():
+    _needs_native()
+    if native.linear_out() is None:
+        pytest.skip(f"native product {native.status()}")
+
+
+# (M, K, N): a row tail under the 6-row tile, column tails under the 64-column panel, reductions over more than
+# one 256-deep block, many parallel tasks
+LINEAR_SHAPES = [(1, 1, 1), (7, 3, 64), (50, 300, 70), (97, 257, 130), (13, 64, 16), (149, 512, 128), (200, 40, 192)]
+
+
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_out_matches_linear(shape, bias):
+    """``x @ w^T + bias`` for row, column and depth tails; ``w`` contiguous or a transposed view, ``x`` a column
+    slice of a wider matrix; the cache-bypassing stores (forced by a 0-byte threshold) and plain ones; an output
+    that is not 64-byte aligned. NaN in out beforehand: every element must be written."""
+    _needs_linear()
+    m, k, n = shape
+    g = torch.Generator().manual_seed(m + k + n)
+    wide = torch.randn(m, k + 5, generator=g)
+    weights = {"contiguous": torch.randn(n, k, generator=g), "transposed": torch.randn(k, n, generator=g).t()}
+    b = torch.randn(n, generator=g) if bias else None
+    for x in (wide[:, :k].contiguous(), wide[:, 2 : 2 + k]):
+        for w in weights.values():
+            expected = x.double() @ w.double().t() + (0 if b is None else b.double())
+            for stream_min_bytes in (0, 1 << 40):
+                for offset in (0, 1):  # offset 1: out starts 4 bytes past an aligned address
+                    out = torch.full((m * n + offset,), float("nan"))[offset:].view(m, n)
+                    native.linear_out()(x, w, b, out, stream_min_bytes)
+                    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "x, w, bias, out, match",
+    [
+        ((4, 3), (5, 2), None, (4, 5), r"shapes \[4, 3\] @ \[5, 2\]\^T do not give \[4, 5\]"),
+        ((4, 3), (5, 3), None, (4, 6), r"do not give \[4, 6\]"),
+        ((4, 3), (5, 3), (4,), (4, 5), r"bias must be float32 of shape \[5\], got Float \[4\]"),
+        ((4, 0), (5, 0), None, (4, 5), r"no columns to reduce over"),
+        ((4, 3), (5, 3, 1), None, (4, 5), "must be 2-d"),
+    ],
+)
+def test_linear_out_refuses_what_it_cannot_compute(x, w, bias, out, match):
+    """Mismatched shapes, a missing reduction, other dtypes and strided columns are RuntimeErrors that name them."""
+    _needs_linear()
+    bias = None if bias is None else torch.randn(bias)
+    with pytest.raises(RuntimeError, match=match):
+        native.linear_out()(torch.randn(x), torch.randn(w), bias, torch.empty(out), 0)
+    with pytest.raises(RuntimeError, match="float32 only"):
+        native.linear_out()(torch.randn(4, 3).double(), torch.randn(5, 3), None, torch.empty(4, 5), 0)
+    with pytest.raises(RuntimeError, match="need unit column strides"):
+        native.linear_out()(torch.randn(3, 4).t(), torch.randn(5, 3), None, torch.empty(4, 5), 0)
+
+
+@pytest.mark.parametrize("k, bias, expected", [(64, True, 1), (128, False, 1), (48, True, 0)])
+def test_channels_last_forward_takes_the_avx512_kernel_where_measured(k, bias, expected):
+    """fp32 channels_last with at least LINEAR_MIN_ROWS rows: the forward on linear_out when the outputs are a
+    multiple of 64 channels (else as before), dX and dW on matmul_out; all three as F.conv2d's."""
+    from models.functional import LINEAR_COLUMNS, LINEAR_MIN_ROWS
+
+    _needs_linear()
+    n, c, h = 2, 24, 23
+    assert n * h * h >= LINEAR_MIN_ROWS and (k % LINEAR_COLUMNS == 0) == bool(expected)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(n, c, h, h, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(k, c, 1, 1, generator=g) / c**0.5, torch.randn(k, generator=g) if bias else None
+    names, ours = dispatch_and_compare(x, w, b, g, tol=(1e-5, 1e-4))
+    assert names.count("convlab.linear_out") == expected, names
+    assert names.count("convlab.matmul_out") == 2 + (not bias and not expected), names
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    small = x[:, :, :7, :7]  # 98 rows: below LINEAR_MIN_ROWS
+    assert "convlab.linear_out" not in _op_names(lambda: pointwise_conv2d(small, w.detach(), None if b is None else b.detach()))
 
 
 # (N, C, K, H, W, channels_last, bias, native products expected over forward, dX and dW)
@@ -132,6 +209,11 @@ def test_absent_native_op_falls_back_with_one_warning(monkeypatch):
         x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
         names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, x, torch.randn(24, 16, 1, 1), torch.randn(24)))
         assert "convlab.matmul_out" not in names and "mkldnn._linear_pointwise" in names, names
+        native.linear_out.cache_clear()
+        assert native.linear_out() is None  # the AVX-512 kernel lives in the same library
+        big = torch.randn(2, 16, 23, 23).contiguous(memory_format=torch.channels_last)
+        names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, big, torch.randn(64, 16, 1, 1), torch.randn(64)))
+        assert "convlab.linear_out" not in names and "mkldnn._linear_pointwise" in names, names
         monkeypatch.setenv("CONVLAB_NATIVE", "0")
         native.matmul_out.cache_clear()
         with warnings_as_errors():
@@ -139,6 +221,7 @@ def test_absent_native_op_falls_back_with_one_warning(monkeypatch):
         assert native.status() == "off (CONVLAB_NATIVE=0)"
     finally:
         native.matmul_out.cache_clear()  # the next caller loads the real op again
+        native.linear_out.cache_clear()
 
 
 @contextlib.contextmanager
@@ -165,6 +248,6 @@ def test_cxx_is_a_command_line(monkeypatch):
     monkeypatch.setenv("CXX", "true -O1")  # `true`: a program every Linux has
     compiler = native._compiler()
     assert compiler is not None and compiler.endswith("true -O1") and os.path.isabs(compiler.split()[0])
-    assert native._command(compiler, native.SOURCE, Path("x.so"))[:3] == [compiler.split()[0], "-O1", "-O2"]
+    assert native._command(compiler, native.SOURCES, Path("x.so"))[:3] == [compiler.split()[0], "-O1", "-O2"]
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     assert native._compiler() is None
