@@ -717,7 +717,8 @@ def pointwise_conv2d(
                 # here as autocast would: floating tensors other than float64 go to the autocast dtype.
                 rows, w2d, bias = (_autocast_operand(t, autocast_dtype) for t in (rows, w2d, bias))
             # No gradient to track (inference, torch.no_grad()): the product alone, without the Function's bookkeeping.
-            out = _RowsPointwise.apply(rows, w2d, bias) if _tracks_grad(rows, w2d, bias) else _forward_product(rows, w2d, bias)  # (N*H*W, K)
+            product = _RowsPointwise.apply if _tracks_grad(rows, w2d, bias) else _forward_product
+            out = product(rows, w2d, bias)  # (N*H*W, K)
         return out.view(n, h, w, k).permute(0, 3, 1, 2)  # channels_last (N, K, H, W)
     if groups == 1 and plain:
         # The plain product (the same numbers), whose aten::matmul fvcore's cost model counts.

@@ -79,7 +79,8 @@ def build(cache: Path | None = None, compiler: str | None = None) -> Path:
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     cache = cache or _cache_dir()
-    key_parts = [*(source.read_bytes() for source in SOURCES), torch.__version__.encode(), str(torch.version.git_version).encode(), compiler.encode()]
+    sources = [source.read_bytes() for source in SOURCES]
+    key_parts = [*sources, torch.__version__.encode(), str(torch.version.git_version).encode(), compiler.encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     target = cache / key / _LIBRARY_NAME
     if target.exists():
