@@ -177,10 +177,13 @@ def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(rows, w2d, bias)
 
 
-# convlab's AVX-512 kernel runs the fp32 channels_last forward of products with at least this many rows and a
-# multiple of LINEAR_COLUMNS output channels (see _forward_product).
-LINEAR_MIN_ROWS = 1024
+# convlab's AVX-512 kernel runs the channels_last forward of products with a multiple of LINEAR_COLUMNS output
+# channels and, in fp32, at least LINEAR_MIN_ROWS rows; in bf16 at least LINEAR_BF16_MIN_ROWS rows and at most
+# LINEAR_BF16_MAX_IN input channels (see _forward_product).
 LINEAR_COLUMNS = 64
+LINEAR_MIN_ROWS = 1024
+LINEAR_BF16_MIN_ROWS = 4096
+LINEAR_BF16_MAX_IN = 256
 
 
 def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
@@ -189,18 +192,31 @@ def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
 
     The kernel (``models/csrc/avx512_linear.cpp``) starts its register tiles at the bias, so the bias costs no
     pass, and streams outputs of at least ``native.STREAM_MIN_BYTES`` past the cache. Its tiles are 64 columns
-    wide and each product packs the weight first. One-off A/Bs, 2 threads, N=8, against torch's convolution:
-    on the pointwise suite's 12 layers with a bias it read 1.00-1.11x where the inner product read 0.91-1.02x
-    from 14x14 up, but 1.00-1.02x against 1.29-1.32x at 7x7 (392 rows); without a bias 1.00-1.10x against
-    the native matmul's 0.77-0.97x, and again slower at 7x7. On MobileNet v2's layers with 16-160 output
-    channels, not a multiple of 64, 0.33-0.74x against 0.94-1.09x. As ``dX = dY W`` (columns = C) it lost
-    on 8 of the 12 layers to the native matmul, which keeps it. Non-temporal stores for outputs of 4 MiB and
-    more: 32->256 @56 1.11x with them, 0.67x without; 128->128 @56 1.03-1.04x against 0.96-0.98x.
+    wide and each product packs the weight first. One-off A/Bs, 2 threads, N=8, against torch's convolution
+    (``/tmp`` scripts, not kept):
+
+    * fp32, the pointwise suite's 12 layers with a bias: 1.00-1.11x where the inner product read 0.91-1.02x,
+      from 14x14 up; at 7x7 (392 rows) 1.00-1.02x against 1.29-1.32x. Without a bias 1.00-1.10x against the
+      native matmul's 0.77-0.97x, and again slower at 7x7. On MobileNet v2's layers with 16-160 outputs, not a
+      multiple of 64, 0.33-0.74x against 0.94-1.09x. As ``dX = dY W`` (C columns) it lost on 8 of the 12
+      layers to the native matmul, which keeps it. Non-temporal stores for outputs of 4 MiB and more:
+      32->256 @56 1.11x with them, 0.67x without; 128->128 @56 1.03-1.04x against 0.96-0.98x.
+    * bf16 (it reduces in one block, see the source): with a bias 1.01-1.25x against the inner product's
+      0.91-1.06x on the eight layers from 28x28 up with at most 256 input channels; 0.92-0.94x against
+      1.01-1.03x on 256->512 and 512->512 @14, 0.75-0.88x against 1.30-1.40x at 7x7. Without a bias 1.00-1.10x
+      against the native matmul's 0.93-1.03x on those eight, and at batch 128 on the separable model's
+      CIFAR-size layers (4096 rows and more) 1.02-1.08x against 0.97-1.02x.
     """
-    m, k = rows.shape[0], w2d.shape[0]
-    operands = (rows, w2d) if bias is None else (rows, w2d, bias)
-    if rows.dtype == torch.float32 and m >= LINEAR_MIN_ROWS and k % LINEAR_COLUMNS == 0 and _native_matmul(*operands):
-        kernel = native.linear_out()
+    (m, c), k = rows.shape, w2d.shape[0]
+    fits = k % LINEAR_COLUMNS == 0 and rows.dtype == w2d.dtype and (bias is None or bias.dtype == rows.dtype)
+    if rows.dtype == torch.float32:
+        fits = fits and m >= LINEAR_MIN_ROWS
+    elif rows.dtype == torch.bfloat16:
+        fits = fits and m >= LINEAR_BF16_MIN_ROWS and c <= LINEAR_BF16_MAX_IN and c % 2 == 0
+    else:
+        fits = False
+    if fits and _native_matmul(*((rows, w2d) if bias is None else (rows, w2d, bias))):
+        kernel = native.linear_out(rows.dtype)
         if kernel is not None:
             out = rows.new_empty(m, k)
             kernel(rows if rows.stride(1) == 1 else rows.contiguous(), w2d, bias, out, native.STREAM_MIN_BYTES)

@@ -6,14 +6,15 @@ products only on its BLAS (MKL's ``sgemm``, at half oneDNN's speed on some CPUs,
 ``at::native::mkldnn_matmul``, the oneDNN matrix product torch itself runs for bf16 ``mm``/``bmm``:
 it reads 2-d or batched 3-d operands by their strides and writes ``out = beta * out + a @ b`` into
 a given tensor, so an NCHW image's product lands in place and transposed operands cost no copy.
-``linear_out`` is convlab's own fp32 kernel for ``x @ w^T + bias`` on AVX-512 CPUs
+``linear_out`` is convlab's own fp32 and bf16 kernel for ``x @ w^T + bias`` on AVX-512 CPUs
 (``csrc/avx512_linear.cpp``): it adds the bias in the registers, where oneDNN's matmul takes none.
 
 The op is compiled once per torch build and source, with the C++ compiler found as ``$CXX``,
 ``c++`` or ``g++`` (about 4 s), into ``$CONVLAB_CACHE`` (default ``~/.cache/convlab``)
 ``/native/<key>/``. With no compiler, a failed build or ``CONVLAB_NATIVE=0``, :func:`matmul_out`
 and :func:`linear_out` return None and pointwise_conv2d runs its pure-Python lowering instead (one
-warning says why); on a CPU without AVX-512F only :func:`linear_out` is None.
+warning says why); on a CPU without AVX-512F only :func:`linear_out` is None (for bf16 also without
+AVX512_BF16).
 """
 
 from __future__ import annotations
@@ -133,22 +134,25 @@ STREAM_MIN_BYTES = 4 << 20
 
 
 @functools.cache
-def linear_out() -> Callable[..., None] | None:
+def linear_out(dtype: torch.dtype = torch.float32) -> Callable[..., None] | None:
     """``torch.ops.convlab.linear_out(x, w, bias, out, stream_min_bytes)`` where the library loaded and the CPU has
-    AVX-512F, else None.
+    the AVX-512 instructions for ``dtype`` (fp32: AVX-512F; bf16: also AVX512_BF16), else None.
 
-    Writes ``x @ w^T + bias`` into ``out``: fp32 CPU tensors, ``x`` ``(M, K)`` and ``out`` ``(M, N)`` with unit
-    column strides (any row stride), ``w`` ``(N, K)`` with any strides, ``bias`` ``(N,)`` or None. Outputs of at
-    least ``stream_min_bytes`` bytes (:data:`STREAM_MIN_BYTES` in convlab) bypass the cache.
+    Writes ``x @ w^T + bias`` into ``out``: CPU tensors of one dtype, fp32 or bf16, ``x`` ``(M, K)`` and ``out``
+    ``(M, N)`` with unit column strides (any row stride), ``w`` ``(N, K)`` with any strides, ``bias`` ``(N,)``
+    or None; in bf16 K must be even. Outputs of at least ``stream_min_bytes`` bytes
+    (:data:`STREAM_MIN_BYTES` in convlab) bypass the cache.
     """
-    if matmul_out() is None or not torch.ops.convlab.linear_supported():
+    if matmul_out() is None or not torch.ops.convlab.linear_supported(dtype):
         return None
     return torch.ops.convlab.linear_out
 
 
 def status() -> str:
-    """Where the native ops stand in this process: ``loaded``, ``loaded, no AVX-512 kernel``, ``off (...)``,
-    ``unavailable (why)`` or ``not loaded``."""
+    """Where the native ops stand in this process: ``loaded``, ``loaded, no AVX-512 kernel``, ``loaded, AVX-512
+    kernel fp32 only``, ``off (...)``, ``unavailable (why)`` or ``not loaded``."""
     if _STATUS["state"] == "loaded" and linear_out() is None:
         return "loaded, no AVX-512 kernel"
+    if _STATUS["state"] == "loaded" and linear_out(torch.bfloat16) is None:
+        return "loaded, AVX-512 kernel fp32 only"
     return _STATUS["state"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import native, pointwise_conv2d
 from tests.test_functional import _assert_matches_conv, _op_names, dispatch_and_compare
@@ -67,37 +68,46 @@ def test_matmul_out_refuses_shapes_that_do_not_fit(a, b, out, match):
         native.matmul_out()(torch.randn(4, 3), torch.randn(3, 2).double(), torch.empty(4, 2), 0.0)
 
 
-def _needs_linear():
+def _needs_linear(dtype=torch.float32):
     _needs_native()
-    if native.linear_out() is None:
+    if native.linear_out(dtype) is None:
         pytest.skip(f"native product {native.status()}")
 
 
-# (M, K, N): a row tail under the 6-row tile, column tails under the 64-column panel, reductions over more than
-# one 256-deep block, many parallel tasks
-LINEAR_SHAPES = [(1, 1, 1), (7, 3, 64), (50, 300, 70), (97, 257, 130), (13, 64, 16), (149, 512, 128), (200, 40, 192)]
+# (M, K, N): a row tail under the 6-row tile, column tails under the 64-column panel, fp32 reductions over more
+# than one 256-deep block, many parallel tasks. bf16 takes the even K.
+LINEAR_SHAPES = [(1, 2, 1), (7, 4, 64), (50, 300, 70), (97, 258, 130), (13, 64, 16), (149, 512, 128), (200, 40, 192)]
+LINEAR_SHAPES_FP32 = [(1, 1, 1), (7, 3, 64), (97, 257, 130)]
 
 
-@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [(s, torch.float32) for s in LINEAR_SHAPES + LINEAR_SHAPES_FP32] + [(s, torch.bfloat16) for s in LINEAR_SHAPES],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).removeprefix("torch."),
+)
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_out_matches_linear(shape, bias):
+def test_linear_out_matches_linear(shape, dtype, bias):
     """``x @ w^T + bias`` for row, column and depth tails; ``w`` contiguous or a transposed view, ``x`` a column
     slice of a wider matrix; the cache-bypassing stores (forced by a 0-byte threshold) and plain ones; an output
-    that is not 64-byte aligned. NaN in out beforehand: every element must be written."""
-    _needs_linear()
+    that is not 64-byte aligned. NaN in out beforehand: every element must be written. bf16 sums in fp32 and
+    rounds once: within one bf16 rounding of the exact result."""
+    _needs_linear(dtype)
     m, k, n = shape
     g = torch.Generator().manual_seed(m + k + n)
-    wide = torch.randn(m, k + 5, generator=g)
+    wide = torch.randn(m, k + 6, generator=g).to(dtype)
     weights = {"contiguous": torch.randn(n, k, generator=g), "transposed": torch.randn(k, n, generator=g).t()}
-    b = torch.randn(n, generator=g) if bias else None
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
     for x in (wide[:, :k].contiguous(), wide[:, 2 : 2 + k]):
-        for w in weights.values():
-            expected = x.double() @ w.double().t() + (0 if b is None else b.double())
+        for w in (weight.to(dtype) for weight in weights.values()):
+            expected = (x.double() @ w.double().t() + (0 if b is None else b.double())).to(dtype)
             for stream_min_bytes in (0, 1 << 40):
-                for offset in (0, 1):  # offset 1: out starts 4 bytes past an aligned address
-                    out = torch.full((m * n + offset,), float("nan"))[offset:].view(m, n)
-                    native.linear_out()(x, w, b, out, stream_min_bytes)
-                    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-4)
+                for offset in (0, 1):  # offset 1: out starts one element past an aligned address
+                    out = torch.full((m * n + offset,), float("nan"), dtype=dtype)[offset:].view(m, n)
+                    native.linear_out(dtype)(x, w, b, out, stream_min_bytes)
+                    if dtype == torch.float32:
+                        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+                    else:  # the exact sum rounded to bf16, or its neighbour where fp32 summation crossed a midpoint
+                        torch.testing.assert_close(out.double(), expected.double(), rtol=2**-7, atol=1e-2)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +115,7 @@ def test_linear_out_matches_linear(shape, bias):
     [
         ((4, 3), (5, 2), None, (4, 5), r"shapes \[4, 3\] @ \[5, 2\]\^T do not give \[4, 5\]"),
         ((4, 3), (5, 3), None, (4, 6), r"do not give \[4, 6\]"),
-        ((4, 3), (5, 3), (4,), (4, 5), r"bias must be float32 of shape \[5\], got Float \[4\]"),
+        ((4, 3), (5, 3), (4,), (4, 5), r"bias must be Float of shape \[5\], got Float \[4\]"),
         ((4, 0), (5, 0), None, (4, 5), r"no columns to reduce over"),
         ((4, 3), (5, 3, 1), None, (4, 5), "must be 2-d"),
     ],
@@ -116,10 +126,18 @@ def test_linear_out_refuses_what_it_cannot_compute(x, w, bias, out, match):
     bias = None if bias is None else torch.randn(bias)
     with pytest.raises(RuntimeError, match=match):
         native.linear_out()(torch.randn(x), torch.randn(w), bias, torch.empty(out), 0)
-    with pytest.raises(RuntimeError, match="float32 only"):
+    with pytest.raises(RuntimeError, match="must all be float32 or all bfloat16, got Double, Float and Float"):
         native.linear_out()(torch.randn(4, 3).double(), torch.randn(5, 3), None, torch.empty(4, 5), 0)
     with pytest.raises(RuntimeError, match="need unit column strides"):
         native.linear_out()(torch.randn(3, 4).t(), torch.randn(5, 3), None, torch.empty(4, 5), 0)
+
+
+def test_linear_out_bf16_needs_even_columns():
+    """bf16 multiplies pairs of columns: an odd count is refused by name, not read past the row."""
+    _needs_linear(torch.bfloat16)
+    x, w = torch.randn(4, 3).bfloat16(), torch.randn(5, 3).bfloat16()
+    with pytest.raises(RuntimeError, match=r"x needs an even number of them, got shape \[4, 3\]"):
+        native.linear_out(torch.bfloat16)(x, w, None, torch.empty(4, 5, dtype=torch.bfloat16), 0)
 
 
 @pytest.mark.parametrize("k, bias, expected", [(64, True, 1), (128, False, 1), (48, True, 0)])
@@ -192,6 +210,42 @@ def test_bf16_channels_last_takes_the_native_product_where_measured(bias):
     names, _ = dispatch_and_compare(x, w, b, g, tol=(2e-2, 5e-2), grad_tol=(2e-2, 1e-1))
     assert names.count("convlab.matmul_out") == (2 if bias else 3), names
     assert ("mkldnn._linear_pointwise" in names) == bias, names
+
+
+@pytest.mark.parametrize("c, bias, expected", [(16, True, 1), (32, False, 1), (272, True, 0)])
+def test_bf16_channels_last_forward_takes_the_avx512_kernel_where_measured(c, bias, expected):
+    """bf16 with at least LINEAR_BF16_MIN_ROWS rows: the forward on linear_out up to LINEAR_BF16_MAX_IN input
+    channels, as a bf16 tensor and under CPU autocast; values as F.conv2d's, to bf16 precision."""
+    from models.functional import LINEAR_BF16_MAX_IN, LINEAR_BF16_MIN_ROWS
+
+    _needs_linear(torch.bfloat16)
+    n, h, k = 2, 46, 64
+    assert n * h * h >= LINEAR_BF16_MIN_ROWS and (c <= LINEAR_BF16_MAX_IN) == bool(expected)
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(n, c, h, h, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(k, c, 1, 1, generator=g) / c**0.5, torch.randn(k, generator=g) if bias else None
+    names, _ = dispatch_and_compare(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16(), g,
+                                    tol=(2e-2, 5e-2), grad_tol=(2e-2, 1e-1))  # fmt: skip
+    assert names.count("convlab.linear_out") == expected, names
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        names = _op_names(lambda: pointwise_conv2d(x, w, b))
+        ours, theirs = pointwise_conv2d(x, w, b), F.conv2d(x, w, b)
+    assert names.count("convlab.linear_out") == expected, names
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=5e-2)
+
+
+def test_without_avx512_the_forward_stays_on_onednn(monkeypatch):
+    """On a CPU without AVX-512 (so without linear_out) the status says so and the forward takes the paths it had
+    before the kernel, with the same results; bf16 alone missing reads as its own status."""
+    _needs_native()
+    monkeypatch.setattr(native, "linear_out", lambda dtype=torch.float32: None)
+    assert native.status() == "loaded, no AVX-512 kernel"
+    x = torch.randn(2, 16, 23, 23).contiguous(memory_format=torch.channels_last)
+    names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, x, torch.randn(64, 16, 1, 1), torch.randn(64)))
+    assert "convlab.linear_out" not in names and "mkldnn._linear_pointwise" in names, names
+    monkeypatch.setattr(native, "linear_out", lambda dtype=torch.float32: None if dtype == torch.bfloat16 else print)
+    assert native.status() == "loaded, AVX-512 kernel fp32 only"
 
 
 def test_absent_native_op_falls_back_with_one_warning(monkeypatch):
