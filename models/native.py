@@ -2,15 +2,15 @@
 
 pointwise_conv2d lowers a 1x1 convolution to matrix products. From Python, torch offers fp32 CPU
 products only on its BLAS (MKL's ``sgemm``, at half oneDNN's speed on some CPUs, see
-``benchmarks/README.md``) or on oneDNN's inner product into a fresh output. The native op calls
+``benchmarks/README.md``) or on oneDNN's inner product into a fresh output. ``matmul_out`` calls
 ``at::native::mkldnn_matmul``, the oneDNN matrix product torch itself runs for bf16 ``mm``/``bmm``:
 it reads 2-d or batched 3-d operands by their strides and writes ``out = beta * out + a @ b`` into
 a given tensor, so an NCHW image's product lands in place and transposed operands cost no copy.
 ``linear_out`` is convlab's own fp32 and bf16 kernel for ``x @ w^T + bias`` on AVX-512 CPUs
 (``csrc/avx512_linear.cpp``): it adds the bias in the registers, where oneDNN's matmul takes none.
 
-The op is compiled once per torch build and source, with the C++ compiler found as ``$CXX``,
-``c++`` or ``g++`` (about 4 s), into ``$CONVLAB_CACHE`` (default ``~/.cache/convlab``)
+Both are compiled into one library, once per torch build and sources, with the C++ compiler found as ``$CXX``,
+``c++`` or ``g++`` (about 10 s), into ``$CONVLAB_CACHE`` (default ``~/.cache/convlab``)
 ``/native/<key>/``. With no compiler, a failed build or ``CONVLAB_NATIVE=0``, :func:`matmul_out`
 and :func:`linear_out` return None and pointwise_conv2d runs its pure-Python lowering instead (one
 warning says why); on a CPU without AVX-512F only :func:`linear_out` is None (for bf16 also without
