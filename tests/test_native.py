@@ -76,8 +76,8 @@ def _needs_linear(dtype=torch.float32):
 
 # (M, K, N): a row tail under the 6-row tile, column tails under the 64-column panel, fp32 reductions over more
 # than one 256-deep block, many parallel tasks. bf16 takes the even K.
-LINEAR_SHAPES = [(1, 2, 1), (7, 4, 64), (50, 300, 70), (97, 258, 130), (13, 64, 16), (149, 512, 128), (200, 40, 192)]
-LINEAR_SHAPES_FP32 = [(1, 1, 1), (7, 3, 64), (97, 257, 130)]
+LINEAR_SHAPES = [(1, 2, 1), (37, 8, 1), (7, 4, 64), (50, 300, 70), (97, 258, 130), (13, 64, 16), (149, 512, 128), (200, 40, 192)]
+LINEAR_SHAPES_FP32 = [(1, 1, 1), (50, 1, 70), (7, 3, 64), (97, 257, 130)]
 
 
 @pytest.mark.parametrize(

@@ -215,11 +215,11 @@ void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tenso
     for (int64_t j = 0; j < n; ++j) padded_bias[j] = b.const_data_ptr<float>()[j * b.stride(0)];
   }
   T* o = static_cast<T*>(out.data_ptr());
-  const int64_t ldo = n == 1 ? 1 : out.stride(0);
+  const int64_t ldo = out.stride(0);
   // Non-temporal stores need aligned rows: an output at a 64-byte address whose rows are whole cache lines.
   const bool aligned = reinterpret_cast<uintptr_t>(o) % 64 == 0 && (ldo * sizeof(T)) % 64 == 0;
-  const Problem<T> pr{static_cast<const T*>(x.const_data_ptr()), k == 1 ? 1 : x.stride(0), pk, padded_bias.data(), o, ldo,
-                      k, n, aligned && m * n * static_cast<int64_t>(sizeof(T)) >= stream_min_bytes};
+  const Problem<T> pr{static_cast<const T*>(x.const_data_ptr()), x.stride(0), pk, padded_bias.data(), o, ldo, k, n,
+                      aligned && m * n * static_cast<int64_t>(sizeof(T)) >= stream_min_bytes};
   const int64_t row_tasks = (m + kTaskRows - 1) / kTaskRows, panel_tasks = (panels + kTaskPanels - 1) / kTaskPanels;
   at::parallel_for(0, row_tasks * panel_tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
