@@ -208,14 +208,14 @@ def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
       CIFAR-size layers (4096 rows and more) 1.02-1.08x against 0.97-1.02x.
     """
     (m, c), k = rows.shape, w2d.shape[0]
-    fits = k % LINEAR_COLUMNS == 0 and rows.dtype == w2d.dtype and (bias is None or bias.dtype == rows.dtype)
     if rows.dtype == torch.float32:
-        fits = fits and m >= LINEAR_MIN_ROWS
+        fits = m >= LINEAR_MIN_ROWS
     elif rows.dtype == torch.bfloat16:
-        fits = fits and m >= LINEAR_BF16_MIN_ROWS and c <= LINEAR_BF16_MAX_IN and c % 2 == 0
+        fits = m >= LINEAR_BF16_MIN_ROWS and c <= LINEAR_BF16_MAX_IN and c % 2 == 0
     else:
         fits = False
-    if fits and _native_matmul(*((rows, w2d) if bias is None else (rows, w2d, bias))):
+    # _native_matmul's checks (eager, CPU, non-empty, one dtype; the library loaded) hold for both native ops.
+    if fits and k % LINEAR_COLUMNS == 0 and _native_matmul(*((rows, w2d) if bias is None else (rows, w2d, bias))):
         kernel = native.linear_out(rows.dtype)
         if kernel is not None:
             out = rows.new_empty(m, k)
@@ -643,8 +643,8 @@ def pointwise_conv2d(
     * a 1x1 kernel reads one pixel, so ``padding`` is a zero border (the output there is the bias)
       and ``stride`` keeps every s-th pixel; both are applied to the input before the product;
     * channels_last input ``(N, H, W, C)`` in memory is already a ``(N*H*W, C)`` matrix: one GEMM
-      with no copy (oneDNN's on CPU where available, in fp32 through convlab's native op when it
-      built, see :func:`_rows_product`), and the output
+      with no copy (on CPU convlab's native ops where they built, else oneDNN's product where
+      available; see :func:`_forward_product` and :func:`_rows_product`), and the output
       stays channels_last, as ``F.conv2d`` keeps it;
     * contiguous NCHW input is ``N`` matrices ``(C, H*W)``: in fp32 on CPU, one batched oneDNN product
       ``W @ x[n]`` written into the output where convlab's native op built (models/native.py), else one

@@ -129,7 +129,7 @@ def matmul_out() -> Callable[..., None] | None:
     return op
 
 
-# linear_out writes outputs of at least this many bytes with non-temporal stores (see pointwise's _rows_product).
+# linear_out writes outputs of at least this many bytes with non-temporal stores (see functional._forward_product).
 STREAM_MIN_BYTES = 4 << 20
 
 

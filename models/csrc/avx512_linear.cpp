@@ -155,8 +155,8 @@ struct Problem {
 template <typename T>
 void run_task(const Problem<T>& pr, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   const int64_t rows = m1 - m0, full = rows / kTileRows;
-  for (int64_t k0 = 0; k0 < pr.k; k0 += std::min(pr.k, Layout<T>::kDepth)) {
-    const int64_t depth = std::min(Layout<T>::kDepth, pr.k - k0);
+  for (int64_t k0 = 0, depth; k0 < pr.k; k0 += depth) {
+    depth = std::min(Layout<T>::kDepth, pr.k - k0);
     const bool last = k0 + depth == pr.k;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t cols = std::min(kPanel, pr.n - p * kPanel);
