@@ -140,6 +140,109 @@ def test_linear_out_bf16_needs_even_columns():
         native.linear_out(torch.bfloat16)(x, w, None, torch.empty(4, 5, dtype=torch.bfloat16), 0)
 
 
+def _needs_images():
+    _needs_native()
+    if native.images_out() is None:
+        pytest.skip(f"native product {native.status()}")
+
+
+# (N, C, K, P): channel-row tails under the 6-row tile, pixel tails under the 64-pixel panel (a last panel of 1,
+# 4 and 63 pixels), reductions over more than one 256-deep block, one image, one pixel, one output channel.
+IMAGES_SHAPES = [(1, 1, 1, 1), (2, 3, 7, 64), (3, 16, 13, 129), (2, 37, 50, 196), (1, 300, 12, 70), (2, 513, 9, 100),
+                 (4, 8, 96, 127), (1, 5, 1, 300)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", IMAGES_SHAPES, ids=lambda v: "x".join(map(str, v)))
+@pytest.mark.parametrize("bias", [False, True])
+def test_images_out_matches_per_image_products(shape, bias):
+    """``w @ x[n] + bias`` per image: x contiguous and a channel slice of wider images (larger strides), w
+    contiguous and a column slice, the cache-bypassing stores (forced by a 0-byte threshold) and plain ones,
+    an output that is not 64-byte aligned. NaN in out beforehand: every element must be written, and a partial
+    last panel must not spill into the next image's rows."""
+    _needs_images()
+    n, c, k, p = shape
+    g = torch.Generator().manual_seed(n + c + k + p)
+    wide_x, wide_w = torch.randn(n, c + 3, p, generator=g), torch.randn(k, c + 2, generator=g)
+    b = torch.randn(k, generator=g) if bias else None
+    for x in (wide_x[:, :c].contiguous(), wide_x[:, 1 : 1 + c]):
+        for w in (wide_w[:, :c].contiguous(), wide_w[:, 2 : 2 + c]):
+            expected = torch.einsum("kc,ncp->nkp", w.double(), x.double())
+            expected = (expected if b is None else expected + b.double()[:, None]).float()
+            for stream_min_bytes in (0, 1 << 40):
+                for offset in (0, 1):  # offset 1: out starts one element past an aligned address
+                    out = torch.full((n * k * p + offset,), float("nan"))[offset:].view(n, k, p)
+                    native.images_out()(w, x, b, out, stream_min_bytes)
+                    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_images_out_writes_strided_outputs_and_empty_batches():
+    """An output that is a channel slice of a wider one (its image stride larger than K*P) is written there and
+    nowhere else; an empty batch or pixel count writes nothing and raises nothing."""
+    _needs_images()
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(3, 10, 80, generator=g), torch.randn(14, 10, generator=g), torch.randn(14, generator=g)
+    wide = torch.full((3, 20, 80), float("nan"))
+    native.images_out()(w, x, b, wide[:, 3:17], 0)
+    expected = (torch.einsum("kc,ncp->nkp", w.double(), x.double()) + b.double()[:, None]).float()
+    torch.testing.assert_close(wide[:, 3:17], expected, rtol=1e-5, atol=1e-4)
+    assert wide[:, :3].isnan().all() and wide[:, 17:].isnan().all()
+    for n, p in ((0, 80), (3, 0)):
+        native.images_out()(w, torch.randn(n, 10, p), b, torch.empty(n, 14, p), 0)
+
+
+@pytest.mark.parametrize(
+    "w, x, bias, out, match",
+    [
+        ((5, 3), (2, 4, 9), None, (2, 5, 9), r"shapes \[5, 3\] @ \[2, 4, 9\] do not give \[2, 5, 9\]"),
+        ((5, 3), (2, 3, 9), None, (2, 5, 8), r"do not give \[2, 5, 8\]"),
+        ((5, 3), (2, 3, 9), (4,), (2, 5, 9), r"bias must be float32 of shape \[5\], got Float \[4\]"),
+        ((5, 0), (2, 0, 9), None, (2, 5, 9), r"no channels to reduce over"),
+        ((5, 3), (3, 9), None, (5, 9), "w must be 2-d, x and out 3-d"),
+    ],
+)
+def test_images_out_refuses_what_it_cannot_compute(w, x, bias, out, match):
+    """Mismatched shapes, a missing reduction, other dtypes and strided pixels are RuntimeErrors that name them."""
+    _needs_images()
+    bias = None if bias is None else torch.randn(bias)
+    with pytest.raises(RuntimeError, match=match):
+        native.images_out()(torch.randn(w), torch.randn(x), bias, torch.empty(out), 0)
+    with pytest.raises(RuntimeError, match="must all be float32, got Float, BFloat16 and Float"):
+        native.images_out()(torch.randn(5, 3), torch.randn(2, 3, 9).bfloat16(), None, torch.empty(2, 5, 9), 0)
+    with pytest.raises(RuntimeError, match="need unit last strides"):
+        native.images_out()(torch.randn(5, 3), torch.randn(2, 9, 3).transpose(1, 2), None, torch.empty(2, 5, 9), 0)
+
+
+@pytest.mark.parametrize(
+    "c, k, hw, bias, expected",
+    [
+        (16, 32, (28, 28), True, 1),  # a bias from IMAGES_MIN_PIXELS
+        (16, 32, (27, 28), True, 0),  # one row short of it
+        (128, 128, (28, 28), True, 1),  # IMAGES_MAX_IN
+        (136, 136, (28, 28), True, 0),  # above it
+        (32, 16, (28, 28), True, 0),  # fewer outputs than inputs
+        (16, 32, (56, 56), False, 1),  # no bias: from IMAGES_NOBIAS_MIN_PIXELS
+        (16, 32, (55, 56), False, 0),
+        (72, 72, (56, 56), False, 0),  # above IMAGES_NOBIAS_MAX_IN
+    ],
+)
+def test_nchw_forward_takes_the_avx512_kernel_where_measured(c, k, hw, bias, expected):
+    """fp32 NCHW: the forward on images_out inside the measured bounds (else the native matmul), the gradients on
+    the paths they had; all as F.conv2d's."""
+    from models import functional
+
+    _needs_images()
+    assert functional._images_kernel_fits(c, k, hw[0] * hw[1], torch.zeros(1) if bias else None) == bool(expected)
+    g = torch.Generator().manual_seed(c + k)
+    x = torch.randn(2, c, *hw, generator=g)
+    w, b = torch.randn(k, c, 1, 1, generator=g) / c**0.5, torch.randn(k, generator=g) if bias else None
+    names, ours = dispatch_and_compare(x, w, b, g, tol=(1e-5, 1e-4))
+    assert names.count("convlab.images_out") == expected, names
+    # the forward unless on images_out, dX always, dW from PER_IMAGE_MIN_PIXELS (below it on the inner product)
+    dw_native = hw[0] * hw[1] >= functional.PER_IMAGE_MIN_PIXELS
+    assert names.count("convlab.matmul_out") == (1 - expected) + 1 + dw_native, names
+    assert ours.is_contiguous()
+
+
 @pytest.mark.parametrize("k, bias, expected", [(64, True, 1), (128, False, 1), (48, True, 0)])
 def test_channels_last_forward_takes_the_avx512_kernel_where_measured(k, bias, expected):
     """fp32 channels_last with at least LINEAR_MIN_ROWS rows: the forward on linear_out when the outputs are a
@@ -165,8 +268,10 @@ NATIVE_CASES = [
     (2, 16, 24, 5, 7, True, False, 3),
     (2, 16, 24, 5, 7, True, True, 2),  # a bias: the forward on the inner product, which adds it as it writes
     (2, 128, 24, 3, 5, True, True, 2),
-    (3, 12, 20, 29, 31, False, True, 3),  # NCHW, H*W >= PER_IMAGE_MIN_PIXELS: one batched product each way
+    (3, 12, 20, 29, 31, False, True, 3),  # NCHW, H*W >= PER_IMAGE_MIN_PIXELS: the forward on images_out (a bias, K >= C)
+    (3, 24, 12, 29, 31, False, True, 3),  # K < C: one batched product each way
     (2, 40, 24, 28, 28, False, False, 3),
+    (2, 8, 16, 56, 57, False, False, 3),  # no bias, from IMAGES_NOBIAS_MIN_PIXELS: the forward on images_out
     (3, 24, 40, 14, 14, False, True, 2),  # H*W >= NATIVE_MIN_PIXELS: dW folds the batch, on the inner product
     (4, 16, 40, 7, 7, False, True, 2),  # smaller: the forward and dX fold the batch on the native product, dW as above
 ]
@@ -177,7 +282,7 @@ NATIVE_CASES = [
 )
 def test_pointwise_takes_the_native_product_and_matches_conv(case):
     """fp32 on CPU, the forward and both gradients run where the rules send them and equal F.conv2d."""
-    from models.functional import NATIVE_MIN_PIXELS, PER_IMAGE_MIN_PIXELS
+    from models.functional import NATIVE_MIN_PIXELS, PER_IMAGE_MIN_PIXELS, _images_kernel_fits
 
     _needs_native()
     n, c, k, h, w_, channels_last, bias, expected = case
@@ -192,9 +297,11 @@ def test_pointwise_takes_the_native_product_and_matches_conv(case):
     w = torch.randn(k, c, 1, 1, generator=g) / c**0.5
     b = torch.randn(k, generator=g) if bias else None
     names, ours = dispatch_and_compare(x, w, b, g, tol=(1e-5, 1e-4))
-    assert names.count("convlab.matmul_out") == expected and "aten.convolution" not in names, names
+    kernel = not channels_last and native.images_out() is not None and _images_kernel_fits(c, k, h * w_, b)
+    assert names.count("convlab.images_out") == kernel, names
+    assert names.count("convlab.matmul_out") + kernel == expected and "aten.convolution" not in names, names
     assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if not channels_last:  # the broadcast forward reads x as it lies; the folded one copies it into (C, N*P) columns
+    if not channels_last:  # images_out and the broadcast forward read x as it lies; the folded one copies it into (C, N*P) columns
         forward = _op_names(lambda: pointwise_conv2d(x.detach(), w.detach(), None if b is None else b.detach()))
         assert ("aten.clone" in forward) == (h * w_ < NATIVE_MIN_PIXELS), forward
 
@@ -236,14 +343,18 @@ def test_bf16_channels_last_forward_takes_the_avx512_kernel_where_measured(c, bi
 
 
 def test_without_avx512_the_forward_stays_on_onednn(monkeypatch):
-    """On a CPU without AVX-512 (so without linear_out) the status says so and the forward takes the paths it had
-    before the kernel, with the same results; bf16 alone missing reads as its own status."""
+    """On a CPU without AVX-512 (so without linear_out and images_out) the status says so and the forward takes the
+    paths it had before the kernels, with the same results; bf16 alone missing reads as its own status."""
     _needs_native()
     monkeypatch.setattr(native, "linear_out", lambda dtype=torch.float32: None)
     assert native.status() == "loaded, no AVX-512 kernel"
     x = torch.randn(2, 16, 23, 23).contiguous(memory_format=torch.channels_last)
     names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, x, torch.randn(64, 16, 1, 1), torch.randn(64)))
     assert "convlab.linear_out" not in names and "mkldnn._linear_pointwise" in names, names
+    assert native.images_out() is None
+    x = torch.randn(2, 16, 28, 28)  # NCHW inside images_out's bounds: the batched native product, as before it
+    names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, x, torch.randn(32, 16, 1, 1), torch.randn(32)))
+    assert "convlab.images_out" not in names and "convlab.matmul_out" in names, names
     fp32_only = {torch.float32: torch.ops.convlab.linear_out, torch.bfloat16: None}
     monkeypatch.setattr(native, "linear_out", lambda dtype=torch.float32: fp32_only[dtype])
     assert native.status() == "loaded, AVX-512 kernel fp32 only"

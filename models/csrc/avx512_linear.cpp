@@ -1,4 +1,5 @@
-// convlab's CPU product with its bias: out = x @ w^T + bias, on AVX-512 register tiles, fp32 and bf16.
+// convlab's CPU products with their bias, on AVX-512 register tiles: linear_out, out = x @ w^T + bias (fp32 and
+// bf16), for channels_last rows; images_out, out[n] = w @ x[n] + bias[:, None] (fp32), for NCHW images.
 //
 // On channels_last input a 1x1 convolution is that product on the (N*H*W, C) rows. oneDNN's matmul
 // (onednn_matmul.cpp) takes no bias, so the bias cost a second pass over the output, and oneDNN's inner
@@ -7,7 +8,8 @@
 // start at the bias, run the reduction and are stored once. Outputs of at least `stream_min_bytes` are
 // written with non-temporal stores, which skip reading the lines into the cache first. bf16 operands are
 // multiplied in pairs (AVX512_BF16's dot product), accumulated in fp32 and rounded once, at the store, as
-// oneDNN does. Built by models/native.py; compiled for any x86-64 CPU, each dtype runs only where the CPU
+// oneDNN does. On NCHW images the same tiles run with the pixels as columns: the panels are the images' own
+// channel rows, so the bias (one per output channel, a tile row) again costs no pass. Built by models/native.py; compiled for any x86-64 CPU, each dtype runs only where the CPU
 // reports its instructions (AVX-512F; for bf16 also AVX512_BF16).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -56,10 +58,12 @@ template <> struct Layout<bf16_bits> {
 
 // `count` tiles of R rows, one after another down the rows: c[0:R, 0:64) (columns masked) = start +
 // sum_k a[r, k] * panel[k, :], start being the bias (first reduction block) or what c holds (later ones).
-// kStream: non-temporal stores (full, aligned tiles of the last block only).
-template <int R, bool kStream>
+// The panel's rows lie `ldb` apart. kStream: non-temporal stores (full, aligned tiles of the last block only).
+// kImages (images_out): the bias is one value per row, not per column, and the panel is the input itself, not
+// a zero-padded copy, so its loads are masked too (a last, partial panel must not read past the tensor).
+template <int R, bool kStream, bool kImages = false>
 __attribute__((target("avx512f"))) void tiles(int64_t count, const float* a, int64_t lda, const float* panel,
-                                               int64_t depth, const float* bias, float* c, int64_t ldc,
+                                               int64_t ldb, int64_t depth, const float* bias, float* c, int64_t ldc,
                                                const __mmask16* masks) {
   for (int64_t t = 0; t < count; ++t, a += R * lda, c += R * ldc) {
     __m512 acc[R][4];  // the loops over r and v unroll fully (the pragmas), so acc lives in registers
@@ -67,13 +71,25 @@ __attribute__((target("avx512f"))) void tiles(int64_t count, const float* a, int
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
       for (int v = 0; v < 4; ++v) {
-        acc[r][v] = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_maskz_loadu_ps(masks[v], c + r * ldc + 16 * v);
+        if (!bias) {
+          acc[r][v] = _mm512_maskz_loadu_ps(masks[v], c + r * ldc + 16 * v);
+        } else if constexpr (kImages) {
+          acc[r][v] = _mm512_set1_ps(bias[t * R + r]);
+        } else {
+          acc[r][v] = _mm512_loadu_ps(bias + 16 * v);
+        }
       }
     }
     for (int64_t k = 0; k < depth; ++k) {
-      const float* p = panel + k * kPanel;
-      const __m512 b0 = _mm512_loadu_ps(p), b1 = _mm512_loadu_ps(p + 16);
-      const __m512 b2 = _mm512_loadu_ps(p + 32), b3 = _mm512_loadu_ps(p + 48);
+      const float* p = panel + k * ldb;
+      __m512 b0, b1, b2, b3;
+      if constexpr (kImages) {
+        b0 = _mm512_maskz_loadu_ps(masks[0], p), b1 = _mm512_maskz_loadu_ps(masks[1], p + 16);
+        b2 = _mm512_maskz_loadu_ps(masks[2], p + 32), b3 = _mm512_maskz_loadu_ps(masks[3], p + 48);
+      } else {
+        b0 = _mm512_loadu_ps(p), b1 = _mm512_loadu_ps(p + 16);
+        b2 = _mm512_loadu_ps(p + 32), b3 = _mm512_loadu_ps(p + 48);
+      }
 #pragma GCC unroll 6
       for (int r = 0; r < R; ++r) {
         const __m512 x = _mm512_set1_ps(a[r * lda + k]);
@@ -99,10 +115,11 @@ __attribute__((target("avx512f"))) void tiles(int64_t count, const float* a, int
 
 // The same for bf16: the panel holds pairs (w[j, 2i], w[j, 2i + 1]) side by side, `depth` is even, and the
 // bias (fp32) is always given.
-template <int R, bool kStream>
+template <int R, bool kStream, bool kImages = false>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void tiles(
-    int64_t count, const bf16_bits* a, int64_t lda, const bf16_bits* panel, int64_t depth, const float* bias,
-    bf16_bits* c, int64_t ldc, const __mmask16* masks) {
+    int64_t count, const bf16_bits* a, int64_t lda, const bf16_bits* panel, int64_t ldb, int64_t depth,
+    const float* bias, bf16_bits* c, int64_t ldc, const __mmask16* masks) {
+  static_assert(!kImages, "images_out is fp32 only");
   for (int64_t t = 0; t < count; ++t, a += R * lda, c += R * ldc) {
     __m512 acc[R][4];
 #pragma GCC unroll 6
@@ -111,7 +128,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void tiles(
       for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_loadu_ps(bias + 16 * v);
     }
     for (int64_t k = 0; k < depth; k += 2) {
-      const bf16_bits* p = panel + k * kPanel;
+      const bf16_bits* p = panel + k * ldb;  // pairs: ldb is kPanel, elements per pair row
       const __m512bh b0 = (__m512bh)_mm512_loadu_si512(p), b1 = (__m512bh)_mm512_loadu_si512(p + 32);
       const __m512bh b2 = (__m512bh)_mm512_loadu_si512(p + 64), b3 = (__m512bh)_mm512_loadu_si512(p + 96);
 #pragma GCC unroll 6
@@ -140,6 +157,28 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void tiles(
   }
 }
 
+// Lane masks of a panel with `cols` (at most kPanel) columns: vector v holds columns [16v, 16v + 16).
+void panel_masks(int64_t cols, __mmask16* masks) {
+  for (int v = 0; v < 4; ++v) {
+    const int64_t left = std::clamp<int64_t>(cols - 16 * v, 0, 16);
+    masks[v] = static_cast<__mmask16>((1u << left) - 1u);
+  }
+}
+
+// The `rows` (< kTileRows) rows left under the whole tiles: one short tile, plain stores (its lines are few).
+template <bool kImages, typename T>
+void tail_tile(int64_t rows, const T* a, int64_t lda, const T* panel, int64_t ldb, int64_t depth, const float* bias,
+               T* c, int64_t ldc, const __mmask16* masks) {
+  switch (rows) {
+    case 5: tiles<5, false, kImages>(1, a, lda, panel, ldb, depth, bias, c, ldc, masks); break;
+    case 4: tiles<4, false, kImages>(1, a, lda, panel, ldb, depth, bias, c, ldc, masks); break;
+    case 3: tiles<3, false, kImages>(1, a, lda, panel, ldb, depth, bias, c, ldc, masks); break;
+    case 2: tiles<2, false, kImages>(1, a, lda, panel, ldb, depth, bias, c, ldc, masks); break;
+    case 1: tiles<1, false, kImages>(1, a, lda, panel, ldb, depth, bias, c, ldc, masks); break;
+    default: break;
+  }
+}
+
 template <typename T>
 struct Problem {
   const T* x;
@@ -161,29 +200,18 @@ void run_task(const Problem<T>& pr, int64_t m0, int64_t m1, int64_t p0, int64_t 
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t cols = std::min(kPanel, pr.n - p * kPanel);
       __mmask16 masks[4];
-      for (int v = 0; v < 4; ++v) {
-        const int64_t left = std::clamp<int64_t>(cols - 16 * v, 0, 16);
-        masks[v] = static_cast<__mmask16>((1u << left) - 1u);
-      }
+      panel_masks(cols, masks);
       const T* panel = pr.packed + p * pr.k * kPanel + k0 * kPanel;
       const float* bias = k0 == 0 ? pr.bias + p * kPanel : nullptr;
       const T* a = pr.x + m0 * pr.ldx + k0;
       T* c = pr.out + m0 * pr.ldo + p * kPanel;
       if (pr.stream && last && cols == kPanel) {
-        tiles<kTileRows, true>(full, a, pr.ldx, panel, depth, bias, c, pr.ldo, masks);
+        tiles<kTileRows, true>(full, a, pr.ldx, panel, kPanel, depth, bias, c, pr.ldo, masks);
       } else {
-        tiles<kTileRows, false>(full, a, pr.ldx, panel, depth, bias, c, pr.ldo, masks);
+        tiles<kTileRows, false>(full, a, pr.ldx, panel, kPanel, depth, bias, c, pr.ldo, masks);
       }
-      a += full * kTileRows * pr.ldx;
-      c += full * kTileRows * pr.ldo;
-      switch (rows - full * kTileRows) {  // the last rows: plain stores, whose lines are few
-        case 5: tiles<5, false>(1, a, pr.ldx, panel, depth, bias, c, pr.ldo, masks); break;
-        case 4: tiles<4, false>(1, a, pr.ldx, panel, depth, bias, c, pr.ldo, masks); break;
-        case 3: tiles<3, false>(1, a, pr.ldx, panel, depth, bias, c, pr.ldo, masks); break;
-        case 2: tiles<2, false>(1, a, pr.ldx, panel, depth, bias, c, pr.ldo, masks); break;
-        case 1: tiles<1, false>(1, a, pr.ldx, panel, depth, bias, c, pr.ldo, masks); break;
-        default: break;
-      }
+      tail_tile<false>(rows - full * kTileRows, a + full * kTileRows * pr.ldx, pr.ldx, panel, kPanel, depth, bias,
+                       c + full * kTileRows * pr.ldo, pr.ldo, masks);
     }
   }
 }
@@ -231,6 +259,73 @@ void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tenso
   });
 }
 
+// out[n] = w @ x[n] + bias[:, None] for every image of x (N, C, P), fp32: the NCHW form of a 1x1 convolution,
+// the P pixels of an image its columns. The panels are the images' own rows, read in place (each channel's
+// pixels lie contiguous, so no packing), the broadcast operand is w (K, C), and each tile row starts at its
+// output channel's bias.
+struct Images {
+  const float* w;
+  int64_t ldw;
+  const float* x;
+  int64_t xs0, xs1;   // image and channel strides of x
+  const float* bias;  // K values, zeros without a bias
+  float* out;
+  int64_t os0, os1, c, k, p;
+  bool stream;
+};
+
+// Rows [r0, r1) x panels [q0, q1) of image n's output, reduction block by block.
+void images_task(const Images& pr, int64_t n, int64_t r0, int64_t r1, int64_t q0, int64_t q1) {
+  const int64_t rows = r1 - r0, full = rows / kTileRows;
+  for (int64_t c0 = 0, depth; c0 < pr.c; c0 += depth) {
+    depth = std::min(Layout<float>::kDepth, pr.c - c0);
+    const bool last = c0 + depth == pr.c;
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t cols = std::min(kPanel, pr.p - q * kPanel);
+      __mmask16 masks[4];
+      panel_masks(cols, masks);
+      const float* panel = pr.x + n * pr.xs0 + c0 * pr.xs1 + q * kPanel;
+      const float* bias = c0 == 0 ? pr.bias + r0 : nullptr;
+      const float* a = pr.w + r0 * pr.ldw + c0;
+      float* c = pr.out + n * pr.os0 + r0 * pr.os1 + q * kPanel;
+      if (pr.stream && last && cols == kPanel) {
+        tiles<kTileRows, true, true>(full, a, pr.ldw, panel, pr.xs1, depth, bias, c, pr.os1, masks);
+      } else {
+        tiles<kTileRows, false, true>(full, a, pr.ldw, panel, pr.xs1, depth, bias, c, pr.os1, masks);
+      }
+      tail_tile<true>(rows - full * kTileRows, a + full * kTileRows * pr.ldw, pr.ldw, panel, pr.xs1, depth,
+                      bias ? bias + full * kTileRows : nullptr, c + full * kTileRows * pr.os1, pr.os1, masks);
+    }
+  }
+}
+
+void run_images(const at::Tensor& w, const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& out,
+                int64_t stream_min_bytes) {
+  const int64_t n = x.size(0), c = x.size(1), p = x.size(2), k = w.size(0);
+  std::vector<float> row_bias(k, 0.f);
+  if (bias) {
+    for (int64_t j = 0; j < k; ++j) row_bias[j] = bias->const_data_ptr<float>()[j * bias->stride(0)];
+  }
+  float* o = out.data_ptr<float>();
+  // Non-temporal stores need every row of every image on whole cache lines.
+  const bool aligned = reinterpret_cast<uintptr_t>(o) % 64 == 0 && (out.stride(1) * 4) % 64 == 0 &&
+                       (out.stride(0) * 4) % 64 == 0;
+  const Images pr{w.const_data_ptr<float>(), w.stride(0), x.const_data_ptr<float>(), x.stride(0), x.stride(1),
+                  row_bias.data(), o, out.stride(0), out.stride(1), c, k, p,
+                  aligned && n * k * p * static_cast<int64_t>(sizeof(float)) >= stream_min_bytes};
+  const int64_t panels = (p + kPanel - 1) / kPanel;
+  const int64_t row_tasks = (k + kTaskRows - 1) / kTaskRows, panel_tasks = (panels + kTaskPanels - 1) / kTaskPanels;
+  // Consecutive tasks share an image's panels (row tasks innermost), so a thread's run of them reuses its panels.
+  at::parallel_for(0, n * panel_tasks * row_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t image = t / (panel_tasks * row_tasks), pt = t / row_tasks % panel_tasks, rt = t % row_tasks;
+      images_task(pr, image, rt * kTaskRows, std::min(k, (rt + 1) * kTaskRows), pt * kTaskPanels,
+                  std::min(panels, (pt + 1) * kTaskPanels));
+    }
+    _mm_sfence();
+  });
+}
+
 #endif  // __x86_64__
 
 void linear_out(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const at::Tensor& out,
@@ -267,15 +362,44 @@ void linear_out(const at::Tensor& x, const at::Tensor& w, const std::optional<at
 #endif
 }
 
+void images_out(const at::Tensor& w, const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& out,
+                int64_t stream_min_bytes) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "convlab::images_out: w, x and out must all be float32, got ", w.scalar_type(), ", ", x.scalar_type(),
+              " and ", out.scalar_type());
+  TORCH_CHECK(cpu_supports(at::kFloat), "convlab::images_out: this CPU lacks AVX-512F (ask convlab::linear_supported first)");
+  TORCH_CHECK(w.dim() == 2 && x.dim() == 3 && out.dim() == 3, "convlab::images_out: w must be 2-d, x and out 3-d, got ",
+              w.dim(), ", ", x.dim(), " and ", out.dim());
+  TORCH_CHECK(w.device().is_cpu() && x.device().is_cpu() && out.device().is_cpu(), "convlab::images_out: CPU tensors only");
+  const int64_t n = x.size(0), c = x.size(1), p = x.size(2), k = w.size(0);
+  TORCH_CHECK(w.size(1) == c && out.size(0) == n && out.size(1) == k && out.size(2) == p, "convlab::images_out: shapes ",
+              w.sizes(), " @ ", x.sizes(), " do not give ", out.sizes());
+  TORCH_CHECK((w.stride(1) == 1 || c == 1) && (x.stride(2) == 1 || p == 1) && (out.stride(2) == 1 || p == 1),
+              "convlab::images_out: w, x and out need unit last strides, got ", w.strides(), ", ", x.strides(), " and ",
+              out.strides());
+  TORCH_CHECK(c > 0, "convlab::images_out: x has no channels to reduce over (shape ", x.sizes(), ")");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == k && bias->scalar_type() == at::kFloat && bias->device().is_cpu(),
+                "convlab::images_out: bias must be float32 of shape [", k, "], got ", bias->scalar_type(), " ",
+                bias->sizes());
+  }
+  if (n == 0 || k == 0 || p == 0) return;
+#if defined(__x86_64__)
+  run_images(w, x, bias, out, stream_min_bytes);
+#endif
+}
+
 bool linear_supported(at::ScalarType dtype) { return cpu_supports(dtype); }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(convlab, m) {
   m.def("linear_out(Tensor x, Tensor w, Tensor? bias, Tensor(c!) out, int stream_min_bytes) -> ()");
+  m.def("images_out(Tensor w, Tensor x, Tensor? bias, Tensor(c!) out, int stream_min_bytes) -> ()");
   m.def("linear_supported(ScalarType dtype) -> bool", &linear_supported);
 }
 
 TORCH_LIBRARY_IMPL(convlab, CPU, m) {
   m.impl("linear_out", linear_out);
+  m.impl("images_out", images_out);
 }
