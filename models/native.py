@@ -1,4 +1,4 @@
-"""convlab's native ops, ``torch.ops.convlab.matmul_out``, ``linear_out`` and ``images_out``: built from ``models/csrc`` on first use, else absent.
+"""convlab's native ops, ``torch.ops.convlab.matmul_out`` and its AVX-512 kernels: built from ``models/csrc`` on first use, else absent.
 
 pointwise_conv2d lowers a 1x1 convolution to matrix products. From Python, torch offers fp32 CPU
 products only on its BLAS (MKL's ``sgemm``, at half oneDNN's speed on some CPUs, see
@@ -8,13 +8,14 @@ it reads 2-d or batched 3-d operands by their strides and writes ``out = beta * 
 a given tensor, so an NCHW image's product lands in place and transposed operands cost no copy.
 ``linear_out`` is convlab's own fp32 and bf16 kernel for ``x @ w^T + bias`` on AVX-512 CPUs
 (``csrc/avx512_linear.cpp``): it adds the bias in the registers, where oneDNN's matmul takes none.
-``images_out`` runs the same register tiles on NCHW images, ``w @ x[n] + bias`` per image, fp32.
+``images_out`` runs the same register tiles on NCHW images, ``w @ x[n] + bias`` per image, fp32, and
+``rows_weight_grad`` computes a channels_last weight gradient and its bias gradient in one pass, fp32.
 
-All three are compiled into one library, once per torch build and sources, with the C++ compiler found as ``$CXX``,
+All are compiled into one library, once per torch build and sources, with the C++ compiler found as ``$CXX``,
 ``c++`` or ``g++`` (about 10 s), into ``$CONVLAB_CACHE`` (default ``~/.cache/convlab``)
 ``/native/<key>/``. With no compiler, a failed build or ``CONVLAB_NATIVE=0``, :func:`matmul_out`,
-:func:`linear_out` and :func:`images_out` return None and pointwise_conv2d runs its pure-Python lowering
-instead (one warning says why); on a CPU without AVX-512F only :func:`linear_out` and :func:`images_out` are
+:func:`linear_out`, :func:`images_out` and :func:`rows_weight_grad` return None and pointwise_conv2d runs its
+pure-Python lowering instead (one warning says why); on a CPU without AVX-512F only the AVX-512 kernels are
 None (``linear_out`` for bf16 also without AVX512_BF16).
 """
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SOURCES", "build", "images_out", "linear_out", "matmul_out", "status"]
+__all__ = ["SOURCES", "build", "images_out", "linear_out", "matmul_out", "rows_weight_grad", "status"]
 
 SOURCES = (Path(__file__).parent / "csrc" / "onednn_matmul.cpp", Path(__file__).parent / "csrc" / "avx512_linear.cpp")
 _LIBRARY_NAME = "convlab_native.so"
@@ -158,6 +159,16 @@ def images_out() -> Callable[..., None] | None:
     None. Outputs of at least ``stream_min_bytes`` bytes bypass the cache.
     """
     return torch.ops.convlab.images_out if linear_out(torch.float32) is not None else None
+
+
+def rows_weight_grad() -> Callable[..., None] | None:
+    """``torch.ops.convlab.rows_weight_grad(grad, x, dwt, db)`` where :func:`linear_out` runs fp32 here, else None.
+
+    Writes ``x^T @ grad`` into ``dwt`` ``(C, K)`` (contiguous) and, when ``db`` ``(K,)`` is given, the sum of
+    ``grad``'s rows into it, in one pass over ``grad``: fp32 CPU tensors, ``grad`` ``(M, K)`` and ``x`` ``(M, C)``
+    with unit column strides.
+    """
+    return torch.ops.convlab.rows_weight_grad if linear_out(torch.float32) is not None else None
 
 
 def status() -> str:

@@ -243,6 +243,97 @@ def test_nchw_forward_takes_the_avx512_kernel_where_measured(c, k, hw, bias, exp
     assert ours.is_contiguous()
 
 
+def _needs_rows_weight_grad():
+    _needs_native()
+    if native.rows_weight_grad() is None:
+        pytest.skip(f"native product {native.status()}")
+
+
+# (M, C, K): channel tails under the 8- and 6-channel tiles, K on 48-wide panels (48, 96, 100) and 64-wide ones
+# (64, 128, 130), a last partial panel, one row and one channel, row counts under, at and over the 128-row
+# block (several blocks per thread, so the prefetch of the next block runs, and a partial last block).
+GRAD_SHAPES = [(1, 1, 1), (5, 3, 7), (127, 8, 48), (128, 13, 64), (300, 33, 100), (1000, 8, 96), (257, 64, 130),
+               (700, 6, 128), (2000, 21, 5)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda v: "x".join(map(str, v)))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_weight_grad_matches_the_reduction(shape, threads):
+    """``x^T @ grad`` and the row sums of ``grad``, against float64, for ``x`` contiguous and a column slice of a
+    wider matrix; with and without ``db`` (then ``db`` is left alone); NaN in the outputs beforehand, so every
+    element must be written; one thread and two (each reduces into its own partial sums)."""
+    _needs_rows_weight_grad()
+    m, c, k = shape
+    gen = torch.Generator().manual_seed(m + c + k)
+    grad, wide = torch.randn(m, k, generator=gen), torch.randn(m, c + 4, generator=gen)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for x in (wide[:, :c].contiguous(), wide[:, 3 : 3 + c]):
+            expected = (x.double().t() @ grad.double()).float()
+            dwt, db = torch.full((c, k), float("nan")), torch.full((k,), float("nan"))
+            native.rows_weight_grad()(grad, x, dwt, db)
+            torch.testing.assert_close(dwt, expected, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(db, grad.double().sum(0).float(), rtol=1e-5, atol=1e-4)
+            dwt, untouched = torch.full((c, k), float("nan")), torch.full((k,), float("nan"))
+            native.rows_weight_grad()(grad, x, dwt, None)
+            torch.testing.assert_close(dwt, expected, rtol=1e-5, atol=1e-4)
+            assert untouched.isnan().all()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize(
+    "grad, x, dwt, db, match",
+    [
+        ((4, 5), (3, 2), (2, 5), None, r"shapes \[3, 2\]\^T @ \[4, 5\] do not give \[2, 5\]"),
+        ((4, 5), (4, 2), (5, 2), None, r"do not give \[5, 2\]"),
+        ((4, 5), (4, 2), (2, 5), (4,), r"db must be a contiguous \[5\], got \[4\]"),
+        ((4, 5, 1), (4, 2), (2, 5), None, "must be 2-d"),
+    ],
+)
+def test_rows_weight_grad_refuses_what_it_cannot_compute(grad, x, dwt, db, match):
+    """Mismatched shapes, other dtypes, strided columns and a strided dwt are RuntimeErrors that name them."""
+    _needs_rows_weight_grad()
+    db = None if db is None else torch.empty(db)
+    with pytest.raises(RuntimeError, match=match):
+        native.rows_weight_grad()(torch.randn(grad), torch.randn(x), torch.empty(dwt), db)
+    with pytest.raises(RuntimeError, match="must all be float32"):
+        native.rows_weight_grad()(torch.randn(4, 5).double(), torch.randn(4, 2), torch.empty(2, 5), None)
+    with pytest.raises(RuntimeError, match="need unit column strides and dwt must be contiguous"):
+        native.rows_weight_grad()(torch.randn(5, 4).t(), torch.randn(4, 2), torch.empty(2, 5), None)
+    with pytest.raises(RuntimeError, match="need unit column strides and dwt must be contiguous"):
+        native.rows_weight_grad()(torch.randn(4, 5), torch.randn(4, 2), torch.empty(5, 2).t(), None)
+
+
+@pytest.mark.parametrize(
+    "c, k, hw, bias, expected",
+    [
+        (24, 64, (46, 46), True, 1),  # 4232 rows at N=2: from GRAD_KERNEL_MIN_ROWS, dW and db in one pass
+        (24, 64, (46, 46), False, 1),  # no bias: dW alone
+        (24, 64, (45, 45), True, 0),  # 4050 rows: below it
+        (128, 128, (46, 46), True, 1),  # GRAD_KERNEL_MAX_IN
+        (136, 136, (46, 46), True, 0),  # above it
+        (64, 32, (46, 46), True, 0),  # fewer outputs than inputs
+    ],
+)
+def test_channels_last_weight_grad_takes_the_avx512_kernel_where_measured(c, k, hw, bias, expected):
+    """fp32 channels_last: dW (and db, with a bias, in the same pass) on rows_weight_grad inside the measured
+    bounds, else on the native matmul and a separate sum; all gradients as F.conv2d's."""
+    from models import functional
+
+    _needs_rows_weight_grad()
+    n = 2
+    assert (n * hw[0] * hw[1] >= functional.GRAD_KERNEL_MIN_ROWS and c <= functional.GRAD_KERNEL_MAX_IN and k >= c) == bool(expected)
+    g = torch.Generator().manual_seed(c + k + hw[0])
+    x = torch.randn(n, c, *hw, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(k, c, 1, 1, generator=g) / c**0.5, torch.randn(k, generator=g) if bias else None
+    names, _ = dispatch_and_compare(x, w, b, g, tol=(1e-5, 1e-4), grad_tol=(1e-4, 1e-3))
+    assert names.count("convlab.rows_weight_grad") == expected, names
+    assert names.count("convlab.matmul_out") == 2 - expected + (not bias and not names.count("convlab.linear_out")), names
+    assert ("aten.sum" in names) == (bias and not expected), names
+
+
 @pytest.mark.parametrize("k, bias, expected", [(64, True, 1), (128, False, 1), (48, True, 0)])
 def test_channels_last_forward_takes_the_avx512_kernel_where_measured(k, bias, expected):
     """fp32 channels_last with at least LINEAR_MIN_ROWS rows: the forward on linear_out when the outputs are a
@@ -351,7 +442,7 @@ def test_without_avx512_the_forward_stays_on_onednn(monkeypatch):
     x = torch.randn(2, 16, 23, 23).contiguous(memory_format=torch.channels_last)
     names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, x, torch.randn(64, 16, 1, 1), torch.randn(64)))
     assert "convlab.linear_out" not in names and "mkldnn._linear_pointwise" in names, names
-    assert native.images_out() is None
+    assert native.images_out() is None and native.rows_weight_grad() is None
     x = torch.randn(2, 16, 28, 28)  # NCHW inside images_out's bounds: the batched native product, as before it
     names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, x, torch.randn(32, 16, 1, 1), torch.randn(32)))
     assert "convlab.images_out" not in names and "convlab.matmul_out" in names, names

@@ -326,6 +326,147 @@ void run_images(const at::Tensor& w, const at::Tensor& x, const std::optional<at
   });
 }
 
+// dW^T = x^T @ grad and db = sum of grad's rows, fp32: the weight and bias gradients of channels_last rows, x
+// (M, C) and grad (M, K), in one pass over grad. A tile of dW^T is R input channels x V 16-lane vectors of output
+// channels, 24 accumulators (8 x 3 or 6 x 4, whichever pads K less); for each row m it broadcasts x[m, c] and
+// multiplies grad[m, panel], the vectors the bias gradient sums too. Each thread reduces its blocks of rows into
+// its own partial sums, added up at the end; the tile of channel 0 prefetches the next block's rows into L2, which
+// the strided walk down grad's rows otherwise waits on (it doubled the speed on 32-channel layers).
+constexpr int64_t kGradBlock = 128;  // rows of grad a thread reduces before the next panel (kept in L1)
+
+template <int R, int V, bool kSum, bool kPrefetch>
+__attribute__((target("avx512f"))) void grad_tile(int64_t rows, const float* x, int64_t ldx, const float* g,
+                                                   int64_t ldg, float* acc_out, int64_t ld_acc, float* db,
+                                                   const __mmask16* masks, int64_t ahead) {
+  __m512 acc[R][V], sums[V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_maskz_loadu_ps(masks[v], acc_out + r * ld_acc + 16 * v);
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) sums[v] = _mm512_setzero_ps();
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* gp = g + m * ldg;
+    __m512 b[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      if constexpr (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(gp + ahead + 16 * v), _MM_HINT_T1);
+      b[v] = _mm512_maskz_loadu_ps(masks[v], gp + 16 * v);
+      if constexpr (kSum) sums[v] = _mm512_add_ps(sums[v], b[v]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(x[m * ldx + r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(acc_out + r * ld_acc + 16 * v, masks[v], acc[r][v]);
+  }
+  if constexpr (kSum) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      _mm512_mask_storeu_ps(db + 16 * v, masks[v], _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], db + 16 * v), sums[v]));
+    }
+  }
+}
+
+// Tiles of R input channels from channel c0: the one of channel 0 also sums the bias gradient (db given) and
+// prefetches the next block's rows (`ahead` elements on; 0: no next block).
+template <int R, int V>
+void grad_tiles(int64_t rows, const float* x, int64_t ldx, const float* g, int64_t ldg, float* part, int64_t k,
+                float* db, const __mmask16* masks, int64_t c0, int64_t ahead) {
+  x += c0, part += c0 * k;
+  if (c0 == 0 && ahead) {
+    if (db) {
+      grad_tile<R, V, true, true>(rows, x, ldx, g, ldg, part, k, db, masks, ahead);
+    } else {
+      grad_tile<R, V, false, true>(rows, x, ldx, g, ldg, part, k, nullptr, masks, ahead);
+    }
+  } else if (db && c0 == 0) {
+    grad_tile<R, V, true, false>(rows, x, ldx, g, ldg, part, k, db, masks, 0);
+  } else {
+    grad_tile<R, V, false, false>(rows, x, ldx, g, ldg, part, k, nullptr, masks, 0);
+  }
+}
+
+// All C input channels of one panel of V vectors: whole tiles of R = 24 / V channels, then the rest.
+template <int V>
+void grad_panel(int64_t rows, const float* x, int64_t ldx, const float* g, int64_t ldg, float* part, int64_t c,
+                int64_t k, float* db, const __mmask16* masks, int64_t ahead) {
+  constexpr int R = 24 / V;
+  int64_t c0 = 0;
+  for (; c0 + R <= c; c0 += R) grad_tiles<R, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead);
+  switch (c - c0) {
+    case 7: grad_tiles<7, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
+    case 6: grad_tiles<6, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
+    case 5: grad_tiles<5, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
+    case 4: grad_tiles<4, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
+    case 3: grad_tiles<3, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
+    case 2: grad_tiles<2, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
+    case 1: grad_tiles<1, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
+    default: break;
+  }
+}
+
+void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dwt,
+                     const std::optional<at::Tensor>& db) {
+  const int64_t m = grad.size(0), k = grad.size(1), c = x.size(1);
+  const int64_t ldg = grad.stride(0), ldx = x.stride(0);
+  const float* gp = grad.const_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  const int threads = at::get_num_threads();
+  const int64_t stride = c * k + k;  // one thread's partial dW^T, then its partial db
+  std::vector<float> parts(threads * stride, 0.f);
+  const int64_t blocks = (m + kGradBlock - 1) / kGradBlock;
+  // Panels of 48 or 64 output channels, whichever leaves fewer empty lanes in the last one (64 on a tie).
+  const int64_t cols = (k + 47) / 48 * 48 < (k + 63) / 64 * 64 ? 48 : 64;
+  // One chunk of consecutive blocks per thread, each into its own partial sums (indexed by chunk, not by the
+  // thread that runs it, so a call from inside another parallel region stays correct).
+  const int64_t per_chunk = (blocks + threads - 1) / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      float* part = parts.data() + chunk * stride;
+      float* part_db = db ? part + c * k : nullptr;
+      const int64_t end = std::min(blocks, (chunk + 1) * per_chunk);
+      for (int64_t b = chunk * per_chunk; b < end; ++b) {
+        const int64_t m0 = b * kGradBlock, rows = std::min(kGradBlock, m - m0);
+        const int64_t ahead = b + 1 < end ? kGradBlock * ldg : 0;
+        for (int64_t k0 = 0; k0 < k; k0 += cols) {
+          __mmask16 masks[4];
+          panel_masks(std::min(cols, k - k0), masks);
+          const float* g = gp + m0 * ldg + k0;
+          const float* xr = xp + m0 * ldx;
+          float* dbk = part_db ? part_db + k0 : nullptr;
+          if (cols == 64) {
+            grad_panel<4>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
+          } else {
+            grad_panel<3>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
+          }
+        }
+      }
+    }
+  });
+  float* out = dwt.data_ptr<float>();
+  float* out_db = db ? db->data_ptr<float>() : nullptr;
+  const int64_t total = db ? stride : c * k;
+  at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float sum = 0.f;
+      for (int t = 0; t < threads; ++t) sum += parts[t * stride + i];
+      if (i < c * k) {
+        out[i] = sum;
+      } else {
+        out_db[i - c * k] = sum;
+      }
+    }
+  });
+}
+
 #endif  // __x86_64__
 
 void linear_out(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const at::Tensor& out,
@@ -389,6 +530,32 @@ void images_out(const at::Tensor& w, const at::Tensor& x, const std::optional<at
 #endif
 }
 
+void rows_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dwt, const std::optional<at::Tensor>& db) {
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && dwt.scalar_type() == at::kFloat &&
+                  (!db || db->scalar_type() == at::kFloat),
+              "convlab::rows_weight_grad: grad, x, dwt and db must all be float32, got ", grad.scalar_type(), ", ",
+              x.scalar_type(), " and ", dwt.scalar_type());
+  TORCH_CHECK(cpu_supports(at::kFloat), "convlab::rows_weight_grad: this CPU lacks AVX-512F (ask convlab::linear_supported first)");
+  TORCH_CHECK(grad.dim() == 2 && x.dim() == 2 && dwt.dim() == 2, "convlab::rows_weight_grad: grad, x and dwt must be "
+              "2-d, got ", grad.dim(), ", ", x.dim(), " and ", dwt.dim());
+  TORCH_CHECK(grad.device().is_cpu() && x.device().is_cpu() && dwt.device().is_cpu() && (!db || db->device().is_cpu()),
+              "convlab::rows_weight_grad: CPU tensors only");
+  const int64_t m = grad.size(0), k = grad.size(1), c = x.size(1);
+  TORCH_CHECK(x.size(0) == m && dwt.size(0) == c && dwt.size(1) == k, "convlab::rows_weight_grad: shapes ", x.sizes(),
+              "^T @ ", grad.sizes(), " do not give ", dwt.sizes());
+  TORCH_CHECK((grad.stride(1) == 1 || k == 1) && (x.stride(1) == 1 || c == 1) && dwt.is_contiguous(),
+              "convlab::rows_weight_grad: grad and x need unit column strides and dwt must be contiguous, got ",
+              grad.strides(), ", ", x.strides(), " and ", dwt.strides());
+  if (db) {
+    TORCH_CHECK(db->dim() == 1 && db->size(0) == k && db->is_contiguous(), "convlab::rows_weight_grad: db must be a "
+                "contiguous [", k, "], got ", db->sizes());
+  }
+  if (c == 0 || k == 0) return;
+#if defined(__x86_64__)
+  run_weight_grad(grad, x, dwt, db);
+#endif
+}
+
 bool linear_supported(at::ScalarType dtype) { return cpu_supports(dtype); }
 
 }  // namespace
@@ -396,10 +563,12 @@ bool linear_supported(at::ScalarType dtype) { return cpu_supports(dtype); }
 TORCH_LIBRARY_FRAGMENT(convlab, m) {
   m.def("linear_out(Tensor x, Tensor w, Tensor? bias, Tensor(c!) out, int stream_min_bytes) -> ()");
   m.def("images_out(Tensor w, Tensor x, Tensor? bias, Tensor(c!) out, int stream_min_bytes) -> ()");
+  m.def("rows_weight_grad(Tensor grad, Tensor x, Tensor(a!) dwt, Tensor(b!)? db) -> ()");
   m.def("linear_supported(ScalarType dtype) -> bool", &linear_supported);
 }
 
 TORCH_LIBRARY_IMPL(convlab, CPU, m) {
   m.impl("linear_out", linear_out);
   m.impl("images_out", images_out);
+  m.impl("rows_weight_grad", rows_weight_grad);
 }
