@@ -346,34 +346,44 @@ def _weight_grad(grad: Tensor, rows: Tensor) -> Tensor:
     return slabs.sum(0).t().contiguous()  # (K, C)
 
 
-# fp32 channels_last weight gradients of at least GRAD_KERNEL_MIN_ROWS rows, with at most GRAD_KERNEL_MAX_IN input
-# channels and no fewer outputs than inputs, run on convlab's AVX-512 kernel with the bias gradient in the same
-# pass (see _kernel_weight_grad).
+# fp32 channels_last backwards of at least GRAD_KERNEL_MIN_ROWS rows, with at most GRAD_KERNEL_MAX_IN input
+# channels and no fewer outputs than inputs, run on convlab's AVX-512 kernel: dW, db and dX in one pass over dY
+# (see _kernel_backward).
 GRAD_KERNEL_MIN_ROWS = 4096
 GRAD_KERNEL_MAX_IN = 128
 
 
-def _kernel_weight_grad(grad: Tensor, rows: Tensor, with_bias: bool) -> tuple[Tensor, Tensor | None] | None:
-    """``dW = dY^T X`` and (``with_bias``) ``db = sum dY`` on ``rows_weight_grad`` where measured faster, else None.
+def _kernel_backward(grad: Tensor, rows: Tensor, w2d: Tensor | None, with_bias: bool) -> tuple[Tensor | None, Tensor, Tensor | None] | None:
+    """``(dX, dW, db)`` on ``rows_backward`` where measured faster, else None: ``dX = dY W`` when ``w2d`` is
+    given (else None), ``dW = dY^T X``, ``db = sum dY`` when ``with_bias`` (else None).
 
-    The kernel (``models/csrc/avx512_linear.cpp``) reduces the M rows into per-thread 8x48 or 6x64 tiles of
-    ``dW^T``, summing ``db`` from the ``dY`` vectors it has loaded anyway, so ``dY`` is read once where the
-    matmul and ``grad.sum(0)`` read it twice; it prefetches the next block of rows, whose strided walk otherwise
-    stalls. One-off A/B (``/tmp`` script, not kept), 2 threads, fp32, ``dW`` + ``db`` against ``_weight_grad`` +
-    ``grad.sum(0)``: 1.01-4.23x on the 20 layers with ``K >= C``, ``C <= 128`` and at least 6272 rows (the
-    pointwise suite's from 28x28 up, MobileNet v2- and CIFAR-size ones at batch 8 and 128; 32->512 @56 5.89 ->
-    2.31 ms, 32->64 @112 2.12 -> 1.26 ms), 0.97x (a tie) on 16->16 @112. Slower with 256 or 512 inputs at 14x14
-    and 28x28 (0.74-0.98x) and with fewer outputs than inputs (96->24 @112 0.66x), hence the bounds.
+    The kernel (``models/csrc/avx512_linear.cpp``) walks ``dY`` once, in blocks of 128 rows: it reduces each
+    block into per-thread 8x48 or 6x64 tiles of ``dW^T``, sums ``db`` from the ``dY`` vectors it has loaded
+    anyway, then computes the block's ``dX`` rows while the block is in cache; it prefetches the next block,
+    whose strided walk otherwise stalls (that doubled its speed on 32-channel layers). The paths it replaces
+    read ``dY`` three times: oneDNN's matmul for ``dX`` and ``dW``, ``grad.sum(0)`` for ``db``. One-off A/Bs
+    (``/tmp`` scripts, not kept), 2 threads, fp32:
+
+    * ``dW`` + ``db`` against ``_weight_grad`` + ``grad.sum(0)``: 1.01-4.23x on the 20 layers with
+      ``K >= C``, ``C <= 128`` and at least 6272 rows (the pointwise suite's from 28x28 up, MobileNet v2- and
+      CIFAR-size ones at batch 8 and 128; 32->512 @56 5.89 -> 2.31 ms, 32->64 @112 2.12 -> 1.26 ms), 0.97x
+      (a tie) on 16->16 @112. Slower with 256 or 512 inputs at 14x14 and 28x28 (0.74-0.98x) and with fewer
+      outputs than inputs (96->24 @112 0.66x), hence the bounds;
+    * then ``dX`` in the same pass against oneDNN's matmul after it: 1.01-1.32x on 15 of those 16 layers
+      (32->256 @56 2.55 -> 2.03 ms for all three), 0.96x (a tie) on 64->128 @16 at batch 128.
     """
     (m, c), k = rows.shape, grad.shape[1]
     if rows.dtype != torch.float32 or m < GRAD_KERNEL_MIN_ROWS or c > GRAD_KERNEL_MAX_IN or k < c:
         return None
-    if _native_matmul(grad, rows) is None or (kernel := native.rows_weight_grad()) is None:
+    if _native_matmul(grad, rows) is None or (kernel := native.rows_backward()) is None:
         return None
     grad_wt = rows.new_empty(c, k)
     grad_b = rows.new_empty(k) if with_bias else None
-    kernel(grad if grad.stride(1) == 1 else grad.contiguous(), rows if rows.stride(1) == 1 else rows.contiguous(), grad_wt, grad_b)
-    return grad_wt.t().contiguous(), grad_b
+    grad_x = None if w2d is None else rows.new_empty(m, c)
+    w = None if w2d is None else w2d if w2d.stride(1) == 1 else w2d.contiguous()
+    grad, rows = (t if t.stride(1) == 1 else t.contiguous() for t in (grad, rows))
+    kernel(grad, rows, grad_wt, grad_b, w, grad_x)
+    return grad_x, grad_wt.t().contiguous(), grad_b
 
 
 class _RowsPointwise(torch.autograd.Function):
@@ -381,7 +391,7 @@ class _RowsPointwise(torch.autograd.Function):
 
     Backward: ``dX = dY W`` (again a tall, thin product, so the same fast path), ``dW = dY^T X``
     (a long reduction over rows, see :func:`_weight_grad`), ``db = sum dY``; in fp32 within
-    :func:`_kernel_weight_grad`'s bounds, ``dW`` and ``db`` in one pass on convlab's AVX-512 kernel. When the backward
+    :func:`_kernel_backward`'s bounds, all three in one pass over ``dY`` on convlab's AVX-512 kernel. When the backward
     itself is differentiated (``create_graph=True``) it uses differentiable ops instead.
     """
 
@@ -397,14 +407,15 @@ class _RowsPointwise(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad
         differentiable = torch.is_grad_enabled()
         grad_x = grad_w = grad_b = None
+        if need_w and not differentiable:
+            fused = _kernel_backward(grad, rows, w2d if need_x else None, ctx.has_bias and need_b)
+            if fused is not None:
+                return fused  # (M, C) or None, (K, C), (K,) or None
         if need_x:
             grad_x = grad @ w2d if differentiable else _rows_product(grad, w2d.t(), None)  # (M, C)
-        fused = None if differentiable or not need_w else _kernel_weight_grad(grad, rows, ctx.has_bias and need_b)
-        if fused is not None:
-            grad_w, grad_b = fused  # (K, C), (K,) or None
-        elif need_w:
+        if need_w:
             grad_w = grad.t() @ rows if differentiable else _weight_grad(grad.contiguous(), rows)  # (K, C)
-        if fused is None and ctx.has_bias and need_b:
+        if ctx.has_bias and need_b:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
 

@@ -9,12 +9,12 @@ a given tensor, so an NCHW image's product lands in place and transposed operand
 ``linear_out`` is convlab's own fp32 and bf16 kernel for ``x @ w^T + bias`` on AVX-512 CPUs
 (``csrc/avx512_linear.cpp``): it adds the bias in the registers, where oneDNN's matmul takes none.
 ``images_out`` runs the same register tiles on NCHW images, ``w @ x[n] + bias`` per image, fp32, and
-``rows_weight_grad`` computes a channels_last weight gradient and its bias gradient in one pass, fp32.
+``rows_backward`` computes a channels_last layer's three gradients in one pass over ``dY``, fp32.
 
 All are compiled into one library, once per torch build and sources, with the C++ compiler found as ``$CXX``,
 ``c++`` or ``g++`` (about 10 s), into ``$CONVLAB_CACHE`` (default ``~/.cache/convlab``)
 ``/native/<key>/``. With no compiler, a failed build or ``CONVLAB_NATIVE=0``, :func:`matmul_out`,
-:func:`linear_out`, :func:`images_out` and :func:`rows_weight_grad` return None and pointwise_conv2d runs its
+:func:`linear_out`, :func:`images_out` and :func:`rows_backward` return None and pointwise_conv2d runs its
 pure-Python lowering instead (one warning says why); on a CPU without AVX-512F only the AVX-512 kernels are
 None (``linear_out`` for bf16 also without AVX512_BF16).
 """
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SOURCES", "build", "images_out", "linear_out", "matmul_out", "rows_weight_grad", "status"]
+__all__ = ["SOURCES", "build", "images_out", "linear_out", "matmul_out", "rows_backward", "status"]
 
 SOURCES = (Path(__file__).parent / "csrc" / "onednn_matmul.cpp", Path(__file__).parent / "csrc" / "avx512_linear.cpp")
 _LIBRARY_NAME = "convlab_native.so"
@@ -161,14 +161,15 @@ def images_out() -> Callable[..., None] | None:
     return torch.ops.convlab.images_out if linear_out(torch.float32) is not None else None
 
 
-def rows_weight_grad() -> Callable[..., None] | None:
-    """``torch.ops.convlab.rows_weight_grad(grad, x, dwt, db)`` where :func:`linear_out` runs fp32 here, else None.
+def rows_backward() -> Callable[..., None] | None:
+    """``torch.ops.convlab.rows_backward(grad, x, dwt, db, w=None, dx=None)`` where :func:`linear_out` runs fp32
+    here, else None.
 
-    Writes ``x^T @ grad`` into ``dwt`` ``(C, K)`` (contiguous) and, when ``db`` ``(K,)`` is given, the sum of
-    ``grad``'s rows into it, in one pass over ``grad``: fp32 CPU tensors, ``grad`` ``(M, K)`` and ``x`` ``(M, C)``
-    with unit column strides.
+    In one pass over ``grad`` ``(M, K)``, with ``x`` ``(M, C)``: writes ``x^T @ grad`` into ``dwt`` ``(C, K)``
+    (contiguous); when ``db`` ``(K,)`` is given, the sum of ``grad``'s rows into it; when ``w`` ``(K, C)`` and
+    ``dx`` ``(M, C)`` are given, ``grad @ w`` into ``dx``. fp32 CPU tensors with unit column strides.
     """
-    return torch.ops.convlab.rows_weight_grad if linear_out(torch.float32) is not None else None
+    return torch.ops.convlab.rows_backward if linear_out(torch.float32) is not None else None
 
 
 def status() -> str:

@@ -243,40 +243,46 @@ def test_nchw_forward_takes_the_avx512_kernel_where_measured(c, k, hw, bias, exp
     assert ours.is_contiguous()
 
 
-def _needs_rows_weight_grad():
+def _needs_rows_backward():
     _needs_native()
-    if native.rows_weight_grad() is None:
+    if native.rows_backward() is None:
         pytest.skip(f"native product {native.status()}")
 
 
-# (M, C, K): channel tails under the 8- and 6-channel tiles, K on 48-wide panels (48, 96, 100) and 64-wide ones
-# (64, 128, 130), a last partial panel, one row and one channel, row counts under, at and over the 128-row
-# block (several blocks per thread, so the prefetch of the next block runs, and a partial last block).
+# (M, C, K): channel tails under the 8- and 6-channel tiles of dW^T, K on 48-wide panels (48, 96, 100) and 64-wide
+# ones (64, 128, 130), a last partial panel, one row and one channel, row counts under, at and over the 128-row
+# block (several blocks per thread, so the prefetch of the next block runs, and a partial last block); for dX,
+# C on one to four 16-column vectors and over one 64-column panel (130), row tails under each tile height.
 GRAD_SHAPES = [(1, 1, 1), (5, 3, 7), (127, 8, 48), (128, 13, 64), (300, 33, 100), (1000, 8, 96), (257, 64, 130),
-               (700, 6, 128), (2000, 21, 5)]  # fmt: skip
+               (700, 6, 128), (2000, 21, 5), (389, 40, 44), (301, 130, 140), (150, 17, 30)]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda v: "x".join(map(str, v)))
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rows_weight_grad_matches_the_reduction(shape, threads):
-    """``x^T @ grad`` and the row sums of ``grad``, against float64, for ``x`` contiguous and a column slice of a
-    wider matrix; with and without ``db`` (then ``db`` is left alone); NaN in the outputs beforehand, so every
+def test_rows_backward_matches_the_reductions(shape, threads):
+    """``x^T @ grad``, the row sums of ``grad`` and ``grad @ w``, against float64, for ``x`` contiguous and a
+    column slice of a wider matrix, ``w`` contiguous and a column slice, ``dx`` a column slice of a wider output;
+    with and without ``db`` and ``dx`` (then they are left alone); NaN in the outputs beforehand, so every
     element must be written; one thread and two (each reduces into its own partial sums)."""
-    _needs_rows_weight_grad()
+    _needs_rows_backward()
     m, c, k = shape
     gen = torch.Generator().manual_seed(m + c + k)
     grad, wide = torch.randn(m, k, generator=gen), torch.randn(m, c + 4, generator=gen)
+    wide_w = torch.randn(k, c + 3, generator=gen)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for x in (wide[:, :c].contiguous(), wide[:, 3 : 3 + c]):
+        for x, w in ((wide[:, :c].contiguous(), wide_w[:, :c].contiguous()), (wide[:, 3 : 3 + c], wide_w[:, 2 : 2 + c])):
             expected = (x.double().t() @ grad.double()).float()
             dwt, db = torch.full((c, k), float("nan")), torch.full((k,), float("nan"))
-            native.rows_weight_grad()(grad, x, dwt, db)
+            wide_dx = torch.full((m, c + 5), float("nan"))
+            native.rows_backward()(grad, x, dwt, db, w, wide_dx[:, 1 : 1 + c])
             torch.testing.assert_close(dwt, expected, rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(db, grad.double().sum(0).float(), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(wide_dx[:, 1 : 1 + c], (grad.double() @ w.double()).float(), rtol=1e-5, atol=1e-4)
+            assert wide_dx[:, :1].isnan().all() and wide_dx[:, 1 + c :].isnan().all()
             dwt, untouched = torch.full((c, k), float("nan")), torch.full((k,), float("nan"))
-            native.rows_weight_grad()(grad, x, dwt, None)
+            native.rows_backward()(grad, x, dwt, None)
             torch.testing.assert_close(dwt, expected, rtol=1e-5, atol=1e-4)
             assert untouched.isnan().all()
     finally:
@@ -292,18 +298,22 @@ def test_rows_weight_grad_matches_the_reduction(shape, threads):
         ((4, 5, 1), (4, 2), (2, 5), None, "must be 2-d"),
     ],
 )
-def test_rows_weight_grad_refuses_what_it_cannot_compute(grad, x, dwt, db, match):
+def test_rows_backward_refuses_what_it_cannot_compute(grad, x, dwt, db, match):
     """Mismatched shapes, other dtypes, strided columns and a strided dwt are RuntimeErrors that name them."""
-    _needs_rows_weight_grad()
+    _needs_rows_backward()
     db = None if db is None else torch.empty(db)
     with pytest.raises(RuntimeError, match=match):
-        native.rows_weight_grad()(torch.randn(grad), torch.randn(x), torch.empty(dwt), db)
+        native.rows_backward()(torch.randn(grad), torch.randn(x), torch.empty(dwt), db)
     with pytest.raises(RuntimeError, match="must all be float32"):
-        native.rows_weight_grad()(torch.randn(4, 5).double(), torch.randn(4, 2), torch.empty(2, 5), None)
+        native.rows_backward()(torch.randn(4, 5).double(), torch.randn(4, 2), torch.empty(2, 5), None)
     with pytest.raises(RuntimeError, match="need unit column strides and dwt must be contiguous"):
-        native.rows_weight_grad()(torch.randn(5, 4).t(), torch.randn(4, 2), torch.empty(2, 5), None)
+        native.rows_backward()(torch.randn(5, 4).t(), torch.randn(4, 2), torch.empty(2, 5), None)
     with pytest.raises(RuntimeError, match="need unit column strides and dwt must be contiguous"):
-        native.rows_weight_grad()(torch.randn(4, 5), torch.randn(4, 2), torch.empty(5, 2).t(), None)
+        native.rows_backward()(torch.randn(4, 5), torch.randn(4, 2), torch.empty(5, 2).t(), None)
+    with pytest.raises(RuntimeError, match="w and dx come together"):
+        native.rows_backward()(torch.randn(4, 5), torch.randn(4, 2), torch.empty(2, 5), None, torch.randn(5, 2))
+    with pytest.raises(RuntimeError, match=r"needs w \[5, 2\] and dx \[4, 2\], got \[2, 5\] and \[4, 2\]"):
+        native.rows_backward()(torch.randn(4, 5), torch.randn(4, 2), torch.empty(2, 5), None, torch.randn(2, 5), torch.empty(4, 2))
 
 
 @pytest.mark.parametrize(
@@ -317,21 +327,38 @@ def test_rows_weight_grad_refuses_what_it_cannot_compute(grad, x, dwt, db, match
         (64, 32, (46, 46), True, 0),  # fewer outputs than inputs
     ],
 )
-def test_channels_last_weight_grad_takes_the_avx512_kernel_where_measured(c, k, hw, bias, expected):
-    """fp32 channels_last: dW (and db, with a bias, in the same pass) on rows_weight_grad inside the measured
-    bounds, else on the native matmul and a separate sum; all gradients as F.conv2d's."""
+def test_channels_last_backward_takes_the_avx512_kernel_where_measured(c, k, hw, bias, expected):
+    """fp32 channels_last: dX, dW and (with a bias) db in one pass on rows_backward inside the measured bounds,
+    else dX and dW on the native matmul and db a separate sum; all gradients as F.conv2d's."""
     from models import functional
 
-    _needs_rows_weight_grad()
+    _needs_rows_backward()
     n = 2
     assert (n * hw[0] * hw[1] >= functional.GRAD_KERNEL_MIN_ROWS and c <= functional.GRAD_KERNEL_MAX_IN and k >= c) == bool(expected)
     g = torch.Generator().manual_seed(c + k + hw[0])
     x = torch.randn(n, c, *hw, generator=g).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(k, c, 1, 1, generator=g) / c**0.5, torch.randn(k, generator=g) if bias else None
     names, _ = dispatch_and_compare(x, w, b, g, tol=(1e-5, 1e-4), grad_tol=(1e-4, 1e-3))
-    assert names.count("convlab.rows_weight_grad") == expected, names
-    assert names.count("convlab.matmul_out") == 2 - expected + (not bias and not names.count("convlab.linear_out")), names
+    assert names.count("convlab.rows_backward") == expected, names
+    forward_matmul = not bias and "convlab.linear_out" not in names
+    assert names.count("convlab.matmul_out") == 2 * (1 - expected) + forward_matmul, names
     assert ("aten.sum" in names) == (bias and not expected), names
+
+
+def test_rows_backward_without_an_input_gradient():
+    """An input that needs no gradient (a network's first layer, a frozen trunk): rows_backward computes dW and db
+    alone, and no product runs for dX."""
+    _needs_rows_backward()
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 16, 46, 46, generator=g).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(32, 16, 1, 1, generator=g) / 4).requires_grad_()
+    b = torch.randn(32, generator=g).requires_grad_()
+    upstream = torch.randn(2, 32, 46, 46, generator=g)
+    names = _op_names(lambda: torch.autograd.grad(pointwise_conv2d(x, w, b), (w, b), upstream))
+    assert names.count("convlab.rows_backward") == 1 and "convlab.matmul_out" not in names, names
+    ours = torch.autograd.grad(pointwise_conv2d(x, w, b), (w, b), upstream)
+    for got, want in zip(ours, torch.autograd.grad(F.conv2d(x, w, b), (w, b), upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("k, bias, expected", [(64, True, 1), (128, False, 1), (48, True, 0)])
@@ -442,7 +469,7 @@ def test_without_avx512_the_forward_stays_on_onednn(monkeypatch):
     x = torch.randn(2, 16, 23, 23).contiguous(memory_format=torch.channels_last)
     names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, x, torch.randn(64, 16, 1, 1), torch.randn(64)))
     assert "convlab.linear_out" not in names and "mkldnn._linear_pointwise" in names, names
-    assert native.images_out() is None and native.rows_weight_grad() is None
+    assert native.images_out() is None and native.rows_backward() is None
     x = torch.randn(2, 16, 28, 28)  # NCHW inside images_out's bounds: the batched native product, as before it
     names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, x, torch.randn(32, 16, 1, 1), torch.randn(32)))
     assert "convlab.images_out" not in names and "convlab.matmul_out" in names, names

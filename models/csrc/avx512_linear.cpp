@@ -326,8 +326,8 @@ void run_images(const at::Tensor& w, const at::Tensor& x, const std::optional<at
   });
 }
 
-// dW^T = x^T @ grad and db = sum of grad's rows, fp32: the weight and bias gradients of channels_last rows, x
-// (M, C) and grad (M, K), in one pass over grad. A tile of dW^T is R input channels x V 16-lane vectors of output
+// rows_backward: dW^T = x^T @ grad, db = sum of grad's rows and dX = grad @ w, fp32: the three gradients of a
+// channels_last 1x1 convolution, x (M, C) and grad (M, K), in one pass over grad (dX per block, below). A tile of dW^T is R input channels x V 16-lane vectors of output
 // channels, 24 accumulators (8 x 3 or 6 x 4, whichever pads K less); for each row m it broadcasts x[m, c] and
 // multiplies grad[m, panel], the vectors the bias gradient sums too. Each thread reduces its blocks of rows into
 // its own partial sums, added up at the end; the tile of channel 0 prefetches the next block's rows into L2, which
@@ -413,8 +413,65 @@ void grad_panel(int64_t rows, const float* x, int64_t ldx, const float* g, int64
   }
 }
 
+// dX rows = grad rows @ w, for the rows of a block whose grad is still in cache: R rows x V vectors of dX's C
+// columns (24 accumulators), w (K, C) read in place, its rows being the panel's rows.
+template <int R, int V>
+__attribute__((target("avx512f"))) void dx_tile(const float* g, int64_t ldg, const float* w, int64_t ldw, int64_t k,
+                                                 float* dx, int64_t lddx, const __mmask16* masks) {
+  __m512 acc[R][V];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    __m512 b[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) b[v] = _mm512_maskz_loadu_ps(masks[v], w + j * ldw + 16 * v);
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(g[r * ldg + j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(dx + r * lddx + 16 * v, masks[v], acc[r][v]);
+  }
+}
+
+// A last tile of `rows` (< R) rows: the instantiation for exactly that many.
+template <int V, int R>
+void dx_tail(int64_t rows, const float* g, int64_t ldg, const float* w, int64_t ldw, int64_t k, float* dx,
+             int64_t lddx, const __mmask16* masks) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      dx_tile<R, V>(g, ldg, w, ldw, k, dx, lddx, masks);
+    } else {
+      dx_tail<V, R - 1>(rows, g, ldg, w, ldw, k, dx, lddx, masks);
+    }
+  }
+}
+
+// dX for `rows` rows: panels of 16V columns, tiles of 24 / V rows.
+template <int V>
+void dx_rows(int64_t rows, const float* g, int64_t ldg, const float* w, int64_t ldw, int64_t c, int64_t k, float* dx,
+             int64_t lddx) {
+  constexpr int R = 24 / V;
+  for (int64_t c0 = 0; c0 < c; c0 += 16 * V) {
+    __mmask16 masks[4];
+    panel_masks(std::min<int64_t>(16 * V, c - c0), masks);
+    int64_t r0 = 0;
+    for (; r0 + R <= rows; r0 += R) dx_tile<R, V>(g + r0 * ldg, ldg, w + c0, ldw, k, dx + r0 * lddx + c0, lddx, masks);
+    dx_tail<V, R - 1>(rows - r0, g + r0 * ldg, ldg, w + c0, ldw, k, dx + r0 * lddx + c0, lddx, masks);
+  }
+}
+
 void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dwt,
-                     const std::optional<at::Tensor>& db) {
+                     const std::optional<at::Tensor>& db, const std::optional<at::Tensor>& w,
+                     const std::optional<at::Tensor>& dx) {
   const int64_t m = grad.size(0), k = grad.size(1), c = x.size(1);
   const int64_t ldg = grad.stride(0), ldx = x.stride(0);
   const float* gp = grad.const_data_ptr<float>();
@@ -425,6 +482,11 @@ void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tens
   const int64_t blocks = (m + kGradBlock - 1) / kGradBlock;
   // Panels of 48 or 64 output channels, whichever leaves fewer empty lanes in the last one (64 on a tie).
   const int64_t cols = (k + 47) / 48 * 48 < (k + 63) / 64 * 64 ? 48 : 64;
+  // dX's panels: as few 16-column vectors as cover C, at most four.
+  const int64_t dx_vectors = std::min<int64_t>(4, (c + 15) / 16);
+  const float* wp = w ? w->const_data_ptr<float>() : nullptr;
+  float* dxp = dx ? dx->data_ptr<float>() : nullptr;
+  const int64_t ldw = w ? w->stride(0) : 0, lddx = dx ? dx->stride(0) : 0;
   // One chunk of consecutive blocks per thread, each into its own partial sums (indexed by chunk, not by the
   // thread that runs it, so a call from inside another parallel region stays correct).
   const int64_t per_chunk = (blocks + threads - 1) / threads;
@@ -446,6 +508,16 @@ void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tens
             grad_panel<4>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
           } else {
             grad_panel<3>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
+          }
+        }
+        if (dxp) {  // this block's grad rows are in cache now: their dX too
+          const float* g = gp + m0 * ldg;
+          float* d = dxp + m0 * lddx;
+          switch (dx_vectors) {
+            case 1: dx_rows<1>(rows, g, ldg, wp, ldw, c, k, d, lddx); break;
+            case 2: dx_rows<2>(rows, g, ldg, wp, ldw, c, k, d, lddx); break;
+            case 3: dx_rows<3>(rows, g, ldg, wp, ldw, c, k, d, lddx); break;
+            default: dx_rows<4>(rows, g, ldg, wp, ldw, c, k, d, lddx); break;
           }
         }
       }
@@ -530,29 +602,46 @@ void images_out(const at::Tensor& w, const at::Tensor& x, const std::optional<at
 #endif
 }
 
-void rows_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dwt, const std::optional<at::Tensor>& db) {
+void rows_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dwt, const std::optional<at::Tensor>& db,
+                   const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& dx) {
   TORCH_CHECK(grad.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && dwt.scalar_type() == at::kFloat &&
                   (!db || db->scalar_type() == at::kFloat),
-              "convlab::rows_weight_grad: grad, x, dwt and db must all be float32, got ", grad.scalar_type(), ", ",
+              "convlab::rows_backward: grad, x, dwt and db must all be float32, got ", grad.scalar_type(), ", ",
               x.scalar_type(), " and ", dwt.scalar_type());
-  TORCH_CHECK(cpu_supports(at::kFloat), "convlab::rows_weight_grad: this CPU lacks AVX-512F (ask convlab::linear_supported first)");
-  TORCH_CHECK(grad.dim() == 2 && x.dim() == 2 && dwt.dim() == 2, "convlab::rows_weight_grad: grad, x and dwt must be "
+  TORCH_CHECK(cpu_supports(at::kFloat), "convlab::rows_backward: this CPU lacks AVX-512F (ask convlab::linear_supported first)");
+  TORCH_CHECK(grad.dim() == 2 && x.dim() == 2 && dwt.dim() == 2, "convlab::rows_backward: grad, x and dwt must be "
               "2-d, got ", grad.dim(), ", ", x.dim(), " and ", dwt.dim());
   TORCH_CHECK(grad.device().is_cpu() && x.device().is_cpu() && dwt.device().is_cpu() && (!db || db->device().is_cpu()),
-              "convlab::rows_weight_grad: CPU tensors only");
+              "convlab::rows_backward: CPU tensors only");
   const int64_t m = grad.size(0), k = grad.size(1), c = x.size(1);
-  TORCH_CHECK(x.size(0) == m && dwt.size(0) == c && dwt.size(1) == k, "convlab::rows_weight_grad: shapes ", x.sizes(),
+  TORCH_CHECK(x.size(0) == m && dwt.size(0) == c && dwt.size(1) == k, "convlab::rows_backward: shapes ", x.sizes(),
               "^T @ ", grad.sizes(), " do not give ", dwt.sizes());
   TORCH_CHECK((grad.stride(1) == 1 || k == 1) && (x.stride(1) == 1 || c == 1) && dwt.is_contiguous(),
-              "convlab::rows_weight_grad: grad and x need unit column strides and dwt must be contiguous, got ",
+              "convlab::rows_backward: grad and x need unit column strides and dwt must be contiguous, got ",
               grad.strides(), ", ", x.strides(), " and ", dwt.strides());
   if (db) {
-    TORCH_CHECK(db->dim() == 1 && db->size(0) == k && db->is_contiguous(), "convlab::rows_weight_grad: db must be a "
+    TORCH_CHECK(db->dim() == 1 && db->size(0) == k && db->is_contiguous(), "convlab::rows_backward: db must be a "
                 "contiguous [", k, "], got ", db->sizes());
   }
-  if (c == 0 || k == 0) return;
+  TORCH_CHECK(w.has_value() == dx.has_value(), "convlab::rows_backward: w and dx come together (dx = grad @ w)");
+  if (w) {
+    TORCH_CHECK(w->scalar_type() == at::kFloat && dx->scalar_type() == at::kFloat && w->device().is_cpu() &&
+                    dx->device().is_cpu(),
+                "convlab::rows_backward: w and dx must be float32 CPU tensors, got ", w->scalar_type(), " and ",
+                dx->scalar_type());
+    TORCH_CHECK(w->dim() == 2 && w->size(0) == k && w->size(1) == c && dx->dim() == 2 && dx->size(0) == m &&
+                    dx->size(1) == c,
+                "convlab::rows_backward: dx = grad @ w needs w [", k, ", ", c, "] and dx [", m, ", ", c, "], got ",
+                w->sizes(), " and ", dx->sizes());
+    TORCH_CHECK((w->stride(1) == 1 || c == 1) && (dx->stride(1) == 1 || c == 1),
+                "convlab::rows_backward: w and dx need unit column strides, got ", w->strides(), " and ", dx->strides());
+  }
+  if (c == 0 || k == 0) {
+    if (dx) dx->zero_();  // no outputs to sum over: dX is zero
+    return;
+  }
 #if defined(__x86_64__)
-  run_weight_grad(grad, x, dwt, db);
+  run_weight_grad(grad, x, dwt, db, w, dx);
 #endif
 }
 
@@ -563,12 +652,12 @@ bool linear_supported(at::ScalarType dtype) { return cpu_supports(dtype); }
 TORCH_LIBRARY_FRAGMENT(convlab, m) {
   m.def("linear_out(Tensor x, Tensor w, Tensor? bias, Tensor(c!) out, int stream_min_bytes) -> ()");
   m.def("images_out(Tensor w, Tensor x, Tensor? bias, Tensor(c!) out, int stream_min_bytes) -> ()");
-  m.def("rows_weight_grad(Tensor grad, Tensor x, Tensor(a!) dwt, Tensor(b!)? db) -> ()");
+  m.def("rows_backward(Tensor grad, Tensor x, Tensor(a!) dwt, Tensor(b!)? db, Tensor? w=None, Tensor(c!)? dx=None) -> ()");
   m.def("linear_supported(ScalarType dtype) -> bool", &linear_supported);
 }
 
 TORCH_LIBRARY_IMPL(convlab, CPU, m) {
   m.impl("linear_out", linear_out);
   m.impl("images_out", images_out);
-  m.impl("rows_weight_grad", rows_weight_grad);
+  m.impl("rows_backward", rows_backward);
 }
