@@ -452,37 +452,36 @@ def _onednn_nt(a: Tensor, b: Tensor) -> Tensor:
 NATIVE_MIN_PIXELS = 196
 
 
-# NCHW fp32 forwards with at least as many outputs as inputs run on convlab's AVX-512 kernel (images_out): with a
-# bias from IMAGES_MIN_PIXELS pixels and up to IMAGES_MAX_IN input channels, without one from
-# IMAGES_NOBIAS_MIN_PIXELS and up to IMAGES_NOBIAS_MAX_IN (see _images_kernel_fits).
-IMAGES_MIN_PIXELS = 784
-IMAGES_MAX_IN = 128
-IMAGES_NOBIAS_MIN_PIXELS = 3136
-IMAGES_NOBIAS_MAX_IN = 64
+# NCHW fp32 forwards and input gradients of images of at least IMAGES_MIN_PIXELS pixels run on convlab's AVX-512
+# kernel (images_out); forwards of smaller images from IMAGES_SMALL_MIN_PIXELS too, with at most
+# IMAGES_SMALL_MAX_IN input channels with a bias, IMAGES_SMALL_MAX_IN_NOBIAS without (see _images_kernel_fits).
+IMAGES_MIN_PIXELS = 3136
+IMAGES_SMALL_MIN_PIXELS = 784
+IMAGES_SMALL_MAX_IN = 64
+IMAGES_SMALL_MAX_IN_NOBIAS = 32
 
 
-def _images_kernel_fits(c: int, k: int, p: int, bias: Tensor | None) -> bool:
-    """Whether the NCHW forward of ``C -> K`` channels on ``P``-pixel images runs on ``images_out``, as measured.
+def _images_kernel_fits(c: int, p: int, bias: Tensor | None) -> bool:
+    """Whether the NCHW forward of ``C`` input channels on ``P``-pixel images runs on ``images_out``, as measured.
 
     The kernel (``models/csrc/avx512_linear.cpp``) tiles each image's ``(K, P)`` output 6 channels x 64 pixels,
-    reads its panels from the image's channel rows in place and starts each row at its bias, so the bias costs
-    no pass; outputs of at least ``native.STREAM_MIN_BYTES`` bypass the cache. What it replaces is the batched
-    native product, plus a pass for the bias. One-off A/Bs, forward only, 2 threads, N=8 (``/tmp`` scripts,
-    not kept):
+    reads its panels from the image's channel rows in place (fetching the next panel ahead) and starts each row
+    at its bias, so the bias costs no pass; outputs of at least ``native.STREAM_MIN_BYTES`` bypass the cache.
+    What it replaces is the batched native product, plus a pass for the bias. One-off A/Bs, forward only,
+    2 threads, N=8 (``/tmp`` scripts, not kept), on 28 layers (the pointwise suite's, MobileNet v2- and
+    ResNet-style ones):
 
-    * with a bias, on 18 layers with ``K >= C``, ``C <= 128``, 28x28 up (the pointwise suite's and MobileNet
-      v2/ResNet-style ones): 1.00-2.56x (32->512 @56 3.41 -> 1.95 ms, 32->64 @112 1.98 -> 1.08 ms), except a
-      tie on 128->256 @28 (0.98x). Slower with fewer outputs than inputs, where each panel feeds few tiles
-      (256->64 @56, 128->64 @112, 96->24 @112: 0.61-0.81x), with 256 inputs at 28x28 (0.98x), and at 14x14
-      and 7x7, whose last panel is mostly empty (0.79-0.88x);
-    * without a bias, where only the kernel's tiling and stores differ: 1.02-1.72x on the 11 layers with
-      ``C <= 64`` from 56x56 up, 0.90-0.93x at 28x28 with 32 or 64 inputs and 0.94x on 96->96 @56.
+    * 56x56 and up, 17 layers: with a bias 1.09-2.19x (32->512 @56 2.61 -> 1.79 ms, 96->24 @112 1.75 ->
+      1.08 ms), without one 0.99-1.79x;
+    * 28x28, 7 layers: with a bias 1.08-2.22x with up to 64 inputs, 0.93-1.00x from 128; without a bias 1.46x
+      on 16->64, 0.99x on 32->192, 0.90-0.94x from 64 inputs;
+    * 14x14 (and 7x7), whose last 64-pixel panel is mostly empty: 0.78-0.83x on all four.
+
+    The input gradient ``W^T @ dY[n]`` takes it from ``IMAGES_MIN_PIXELS`` (see _images_input_grad).
     """
-    if k < c:
-        return False
-    if bias is not None:
-        return p >= IMAGES_MIN_PIXELS and c <= IMAGES_MAX_IN
-    return p >= IMAGES_NOBIAS_MIN_PIXELS and c <= IMAGES_NOBIAS_MAX_IN
+    if p >= IMAGES_MIN_PIXELS:
+        return True
+    return p >= IMAGES_SMALL_MIN_PIXELS and c <= (IMAGES_SMALL_MAX_IN_NOBIAS if bias is None else IMAGES_SMALL_MAX_IN)
 
 
 def _images_product(x3: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
@@ -491,7 +490,7 @@ def _images_product(x3: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     k = w2d.shape[0]
     out = x3.new_empty(n, k, p)
     operands = (x3, w2d) if bias is None else (x3, w2d, bias)
-    if _images_kernel_fits(c, k, p, bias) and _native_matmul(*operands) and (kernel := native.images_out()) is not None:
+    if _images_kernel_fits(c, p, bias) and _native_matmul(*operands) and (kernel := native.images_out()) is not None:
         kernel(w2d, x3, bias, out, native.STREAM_MIN_BYTES)
         return out
     mm = _native_matmul(x3, w2d)
@@ -524,6 +523,12 @@ def _images_input_grad(grad: Tensor, w2d: Tensor) -> Tensor:
     n, k, p = grad.shape
     c = w2d.shape[1]
     mm = _native_matmul(grad, w2d)
+    if mm is not None and p >= IMAGES_MIN_PIXELS and (kernel := native.images_out()) is not None:
+        # One-off A/B against the broadcast product below (2 threads, N=8, 20 layers from 28x28 up): 1.03-1.93x
+        # on the 16 from 56x56 (32->64 @112 1.60 -> 1.04 ms), 0.93-1.51x at 28x28 (128->256 0.93x), hence the bound.
+        grad_x = grad.new_empty(n, c, p)
+        kernel(w2d.t().contiguous(), grad, None, grad_x, native.STREAM_MIN_BYTES)  # W^T (C, K) on each (K, P)
+        return grad_x
     if mm is not None and p >= NATIVE_MIN_PIXELS:
         grad_x = grad.new_empty(n, c, p)
         mm(w2d.t().contiguous().unsqueeze(0), grad, grad_x, 0.0)  # (1, C, K) @ (N, K, P), W^T broadcast over images
@@ -579,10 +584,10 @@ class _ImagesPointwise(torch.autograd.Function):
     the pointwise suite's layers from 28x28 up (``benchmarks/pointwise.md``, three passes); one-off
     A/B on eight 14x14 and 7x7 layers (the suite's and MobileNet v2's), twice: broadcast at 14x14
     0.99-1.03x against 0.94-0.97x folded on the inner product, at 7x7 0.77-1.14x (under 0.9x in 9
-    of 12), hence the fold there. Where :func:`_images_kernel_fits` (a bias and K >= C <= 128 from 28x28,
-    or no bias and K >= C <= 64 from 56x56), the forward runs instead on convlab's AVX-512 kernel
-    (``images_out``), which adds the bias in its registers rather than in a pass over the output. The rest
-    of this docstring is the lowering without the native op.
+    of 12), hence the fold there. From 56x56 (``IMAGES_MIN_PIXELS``) the forward and the input gradient
+    run instead on convlab's AVX-512 kernel (``images_out``), which adds the bias in its registers rather
+    than in a pass over the output; at 28x28 the forward does too with few input channels (see
+    :func:`_images_kernel_fits`). The rest of this docstring is the lowering without the native op.
 
     For fp32, aten's matrix products (``bmm``, ``mm``) run on MKL's ``sgemm``, which on a 2-core AMD
     EPYC (family 26) reaches about 200 GFLOP/s where oneDNN's product reaches 460, so the batched

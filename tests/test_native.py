@@ -213,33 +213,35 @@ def test_images_out_refuses_what_it_cannot_compute(w, x, bias, out, match):
 
 
 @pytest.mark.parametrize(
-    "c, k, hw, bias, expected",
+    "c, k, hw, bias, forward",
     [
-        (16, 32, (28, 28), True, 1),  # a bias from IMAGES_MIN_PIXELS
-        (16, 32, (27, 28), True, 0),  # one row short of it
-        (128, 128, (28, 28), True, 1),  # IMAGES_MAX_IN
-        (136, 136, (28, 28), True, 0),  # above it
-        (32, 16, (28, 28), True, 0),  # fewer outputs than inputs
-        (16, 32, (56, 56), False, 1),  # no bias: from IMAGES_NOBIAS_MIN_PIXELS
-        (16, 32, (55, 56), False, 0),
-        (72, 72, (56, 56), False, 0),  # above IMAGES_NOBIAS_MAX_IN
+        (16, 32, (56, 56), False, 1),  # from IMAGES_MIN_PIXELS: the forward and dX, whatever the channels
+        (96, 24, (56, 56), True, 1),
+        (16, 32, (55, 56), True, 1),  # below it, from IMAGES_SMALL_MIN_PIXELS: the forward alone, few inputs
+        (64, 32, (28, 28), True, 1),  # IMAGES_SMALL_MAX_IN
+        (72, 72, (28, 28), True, 0),  # above it
+        (32, 16, (28, 28), False, 1),  # no bias: IMAGES_SMALL_MAX_IN_NOBIAS
+        (40, 16, (28, 28), False, 0),
+        (16, 32, (27, 28), True, 0),  # below IMAGES_SMALL_MIN_PIXELS
     ],
 )
-def test_nchw_forward_takes_the_avx512_kernel_where_measured(c, k, hw, bias, expected):
-    """fp32 NCHW: the forward on images_out inside the measured bounds (else the native matmul), the gradients on
-    the paths they had; all as F.conv2d's."""
+def test_nchw_takes_the_avx512_kernel_where_measured(c, k, hw, bias, forward):
+    """fp32 NCHW: the forward on images_out inside the measured bounds (else the native matmul), the input
+    gradient from IMAGES_MIN_PIXELS, the weight gradient where it was; all as F.conv2d's."""
     from models import functional
 
     _needs_images()
-    assert functional._images_kernel_fits(c, k, hw[0] * hw[1], torch.zeros(1) if bias else None) == bool(expected)
-    g = torch.Generator().manual_seed(c + k)
+    p = hw[0] * hw[1]
+    assert functional._images_kernel_fits(c, p, torch.zeros(1) if bias else None) == bool(forward)
+    input_grad = p >= functional.IMAGES_MIN_PIXELS
+    g = torch.Generator().manual_seed(c + k + p)
     x = torch.randn(2, c, *hw, generator=g)
     w, b = torch.randn(k, c, 1, 1, generator=g) / c**0.5, torch.randn(k, generator=g) if bias else None
     names, ours = dispatch_and_compare(x, w, b, g, tol=(1e-5, 1e-4))
-    assert names.count("convlab.images_out") == expected, names
-    # the forward unless on images_out, dX always, dW from PER_IMAGE_MIN_PIXELS (below it on the inner product)
-    dw_native = hw[0] * hw[1] >= functional.PER_IMAGE_MIN_PIXELS
-    assert names.count("convlab.matmul_out") == (1 - expected) + 1 + dw_native, names
+    assert names.count("convlab.images_out") == forward + input_grad, names
+    # the forward unless on images_out, dX unless on it, dW from PER_IMAGE_MIN_PIXELS (below it on the inner product)
+    dw_native = p >= functional.PER_IMAGE_MIN_PIXELS
+    assert names.count("convlab.matmul_out") == (1 - forward) + (1 - input_grad) + dw_native, names
     assert ours.is_contiguous()
 
 
@@ -386,10 +388,10 @@ NATIVE_CASES = [
     (2, 16, 24, 5, 7, True, False, 3),
     (2, 16, 24, 5, 7, True, True, 2),  # a bias: the forward on the inner product, which adds it as it writes
     (2, 128, 24, 3, 5, True, True, 2),
-    (3, 12, 20, 29, 31, False, True, 3),  # NCHW, H*W >= PER_IMAGE_MIN_PIXELS: the forward on images_out (a bias, K >= C)
-    (3, 24, 12, 29, 31, False, True, 3),  # K < C: one batched product each way
+    (3, 12, 20, 29, 31, False, True, 3),  # NCHW, H*W >= PER_IMAGE_MIN_PIXELS: one batched product each way, the
+    (3, 72, 12, 29, 31, False, True, 3),  # forward on images_out with few input channels (see _images_kernel_fits)
     (2, 40, 24, 28, 28, False, False, 3),
-    (2, 8, 16, 56, 57, False, False, 3),  # no bias, from IMAGES_NOBIAS_MIN_PIXELS: the forward on images_out
+    (2, 8, 16, 56, 57, False, False, 3),  # from IMAGES_MIN_PIXELS: the forward and dX on images_out
     (3, 24, 40, 14, 14, False, True, 2),  # H*W >= NATIVE_MIN_PIXELS: dW folds the batch, on the inner product
     (4, 16, 40, 7, 7, False, True, 2),  # smaller: the forward and dX fold the batch on the native product, dW as above
 ]
@@ -400,7 +402,7 @@ NATIVE_CASES = [
 )
 def test_pointwise_takes_the_native_product_and_matches_conv(case):
     """fp32 on CPU, the forward and both gradients run where the rules send them and equal F.conv2d."""
-    from models.functional import NATIVE_MIN_PIXELS, PER_IMAGE_MIN_PIXELS, _images_kernel_fits
+    from models.functional import IMAGES_MIN_PIXELS, NATIVE_MIN_PIXELS, PER_IMAGE_MIN_PIXELS, _images_kernel_fits
 
     _needs_native()
     n, c, k, h, w_, channels_last, bias, expected = case
@@ -415,9 +417,11 @@ def test_pointwise_takes_the_native_product_and_matches_conv(case):
     w = torch.randn(k, c, 1, 1, generator=g) / c**0.5
     b = torch.randn(k, generator=g) if bias else None
     names, ours = dispatch_and_compare(x, w, b, g, tol=(1e-5, 1e-4))
-    kernel = not channels_last and native.images_out() is not None and _images_kernel_fits(c, k, h * w_, b)
-    assert names.count("convlab.images_out") == kernel, names
-    assert names.count("convlab.matmul_out") + kernel == expected and "aten.convolution" not in names, names
+    kernels = 0
+    if not channels_last and native.images_out() is not None:  # the forward and (from IMAGES_MIN_PIXELS) dX
+        kernels = _images_kernel_fits(c, h * w_, b) + (h * w_ >= IMAGES_MIN_PIXELS)
+    assert names.count("convlab.images_out") == kernels, names
+    assert names.count("convlab.matmul_out") + kernels == expected and "aten.convolution" not in names, names
     assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if not channels_last:  # images_out and the broadcast forward read x as it lies; the folded one copies it into (C, N*P) columns
         forward = _op_names(lambda: pointwise_conv2d(x.detach(), w.detach(), None if b is None else b.detach()))
