@@ -346,7 +346,7 @@ def _weight_grad(grad: Tensor, rows: Tensor) -> Tensor:
     return slabs.sum(0).t().contiguous()  # (K, C)
 
 
-# fp32 channels_last backwards of at least GRAD_KERNEL_MIN_ROWS rows, with at most GRAD_KERNEL_MAX_IN input
+# fp32 and bf16 channels_last backwards of at least GRAD_KERNEL_MIN_ROWS rows, with at most GRAD_KERNEL_MAX_IN input
 # channels and no fewer outputs than inputs, run on convlab's AVX-512 kernel: dW, db and dX in one pass over dY
 # (see _kernel_backward).
 GRAD_KERNEL_MIN_ROWS = 4096
@@ -357,7 +357,7 @@ def _kernel_backward(grad: Tensor, rows: Tensor, w2d: Tensor | None, with_bias: 
     """``(dX, dW, db)`` on ``rows_backward`` where measured faster, else None: ``dX = dY W`` when ``w2d`` is
     given (else None), ``dW = dY^T X``, ``db = sum dY`` when ``with_bias`` (else None).
 
-    The kernel (``models/csrc/avx512_linear.cpp``) walks ``dY`` once, in blocks of 128 rows: it reduces each
+    fp32 or bf16. The kernel (``models/csrc/avx512_linear.cpp``) walks ``dY`` once, in blocks of 128 rows: it reduces each
     block into per-thread 8x48 or 6x64 tiles of ``dW^T``, sums ``db`` from the ``dY`` vectors it has loaded
     anyway, then computes the block's ``dX`` rows while the block is in cache; it prefetches the next block,
     whose strided walk otherwise stalls (that doubled its speed on 32-channel layers). The paths it replaces
@@ -370,29 +370,38 @@ def _kernel_backward(grad: Tensor, rows: Tensor, w2d: Tensor | None, with_bias: 
       (a tie) on 16->16 @112. Slower with 256 or 512 inputs at 14x14 and 28x28 (0.74-0.98x) and with fewer
       outputs than inputs (96->24 @112 0.66x), hence the bounds;
     * then ``dX`` in the same pass against oneDNN's matmul after it: 1.01-1.32x on 15 of those 16 layers
-      (32->256 @56 2.55 -> 2.03 ms for all three), 0.96x (a tie) on 64->128 @16 at batch 128.
+      (32->256 @56 2.55 -> 2.03 ms for all three), 0.96x (a tie) on 64->128 @16 at batch 128;
+    * bf16 (pairs of rows multiplied with AVX512_BF16's dot product for ``dW``, pairs of columns for ``dX``,
+      summed in fp32, ``dW`` and ``db`` rounded once): all three against today's matmuls and sum, 1.02-2.01x
+      on 15 layers inside the bounds (32->64 @112 1.93 -> 1.37 ms, 32->512 @56 4.34 -> 2.89 ms); 0.97x on
+      256->256 @28, outside them. dX in bf16 multiplies pairs of dY's columns, so K must be even.
     """
     (m, c), k = rows.shape, grad.shape[1]
-    if rows.dtype != torch.float32 or m < GRAD_KERNEL_MIN_ROWS or c > GRAD_KERNEL_MAX_IN or k < c:
+    if m < GRAD_KERNEL_MIN_ROWS or c > GRAD_KERNEL_MAX_IN or k < c:
         return None
-    if _native_matmul(grad, rows) is None or (kernel := native.rows_backward()) is None:
+    if rows.dtype == torch.bfloat16 and w2d is not None and k % 2:  # bf16 dX multiplies pairs of dY's columns
         return None
-    grad_wt = rows.new_empty(c, k)
-    grad_b = rows.new_empty(k) if with_bias else None
+    operands = (grad, rows) if w2d is None else (grad, rows, w2d)
+    if _native_matmul(*operands) is None or (kernel := native.rows_backward(rows.dtype)) is None:
+        return None
+    grad_wt = rows.new_empty(c, k, dtype=torch.float32)  # the kernel sums in fp32; bf16 is rounded once, below
+    grad_b = rows.new_empty(k, dtype=torch.float32) if with_bias else None
     grad_x = None if w2d is None else rows.new_empty(m, c)
     w = None if w2d is None else w2d if w2d.stride(1) == 1 else w2d.contiguous()
     grad, rows = (t if t.stride(1) == 1 else t.contiguous() for t in (grad, rows))
     kernel(grad, rows, grad_wt, grad_b, w, grad_x)
-    return grad_x, grad_wt.t().contiguous(), grad_b
+    grad_w = grad_wt.t().to(rows.dtype, memory_format=torch.contiguous_format)
+    return grad_x, grad_w, None if grad_b is None else grad_b.to(rows.dtype)
 
 
 class _RowsPointwise(torch.autograd.Function):
     """Channels-last 1x1 convolution as ``Y = X W^T + b`` on the ``(N*H*W, C)`` rows: one product each way.
 
     Backward: ``dX = dY W`` (again a tall, thin product, so the same fast path), ``dW = dY^T X``
-    (a long reduction over rows, see :func:`_weight_grad`), ``db = sum dY``; in fp32 within
-    :func:`_kernel_backward`'s bounds, all three in one pass over ``dY`` on convlab's AVX-512 kernel. When the backward
-    itself is differentiated (``create_graph=True``) it uses differentiable ops instead.
+    (a long reduction over rows, see :func:`_weight_grad`), ``db = sum dY``; within
+    :func:`_kernel_backward`'s bounds (fp32 and bf16), all three in one pass over ``dY`` on convlab's
+    AVX-512 kernel. When the backward itself is differentiated (``create_graph=True``) it uses
+    differentiable ops instead.
     """
 
     @staticmethod

@@ -9,7 +9,7 @@ a given tensor, so an NCHW image's product lands in place and transposed operand
 ``linear_out`` is convlab's own fp32 and bf16 kernel for ``x @ w^T + bias`` on AVX-512 CPUs
 (``csrc/avx512_linear.cpp``): it adds the bias in the registers, where oneDNN's matmul takes none.
 ``images_out`` runs the same register tiles on NCHW images, ``w @ x[n] + bias`` per image, fp32, and
-``rows_backward`` computes a channels_last layer's three gradients in one pass over ``dY``, fp32.
+``rows_backward`` computes a channels_last layer's three gradients in one pass over ``dY``, fp32 and bf16.
 
 All are compiled into one library, once per torch build and sources, with the C++ compiler found as ``$CXX``,
 ``c++`` or ``g++`` (about 10 s), into ``$CONVLAB_CACHE`` (default ``~/.cache/convlab``)
@@ -161,15 +161,16 @@ def images_out() -> Callable[..., None] | None:
     return torch.ops.convlab.images_out if linear_out(torch.float32) is not None else None
 
 
-def rows_backward() -> Callable[..., None] | None:
-    """``torch.ops.convlab.rows_backward(grad, x, dwt, db, w=None, dx=None)`` where :func:`linear_out` runs fp32
-    here, else None.
+def rows_backward(dtype: torch.dtype = torch.float32) -> Callable[..., None] | None:
+    """``torch.ops.convlab.rows_backward(grad, x, dwt, db, w=None, dx=None)`` where :func:`linear_out` runs
+    ``dtype`` here (fp32 or bf16), else None.
 
-    In one pass over ``grad`` ``(M, K)``, with ``x`` ``(M, C)``: writes ``x^T @ grad`` into ``dwt`` ``(C, K)``
-    (contiguous); when ``db`` ``(K,)`` is given, the sum of ``grad``'s rows into it; when ``w`` ``(K, C)`` and
-    ``dx`` ``(M, C)`` are given, ``grad @ w`` into ``dx``. fp32 CPU tensors with unit column strides.
+    In one pass over ``grad`` ``(M, K)``, with ``x`` ``(M, C)`` of its dtype: writes ``x^T @ grad`` into ``dwt``
+    ``(C, K)`` (fp32, contiguous); when ``db`` ``(K,)`` (fp32) is given, the sum of ``grad``'s rows into it; when
+    ``w`` ``(K, C)`` and ``dx`` ``(M, C)`` (both of ``grad``'s dtype) are given, ``grad @ w`` into ``dx``. CPU
+    tensors with unit column strides; in bf16 with ``dx``, K must be even. bf16 multiplies pairs and sums in fp32.
     """
-    return torch.ops.convlab.rows_backward if linear_out(torch.float32) is not None else None
+    return torch.ops.convlab.rows_backward if linear_out(dtype) is not None else None
 
 
 def status() -> str:

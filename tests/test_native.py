@@ -245,9 +245,9 @@ def test_nchw_takes_the_avx512_kernel_where_measured(c, k, hw, bias, forward):
     assert ours.is_contiguous()
 
 
-def _needs_rows_backward():
+def _needs_rows_backward(dtype=torch.float32):
     _needs_native()
-    if native.rows_backward() is None:
+    if native.rows_backward(dtype) is None:
         pytest.skip(f"native product {native.status()}")
 
 
@@ -261,30 +261,37 @@ GRAD_SHAPES = [(1, 1, 1), (5, 3, 7), (127, 8, 48), (128, 13, 64), (300, 33, 100)
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda v: "x".join(map(str, v)))
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rows_backward_matches_the_reductions(shape, threads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_backward_matches_the_reductions(shape, threads, dtype):
     """``x^T @ grad``, the row sums of ``grad`` and ``grad @ w``, against float64, for ``x`` contiguous and a
     column slice of a wider matrix, ``w`` contiguous and a column slice, ``dx`` a column slice of a wider output;
     with and without ``db`` and ``dx`` (then they are left alone); NaN in the outputs beforehand, so every
-    element must be written; one thread and two (each reduces into its own partial sums)."""
-    _needs_rows_backward()
+    element must be written; one thread and two (each reduces into its own partial sums). bf16 (inputs and dx;
+    dW and db are fp32 sums) pairs rows for dW, an odd last row with zero, and pairs columns for dx (K even):
+    dW and db to fp32 rounding of the exact sums of the bf16 products, dx within one bf16 rounding."""
+    _needs_rows_backward(dtype)
     m, c, k = shape
+    if dtype == torch.bfloat16 and k % 2:
+        k += 1
     gen = torch.Generator().manual_seed(m + c + k)
-    grad, wide = torch.randn(m, k, generator=gen), torch.randn(m, c + 4, generator=gen)
-    wide_w = torch.randn(k, c + 3, generator=gen)
+    grad, wide = torch.randn(m, k, generator=gen).to(dtype), torch.randn(m, c + 4, generator=gen).to(dtype)
+    wide_w = torch.randn(k, c + 3, generator=gen).to(dtype)
+    dx_tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-2)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for x, w in ((wide[:, :c].contiguous(), wide_w[:, :c].contiguous()), (wide[:, 3 : 3 + c], wide_w[:, 2 : 2 + c])):
             expected = (x.double().t() @ grad.double()).float()
             dwt, db = torch.full((c, k), float("nan")), torch.full((k,), float("nan"))
-            wide_dx = torch.full((m, c + 5), float("nan"))
-            native.rows_backward()(grad, x, dwt, db, w, wide_dx[:, 1 : 1 + c])
+            wide_dx = torch.full((m, c + 5), float("nan")).to(dtype)
+            native.rows_backward(dtype)(grad, x, dwt, db, w, wide_dx[:, 1 : 1 + c])
             torch.testing.assert_close(dwt, expected, rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(db, grad.double().sum(0).float(), rtol=1e-5, atol=1e-4)
-            torch.testing.assert_close(wide_dx[:, 1 : 1 + c], (grad.double() @ w.double()).float(), rtol=1e-5, atol=1e-4)
+            expected_dx = (grad.double() @ w.double()).to(dtype)
+            torch.testing.assert_close(wide_dx[:, 1 : 1 + c].double(), expected_dx.double(), **dx_tol)
             assert wide_dx[:, :1].isnan().all() and wide_dx[:, 1 + c :].isnan().all()
             dwt, untouched = torch.full((c, k), float("nan")), torch.full((k,), float("nan"))
-            native.rows_backward()(grad, x, dwt, None)
+            native.rows_backward(dtype)(grad, x, dwt, None)
             torch.testing.assert_close(dwt, expected, rtol=1e-5, atol=1e-4)
             assert untouched.isnan().all()
     finally:
@@ -306,8 +313,10 @@ def test_rows_backward_refuses_what_it_cannot_compute(grad, x, dwt, db, match):
     db = None if db is None else torch.empty(db)
     with pytest.raises(RuntimeError, match=match):
         native.rows_backward()(torch.randn(grad), torch.randn(x), torch.empty(dwt), db)
-    with pytest.raises(RuntimeError, match="must all be float32"):
+    with pytest.raises(RuntimeError, match="must be both float32 or both bfloat16, dwt and db float32, got Double"):
         native.rows_backward()(torch.randn(4, 5).double(), torch.randn(4, 2), torch.empty(2, 5), None)
+    with pytest.raises(RuntimeError, match="must be both float32 or both bfloat16, dwt and db float32, got BFloat16"):
+        native.rows_backward()(torch.randn(4, 5).bfloat16(), torch.randn(4, 2).bfloat16(), torch.empty(2, 5).bfloat16(), None)
     with pytest.raises(RuntimeError, match="need unit column strides and dwt must be contiguous"):
         native.rows_backward()(torch.randn(5, 4).t(), torch.randn(4, 2), torch.empty(2, 5), None)
     with pytest.raises(RuntimeError, match="need unit column strides and dwt must be contiguous"):
@@ -345,6 +354,37 @@ def test_channels_last_backward_takes_the_avx512_kernel_where_measured(c, k, hw,
     forward_matmul = not bias and "convlab.linear_out" not in names
     assert names.count("convlab.matmul_out") == 2 * (1 - expected) + forward_matmul, names
     assert ("aten.sum" in names) == (bias and not expected), names
+
+
+def test_rows_backward_bf16_dx_needs_even_columns():
+    """bf16 dX multiplies pairs of grad's columns: an odd count is refused by name, not read past the row."""
+    _needs_rows_backward(torch.bfloat16)
+    grad, x, w = (torch.randn(*shape).bfloat16() for shape in ((4, 5), (4, 2), (5, 2)))
+    with pytest.raises(RuntimeError, match=r"grad needs an even number of them, got shape \[4, 5\]"):
+        native.rows_backward(torch.bfloat16)(grad, x, torch.empty(2, 5), None, w, torch.empty(4, 2).bfloat16())
+
+
+def test_bf16_channels_last_backward_takes_the_avx512_kernel_where_measured():
+    """bf16 channels_last, as bf16 tensors and under CPU autocast: the backward on rows_backward inside the bounds
+    (here an odd output count keeps it off, as bf16 dX needs pairs); gradients as F.conv2d's to bf16 precision."""
+    _needs_rows_backward(torch.bfloat16)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 24, 46, 46, generator=g).contiguous(memory_format=torch.channels_last)
+    for k, expected in ((64, 1), (63, 0)):
+        w, b = torch.randn(k, 24, 1, 1, generator=g) / 5, torch.randn(k, generator=g)
+        names, _ = dispatch_and_compare(x.bfloat16(), w.bfloat16(), b.bfloat16(), g, tol=(2e-2, 5e-2), grad_tol=(2e-2, 2e-1))
+        assert names.count("convlab.rows_backward") == expected, names
+    xg = x.clone().requires_grad_()
+    w64, b64 = (torch.randn(64, 24, 1, 1, generator=g) / 5).requires_grad_(), torch.randn(64, generator=g).requires_grad_()
+    upstream = torch.randn(2, 64, 46, 46, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        names = _op_names(lambda: torch.autograd.grad(pointwise_conv2d(xg, w64, b64), (xg, w64, b64), upstream))
+        ours = torch.autograd.grad(pointwise_conv2d(xg, w64, b64), (xg, w64, b64), upstream)
+        theirs = torch.autograd.grad(F.conv2d(xg, w64, b64), (xg, w64, b64), upstream)
+    assert names.count("convlab.rows_backward") == 1, names
+    for got, want in zip(ours, theirs):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-1)
 
 
 def test_rows_backward_without_an_input_gradient():

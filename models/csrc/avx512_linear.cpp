@@ -546,6 +546,239 @@ void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tens
   });
 }
 
+// rows_backward in bf16: the same pass, multiplying pairs with AVX512_BF16's dot product and summing in fp32. dW
+// reduces over rows, so each block's grad and x rows are first interleaved in pairs of rows, (g[2i, k],
+// g[2i + 1, k]) side by side (a last odd row paired with zero); db is the dot product of those pairs with (1, 1).
+// dX reduces over grad's columns, already adjacent in a row; w is packed once into pairs of its rows.
+constexpr int64_t kPairBlock = kGradBlock / 2;
+
+using pair_bits = uint32_t;  // two bf16 side by side
+
+// Pairs of rows r0 = 2i and 2i + 1 of src (`rows` rows, `cols` columns, row stride ld) into dst[i, j], cols_pad
+// wide (zeros past cols).
+__attribute__((target("avx512f,avx512bw"))) void pack_row_pairs(const bf16_bits* src, int64_t ld, int64_t rows,
+                                                                int64_t cols, int64_t cols_pad, pair_bits* dst) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                      5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t i = 0; 2 * i < rows; ++i) {
+    const bf16_bits* a = src + 2 * i * ld;
+    const bf16_bits* b = 2 * i + 1 < rows ? a + ld : nullptr;
+    pair_bits* d = dst + i * cols_pad;
+    for (int64_t j = 0; j < cols_pad; j += 32) {
+      const int64_t left = std::clamp<int64_t>(cols - j, 0, 32);
+      const __mmask32 mask = left == 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+      const __m512i va = _mm512_maskz_loadu_epi16(mask, a + j);
+      const __m512i vb = b ? _mm512_maskz_loadu_epi16(mask, b + j) : _mm512_setzero_si512();
+      _mm512_storeu_si512(d + j, _mm512_permutex2var_epi16(va, lo, vb));  // pairs of columns j .. j + 15
+      if (j + 16 < cols_pad) _mm512_storeu_si512(d + j + 16, _mm512_permutex2var_epi16(va, hi, vb));
+    }
+  }
+}
+
+// dW^T tile in bf16: acc[r][v] += x pair (rows 2i, 2i + 1; channel c0 + r) . grad pairs (columns 16v ..), over the
+// block's `pairs` row pairs; with kSum also db += (1, 1) . grad pairs.
+template <int R, int V, bool kSum>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void grad_tile_bf16(int64_t pairs, const pair_bits* xp,
+                                                                          int64_t ldxp, const pair_bits* gp,
+                                                                          int64_t ldgp, float* acc_out, int64_t ld_acc,
+                                                                          float* db, const __mmask16* masks) {
+  __m512 acc[R][V], sums[V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_maskz_loadu_ps(masks[v], acc_out + r * ld_acc + 16 * v);
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) sums[v] = _mm512_setzero_ps();
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bf16 1.0
+  for (int64_t i = 0; i < pairs; ++i) {
+    __m512bh b[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      b[v] = (__m512bh)_mm512_loadu_si512(gp + i * ldgp + 16 * v);
+      if constexpr (kSum) sums[v] = _mm512_dpbf16_ps(sums[v], ones, b[v]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(xp[i * ldxp + r]));
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(acc_out + r * ld_acc + 16 * v, masks[v], acc[r][v]);
+  }
+  if constexpr (kSum) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      _mm512_mask_storeu_ps(db + 16 * v, masks[v], _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], db + 16 * v), sums[v]));
+    }
+  }
+}
+
+template <int R, int V>
+void grad_tiles_bf16(int64_t pairs, const pair_bits* xp, int64_t ldxp, const pair_bits* gp, int64_t ldgp, float* part,
+                     int64_t k, float* db, const __mmask16* masks, int64_t c0) {
+  if (db && c0 == 0) {
+    grad_tile_bf16<R, V, true>(pairs, xp + c0, ldxp, gp, ldgp, part + c0 * k, k, db, masks);
+  } else {
+    grad_tile_bf16<R, V, false>(pairs, xp + c0, ldxp, gp, ldgp, part + c0 * k, k, nullptr, masks);
+  }
+}
+
+template <int V>
+void grad_panel_bf16(int64_t pairs, const pair_bits* xp, int64_t ldxp, const pair_bits* gp, int64_t ldgp, float* part,
+                     int64_t c, int64_t k, float* db, const __mmask16* masks) {
+  constexpr int R = 24 / V;
+  int64_t c0 = 0;
+  for (; c0 + R <= c; c0 += R) grad_tiles_bf16<R, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0);
+  switch (c - c0) {
+    case 7: grad_tiles_bf16<7, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
+    case 6: grad_tiles_bf16<6, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
+    case 5: grad_tiles_bf16<5, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
+    case 4: grad_tiles_bf16<4, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
+    case 3: grad_tiles_bf16<3, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
+    case 2: grad_tiles_bf16<2, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
+    case 1: grad_tiles_bf16<1, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
+    default: break;
+  }
+}
+
+// dX rows in bf16: acc[r][v] += (g[r, j], g[r, j + 1]) . w pairs (rows j, j + 1; columns 16v ..), rounded once.
+template <int R, int V>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dx_tile_bf16(const bf16_bits* g, int64_t ldg,
+                                                                                 const pair_bits* wp, int64_t ldwp,
+                                                                                 int64_t k, bf16_bits* dx, int64_t lddx,
+                                                                                 const __mmask16* masks) {
+  __m512 acc[R][V];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < k; j += 2) {
+    __m512bh b[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(wp + (j / 2) * ldwp + 16 * v);
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, g + r * ldg + j, sizeof pair);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+    }
+  }
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      _mm256_mask_storeu_epi16(dx + r * lddx + 16 * v, masks[v], (__m256i)_mm512_cvtneps_pbh(acc[r][v]));
+    }
+  }
+}
+
+template <int V, int R>
+void dx_tail_bf16(int64_t rows, const bf16_bits* g, int64_t ldg, const pair_bits* wp, int64_t ldwp, int64_t k,
+                  bf16_bits* dx, int64_t lddx, const __mmask16* masks) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      dx_tile_bf16<R, V>(g, ldg, wp, ldwp, k, dx, lddx, masks);
+    } else {
+      dx_tail_bf16<V, R - 1>(rows, g, ldg, wp, ldwp, k, dx, lddx, masks);
+    }
+  }
+}
+
+template <int V>
+void dx_rows_bf16(int64_t rows, const bf16_bits* g, int64_t ldg, const pair_bits* wp, int64_t ldwp, int64_t c,
+                  int64_t k, bf16_bits* dx, int64_t lddx) {
+  constexpr int R = 24 / V;
+  for (int64_t c0 = 0; c0 < c; c0 += 16 * V) {
+    __mmask16 masks[4];
+    panel_masks(std::min<int64_t>(16 * V, c - c0), masks);
+    int64_t r0 = 0;
+    for (; r0 + R <= rows; r0 += R) dx_tile_bf16<R, V>(g + r0 * ldg, ldg, wp + c0, ldwp, k, dx + r0 * lddx + c0, lddx, masks);
+    dx_tail_bf16<V, R - 1>(rows - r0, g + r0 * ldg, ldg, wp + c0, ldwp, k, dx + r0 * lddx + c0, lddx, masks);
+  }
+}
+
+void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dwt,
+                       const std::optional<at::Tensor>& db, const std::optional<at::Tensor>& w,
+                       const std::optional<at::Tensor>& dx) {
+  const int64_t m = grad.size(0), k = grad.size(1), c = x.size(1);
+  const int64_t ldg = grad.stride(0), ldx = x.stride(0);
+  const auto* gp = static_cast<const bf16_bits*>(grad.const_data_ptr());
+  const auto* xp = static_cast<const bf16_bits*>(x.const_data_ptr());
+  const int threads = at::get_num_threads();
+  const int64_t stride = c * k + k;
+  std::vector<float> parts(threads * stride, 0.f);
+  const int64_t blocks = (m + kGradBlock - 1) / kGradBlock;
+  const int64_t cols = (k + 47) / 48 * 48 < (k + 63) / 64 * 64 ? 48 : 64;
+  const int64_t k_pad = (k + cols - 1) / cols * cols, c_pad = (c + 31) / 32 * 32;
+  // w (K, C) in pairs of rows, once: dX's panels, padded to whole panels of dx_vectors vectors.
+  const int64_t dx_vectors = std::min<int64_t>(4, (c + 15) / 16);
+  const int64_t c_pad16 = (c + 16 * dx_vectors - 1) / (16 * dx_vectors) * (16 * dx_vectors);
+  std::vector<pair_bits> w_pairs;
+  if (w) {
+    w_pairs.assign((k + 1) / 2 * c_pad16, 0);
+    pack_row_pairs(static_cast<const bf16_bits*>(w->const_data_ptr()), w->stride(0), k, c, c_pad16, w_pairs.data());
+  }
+  auto* dxp = dx ? static_cast<bf16_bits*>(dx->data_ptr()) : nullptr;
+  const int64_t lddx = dx ? dx->stride(0) : 0;
+  const int64_t per_chunk = (blocks + threads - 1) / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    std::vector<pair_bits> g_pairs(kPairBlock * k_pad), x_pairs(kPairBlock * c_pad);
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      float* part = parts.data() + chunk * stride;
+      float* part_db = db ? part + c * k : nullptr;
+      const int64_t end = std::min(blocks, (chunk + 1) * per_chunk);
+      for (int64_t b = chunk * per_chunk; b < end; ++b) {
+        const int64_t m0 = b * kGradBlock, rows = std::min(kGradBlock, m - m0), pairs = (rows + 1) / 2;
+        pack_row_pairs(gp + m0 * ldg, ldg, rows, k, k_pad, g_pairs.data());
+        pack_row_pairs(xp + m0 * ldx, ldx, rows, c, c_pad, x_pairs.data());
+        for (int64_t k0 = 0; k0 < k; k0 += cols) {
+          __mmask16 masks[4];
+          panel_masks(std::min(cols, k - k0), masks);
+          float* dbk = part_db ? part_db + k0 : nullptr;
+          if (cols == 64) {
+            grad_panel_bf16<4>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
+          } else {
+            grad_panel_bf16<3>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
+          }
+        }
+        if (dxp) {
+          const bf16_bits* g = gp + m0 * ldg;
+          bf16_bits* d = dxp + m0 * lddx;
+          switch (dx_vectors) {
+            case 1: dx_rows_bf16<1>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
+            case 2: dx_rows_bf16<2>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
+            case 3: dx_rows_bf16<3>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
+            default: dx_rows_bf16<4>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
+          }
+        }
+      }
+    }
+  });
+  float* out = dwt.data_ptr<float>();
+  float* out_db = db ? db->data_ptr<float>() : nullptr;
+  const int64_t total = db ? stride : c * k;
+  at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float sum = 0.f;
+      for (int t = 0; t < threads; ++t) sum += parts[t * stride + i];
+      if (i < c * k) {
+        out[i] = sum;
+      } else {
+        out_db[i - c * k] = sum;
+      }
+    }
+  });
+}
+
 #endif  // __x86_64__
 
 void linear_out(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const at::Tensor& out,
@@ -611,11 +844,13 @@ void images_out(const at::Tensor& w, const at::Tensor& x, const std::optional<at
 
 void rows_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dwt, const std::optional<at::Tensor>& db,
                    const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& dx) {
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && dwt.scalar_type() == at::kFloat &&
-                  (!db || db->scalar_type() == at::kFloat),
-              "convlab::rows_backward: grad, x, dwt and db must all be float32, got ", grad.scalar_type(), ", ",
-              x.scalar_type(), " and ", dwt.scalar_type());
-  TORCH_CHECK(cpu_supports(at::kFloat), "convlab::rows_backward: this CPU lacks AVX-512F (ask convlab::linear_supported first)");
+  const at::ScalarType dtype = grad.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && x.scalar_type() == dtype &&
+                  dwt.scalar_type() == at::kFloat && (!db || db->scalar_type() == at::kFloat),
+              "convlab::rows_backward: grad and x must be both float32 or both bfloat16, dwt and db float32, got ",
+              dtype, ", ", x.scalar_type(), " and ", dwt.scalar_type());
+  TORCH_CHECK(cpu_supports(dtype), "convlab::rows_backward: this CPU lacks the AVX-512 instructions for ", dtype,
+              " (ask convlab::linear_supported first)");
   TORCH_CHECK(grad.dim() == 2 && x.dim() == 2 && dwt.dim() == 2, "convlab::rows_backward: grad, x and dwt must be "
               "2-d, got ", grad.dim(), ", ", x.dim(), " and ", dwt.dim());
   TORCH_CHECK(grad.device().is_cpu() && x.device().is_cpu() && dwt.device().is_cpu() && (!db || db->device().is_cpu()),
@@ -632,10 +867,12 @@ void rows_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   }
   TORCH_CHECK(w.has_value() == dx.has_value(), "convlab::rows_backward: w and dx come together (dx = grad @ w)");
   if (w) {
-    TORCH_CHECK(w->scalar_type() == at::kFloat && dx->scalar_type() == at::kFloat && w->device().is_cpu() &&
+    TORCH_CHECK(w->scalar_type() == dtype && dx->scalar_type() == dtype && w->device().is_cpu() &&
                     dx->device().is_cpu(),
-                "convlab::rows_backward: w and dx must be float32 CPU tensors, got ", w->scalar_type(), " and ",
-                dx->scalar_type());
+                "convlab::rows_backward: w and dx must be CPU tensors of grad's dtype ", dtype, ", got ",
+                w->scalar_type(), " and ", dx->scalar_type());
+    TORCH_CHECK(dtype == at::kFloat || k % 2 == 0, "convlab::rows_backward: bfloat16 dx multiplies pairs of grad's "
+                "columns: grad needs an even number of them, got shape ", grad.sizes());
     TORCH_CHECK(w->dim() == 2 && w->size(0) == k && w->size(1) == c && dx->dim() == 2 && dx->size(0) == m &&
                     dx->size(1) == c,
                 "convlab::rows_backward: dx = grad @ w needs w [", k, ", ", c, "] and dx [", m, ", ", c, "], got ",
@@ -648,7 +885,11 @@ void rows_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
     return;
   }
 #if defined(__x86_64__)
-  run_weight_grad(grad, x, dwt, db, w, dx);
+  if (dtype == at::kFloat) {
+    run_weight_grad(grad, x, dwt, db, w, dx);
+  } else {
+    run_backward_bf16(grad, x, dwt, db, w, dx);
+  }
 #endif
 }
 
