@@ -357,10 +357,11 @@ def _kernel_backward(grad: Tensor, rows: Tensor, w2d: Tensor | None, with_bias: 
     """``(dX, dW, db)`` on ``rows_backward`` where measured faster, else None: ``dX = dY W`` when ``w2d`` is
     given (else None), ``dW = dY^T X``, ``db = sum dY`` when ``with_bias`` (else None).
 
-    fp32 or bf16. The kernel (``models/csrc/avx512_linear.cpp``) walks ``dY`` once, in blocks of 128 rows: it reduces each
-    block into per-thread 8x48 or 6x64 tiles of ``dW^T``, sums ``db`` from the ``dY`` vectors it has loaded
-    anyway, then computes the block's ``dX`` rows while the block is in cache; it prefetches the next block,
-    whose strided walk otherwise stalls (that doubled its speed on 32-channel layers). The paths it replaces
+    fp32 or bf16. The kernel (``models/csrc/avx512_linear.cpp``) walks ``dY`` once, in blocks of 128 rows: it
+    reduces each block into per-thread 8x48 or 6x64 tiles of ``dW^T``, sums ``db`` from the ``dY`` vectors it
+    has loaded anyway, then computes the block's ``dX`` rows while the block is in cache. In fp32 it prefetches
+    the next block, whose strided walk otherwise stalls (that doubled its speed on 32-channel layers); in bf16
+    it first interleaves the block's rows in pairs, for AVX512_BF16's dot product. The paths it replaces
     read ``dY`` three times: oneDNN's matmul for ``dX`` and ``dW``, ``grad.sum(0)`` for ``db``. One-off A/Bs
     (``/tmp`` scripts, not kept), 2 threads, fp32:
 
