@@ -42,6 +42,7 @@ bool cpu_supports(at::ScalarType dtype) {
 }
 
 using bf16_bits = uint16_t;  // a bfloat16 as it lies in memory
+using pair_bits = uint32_t;  // two bf16 side by side
 
 // Per dtype: k values per packed step (bf16 multiplies pairs) and the reduction block. fp32 blocks of 256 keep
 // a panel's slice at 64 KiB, in L2; bf16 reduces in one block, since a partial sum rounded to bf16 between
@@ -169,17 +170,101 @@ void panel_masks(int64_t cols, __mmask16* masks) {
   }
 }
 
-// The `rows` (< kTileRows) rows left under the whole tiles: one short tile, plain stores (its lines are few).
+// `tile.template operator()<R>(start)` for the one tile of exactly `rest` (< kMax + 1) rows, the instantiation for
+// that many: how every kernel here finishes the rows (or channels) its whole tiles leave.
+template <int kMax, typename Tile>
+void rest_tile(int64_t rest, int64_t start, Tile&& tile) {
+  if constexpr (kMax > 0) {
+    if (rest == kMax) {
+      tile.template operator()<kMax>(start);
+    } else {
+      rest_tile<kMax - 1>(rest, start, tile);
+    }
+  }
+}
+
+// Whole tiles of R rows over [0, count), then the rest in one shorter tile.
+template <int R, typename Tile>
+void each_tile(int64_t count, Tile&& tile) {
+  int64_t start = 0;
+  for (; start + R <= count; start += R) tile.template operator()<R>(start);
+  rest_tile<R - 1>(count - start, start, tile);
+}
+
+// The rows of one panel: whole tiles (streamed when `stream`), then the rest in one short tile with plain stores
+// (its lines are few). kImages: the bias is one value per row, so the short tile's starts `full` rows on.
 template <bool kImages, typename T>
-void tail_tile(int64_t rows, const T* a, int64_t lda, const T* panel, int64_t ldb, int64_t depth, const float* bias,
-               T* c, int64_t ldc, const __mmask16* masks) {
-  switch (rows) {
-    case 5: tiles<5, false, kImages>(1, a, lda, panel, ldb, depth, bias, c, ldc, masks); break;
-    case 4: tiles<4, false, kImages>(1, a, lda, panel, ldb, depth, bias, c, ldc, masks); break;
-    case 3: tiles<3, false, kImages>(1, a, lda, panel, ldb, depth, bias, c, ldc, masks); break;
-    case 2: tiles<2, false, kImages>(1, a, lda, panel, ldb, depth, bias, c, ldc, masks); break;
-    case 1: tiles<1, false, kImages>(1, a, lda, panel, ldb, depth, bias, c, ldc, masks); break;
-    default: break;
+void panel_rows(int64_t rows, const T* a, int64_t lda, const T* panel, int64_t ldb, int64_t depth, const float* bias,
+                T* c, int64_t ldc, const __mmask16* masks, bool stream) {
+  const int64_t full = rows / kTileRows;
+  if (stream) {
+    tiles<kTileRows, true, kImages>(full, a, lda, panel, ldb, depth, bias, c, ldc, masks);
+  } else {
+    tiles<kTileRows, false, kImages>(full, a, lda, panel, ldb, depth, bias, c, ldc, masks);
+  }
+  const float* rest_bias = kImages && bias ? bias + full * kTileRows : bias;
+  rest_tile<kTileRows - 1>(rows - full * kTileRows, 0, [&]<int R>(int64_t) {
+    tiles<R, false, kImages>(1, a + full * kTileRows * lda, lda, panel, ldb, depth, rest_bias, c + full * kTileRows * ldc,
+                             ldc, masks);
+  });
+}
+
+// f(k0, depth, p, masks, stream_ok) for each reduction block [k0, k0 + depth) of `total`, `block` deep, and each
+// panel p in [p0, p1) of a `width`-column output; stream_ok: the last block of a full panel.
+template <typename F>
+void blocks_and_panels(int64_t total, int64_t block, int64_t width, int64_t p0, int64_t p1, F&& f) {
+  for (int64_t k0 = 0, depth; k0 < total; k0 += depth) {
+    depth = std::min(block, total - k0);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t cols = std::min(kPanel, width - p * kPanel);
+      __mmask16 masks[4];
+      panel_masks(cols, masks);
+      f(k0, depth, p, masks, k0 + depth == total && cols == kPanel);
+    }
+  }
+}
+
+// Stores a tile's R x V accumulators into out (rows ld apart), lanes masked.
+// (always inlined and fully unrolled, up to 24 rows: a loop left over the rows would put acc in memory)
+template <int R, int V>
+__attribute__((target("avx512f"), always_inline)) inline void store_tile(const __m512 (&acc)[R][V], float* out,
+                                                                         int64_t ld, const __mmask16* masks) {
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(out + r * ld + 16 * v, masks[v], acc[r][v]);
+  }
+}
+
+// Loads them back (masked lanes zero).
+template <int R, int V>
+__attribute__((target("avx512f"), always_inline)) inline void load_tile(__m512 (&acc)[R][V], const float* in,
+                                                                        int64_t ld, const __mmask16* masks) {
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_maskz_loadu_ps(masks[v], in + r * ld + 16 * v);
+  }
+}
+
+// acc[r][v] += a[r * lda] * b[v]: the rank-1 update at the heart of the fp32 backward tiles.
+template <int R, int V>
+__attribute__((target("avx512f"), always_inline)) inline void rank1(__m512 (&acc)[R][V], const float* a, int64_t lda,
+                                                                    const __m512 (&b)[V]) {
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+    const __m512 x = _mm512_set1_ps(a[r * lda]);
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
+  }
+}
+
+// db[0 : 16V) += sums, lanes masked.
+template <int V>
+__attribute__((target("avx512f"), always_inline)) inline void add_sums(float* db, const __m512 (&sums)[V], const __mmask16* masks) {
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+    _mm512_mask_storeu_ps(db + 16 * v, masks[v], _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], db + 16 * v), sums[v]));
   }
 }
 
@@ -197,27 +282,11 @@ struct Problem {
 // Rows [m0, m1) x panels [p0, p1) of out, reduction block by block.
 template <typename T>
 void run_task(const Problem<T>& pr, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  const int64_t rows = m1 - m0, full = rows / kTileRows;
-  for (int64_t k0 = 0, depth; k0 < pr.k; k0 += depth) {
-    depth = std::min(Layout<T>::kDepth, pr.k - k0);
-    const bool last = k0 + depth == pr.k;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t cols = std::min(kPanel, pr.n - p * kPanel);
-      __mmask16 masks[4];
-      panel_masks(cols, masks);
-      const T* panel = pr.packed + p * pr.k * kPanel + k0 * kPanel;
-      const float* bias = k0 == 0 ? pr.bias + p * kPanel : nullptr;
-      const T* a = pr.x + m0 * pr.ldx + k0;
-      T* c = pr.out + m0 * pr.ldo + p * kPanel;
-      if (pr.stream && last && cols == kPanel) {
-        tiles<kTileRows, true>(full, a, pr.ldx, panel, kPanel, depth, bias, c, pr.ldo, masks);
-      } else {
-        tiles<kTileRows, false>(full, a, pr.ldx, panel, kPanel, depth, bias, c, pr.ldo, masks);
-      }
-      tail_tile<false>(rows - full * kTileRows, a + full * kTileRows * pr.ldx, pr.ldx, panel, kPanel, depth, bias,
-                       c + full * kTileRows * pr.ldo, pr.ldo, masks);
-    }
-  }
+  blocks_and_panels(pr.k, Layout<T>::kDepth, pr.n, p0, p1, [&](int64_t k0, int64_t depth, int64_t p, const __mmask16* masks, bool full) {
+    panel_rows<false>(m1 - m0, pr.x + m0 * pr.ldx + k0, pr.ldx, pr.packed + p * pr.k * kPanel + k0 * kPanel, kPanel,
+                      depth, k0 == 0 ? pr.bias + p * kPanel : nullptr, pr.out + m0 * pr.ldo + p * kPanel, pr.ldo, masks,
+                      pr.stream && full);
+  });
 }
 
 // Packs w (N, K), any strides, into panels of w^T and runs the tiles over all threads.
@@ -283,27 +352,11 @@ struct Images {
 // next panel is fetched ahead, which the first tile of each panel does (one-off: dX of 32->512 @56, a
 // 512-deep reduction, ran 0.51x the native matmul without it, 1.08-1.10x with it).
 void images_task(const Images& pr, int64_t n, int64_t r0, int64_t r1, int64_t q0, int64_t q1) {
-  const int64_t rows = r1 - r0, full = rows / kTileRows;
-  for (int64_t c0 = 0, depth; c0 < pr.c; c0 += depth) {
-    depth = std::min(Layout<float>::kDepth, pr.c - c0);
-    const bool last = c0 + depth == pr.c;
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t cols = std::min(kPanel, pr.p - q * kPanel);
-      __mmask16 masks[4];
-      panel_masks(cols, masks);
-      const float* panel = pr.x + n * pr.xs0 + c0 * pr.xs1 + q * kPanel;
-      const float* bias = c0 == 0 ? pr.bias + r0 : nullptr;
-      const float* a = pr.w + r0 * pr.ldw + c0;
-      float* c = pr.out + n * pr.os0 + r0 * pr.os1 + q * kPanel;
-      if (pr.stream && last && cols == kPanel) {
-        tiles<kTileRows, true, true>(full, a, pr.ldw, panel, pr.xs1, depth, bias, c, pr.os1, masks);
-      } else {
-        tiles<kTileRows, false, true>(full, a, pr.ldw, panel, pr.xs1, depth, bias, c, pr.os1, masks);
-      }
-      tail_tile<true>(rows - full * kTileRows, a + full * kTileRows * pr.ldw, pr.ldw, panel, pr.xs1, depth,
-                      bias ? bias + full * kTileRows : nullptr, c + full * kTileRows * pr.os1, pr.os1, masks);
-    }
-  }
+  blocks_and_panels(pr.c, Layout<float>::kDepth, pr.p, q0, q1, [&](int64_t c0, int64_t depth, int64_t q, const __mmask16* masks, bool full) {
+    panel_rows<true>(r1 - r0, pr.w + r0 * pr.ldw + c0, pr.ldw, pr.x + n * pr.xs0 + c0 * pr.xs1 + q * kPanel, pr.xs1,
+                     depth, c0 == 0 ? pr.bias + r0 : nullptr, pr.out + n * pr.os0 + r0 * pr.os1 + q * kPanel, pr.os1,
+                     masks, pr.stream && full);
+  });
 }
 
 void run_images(const at::Tensor& w, const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& out,
@@ -333,6 +386,26 @@ void run_images(const at::Tensor& w, const at::Tensor& x, const std::optional<at
   });
 }
 
+// dwt = the sum of the `threads` partial dW^T (c_k values each) and db = that of their partial db (the k values after
+// each), in parallel over the elements.
+void sum_partials(const std::vector<float>& parts, int threads, int64_t c_k, const at::Tensor& dwt,
+                  const std::optional<at::Tensor>& db) {
+  const int64_t k = db ? db->size(0) : 0, stride = static_cast<int64_t>(parts.size()) / threads;
+  float* out = dwt.data_ptr<float>();
+  float* out_db = db ? db->data_ptr<float>() : nullptr;
+  at::parallel_for(0, c_k + k, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float sum = 0.f;
+      for (int t = 0; t < threads; ++t) sum += parts[t * stride + i];
+      if (i < c_k) {
+        out[i] = sum;
+      } else {
+        out_db[i - c_k] = sum;
+      }
+    }
+  });
+}
+
 // rows_backward: dW^T = x^T @ grad, db = sum of grad's rows and dX = grad @ w, fp32: the three gradients of a
 // channels_last 1x1 convolution, x (M, C) and grad (M, K), in one pass over grad (dX per block, below). A tile of dW^T is R input channels x V 16-lane vectors of output
 // channels, 24 accumulators (8 x 3 or 6 x 4, whichever pads K less); for each row m it broadcasts x[m, c] and
@@ -346,11 +419,7 @@ __attribute__((target("avx512f"))) void grad_tile(int64_t rows, const float* x, 
                                                    int64_t ldg, float* acc_out, int64_t ld_acc, float* db,
                                                    const __mmask16* masks, int64_t ahead) {
   __m512 acc[R][V], sums[V];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_maskz_loadu_ps(masks[v], acc_out + r * ld_acc + 16 * v);
-  }
+  load_tile<R, V>(acc, acc_out, ld_acc, masks);
 #pragma GCC unroll 4
   for (int v = 0; v < V; ++v) sums[v] = _mm512_setzero_ps();
   for (int64_t m = 0; m < rows; ++m) {
@@ -362,24 +431,10 @@ __attribute__((target("avx512f"))) void grad_tile(int64_t rows, const float* x, 
       b[v] = _mm512_maskz_loadu_ps(masks[v], gp + 16 * v);
       if constexpr (kSum) sums[v] = _mm512_add_ps(sums[v], b[v]);
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(x[m * ldx + r]);
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
-    }
+    rank1<R, V>(acc, x + m * ldx, 1, b);
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(acc_out + r * ld_acc + 16 * v, masks[v], acc[r][v]);
-  }
-  if constexpr (kSum) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) {
-      _mm512_mask_storeu_ps(db + 16 * v, masks[v], _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], db + 16 * v), sums[v]));
-    }
-  }
+  store_tile<R, V>(acc, acc_out, ld_acc, masks);
+  if constexpr (kSum) add_sums<V>(db, sums, masks);
 }
 
 // Tiles of R input channels from channel c0: the one of channel 0 also sums the bias gradient (db given) and
@@ -405,19 +460,7 @@ void grad_tiles(int64_t rows, const float* x, int64_t ldx, const float* g, int64
 template <int V>
 void grad_panel(int64_t rows, const float* x, int64_t ldx, const float* g, int64_t ldg, float* part, int64_t c,
                 int64_t k, float* db, const __mmask16* masks, int64_t ahead) {
-  constexpr int R = 24 / V;
-  int64_t c0 = 0;
-  for (; c0 + R <= c; c0 += R) grad_tiles<R, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead);
-  switch (c - c0) {
-    case 7: grad_tiles<7, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
-    case 6: grad_tiles<6, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
-    case 5: grad_tiles<5, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
-    case 4: grad_tiles<4, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
-    case 3: grad_tiles<3, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
-    case 2: grad_tiles<2, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
-    case 1: grad_tiles<1, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); break;
-    default: break;
-  }
+  each_tile<24 / V>(c, [&]<int R>(int64_t c0) { grad_tiles<R, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); });
 }
 
 // dX rows = grad rows @ w, for the rows of a block whose grad is still in cache: R rows x V vectors of dX's C
@@ -435,44 +478,56 @@ __attribute__((target("avx512f"))) void dx_tile(const float* g, int64_t ldg, con
     __m512 b[V];
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) b[v] = _mm512_maskz_loadu_ps(masks[v], w + j * ldw + 16 * v);
+    rank1<R, V>(acc, g + j, ldg, b);
+  }
+  store_tile<R, V>(acc, dx, lddx, masks);
+}
+
+// dX rows in bf16: acc[r][v] += (g[r, j], g[r, j + 1]) . w pairs (rows j, j + 1; columns 16v ..), rounded once.
+template <int R, int V>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dx_tile(const bf16_bits* g, int64_t ldg,
+                                                                            const pair_bits* wp, int64_t ldwp, int64_t k,
+                                                                            bf16_bits* dx, int64_t lddx,
+                                                                            const __mmask16* masks) {
+  __m512 acc[R][V];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < k; j += 2) {
+    __m512bh b[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(wp + (j / 2) * ldwp + 16 * v);
 #pragma GCC unroll 24
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(g[r * ldg + j]);
+      int32_t pair;
+      std::memcpy(&pair, g + r * ldg + j, sizeof pair);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
     }
   }
 #pragma GCC unroll 24
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(dx + r * lddx + 16 * v, masks[v], acc[r][v]);
-  }
-}
-
-// A last tile of `rows` (< R) rows: the instantiation for exactly that many.
-template <int V, int R>
-void dx_tail(int64_t rows, const float* g, int64_t ldg, const float* w, int64_t ldw, int64_t k, float* dx,
-             int64_t lddx, const __mmask16* masks) {
-  if constexpr (R > 0) {
-    if (rows == R) {
-      dx_tile<R, V>(g, ldg, w, ldw, k, dx, lddx, masks);
-    } else {
-      dx_tail<V, R - 1>(rows, g, ldg, w, ldw, k, dx, lddx, masks);
+    for (int v = 0; v < V; ++v) {
+      _mm256_mask_storeu_epi16(dx + r * lddx + 16 * v, masks[v], (__m256i)_mm512_cvtneps_pbh(acc[r][v]));
     }
   }
 }
 
-// dX for `rows` rows: panels of 16V columns, tiles of 24 / V rows.
-template <int V>
-void dx_rows(int64_t rows, const float* g, int64_t ldg, const float* w, int64_t ldw, int64_t c, int64_t k, float* dx,
+// dX for `rows` rows: panels of 16V columns, tiles of 24 / V rows (fp32: w as it lies; bf16: w in row pairs).
+template <int V, typename T, typename W>
+void dx_rows(int64_t rows, const T* g, int64_t ldg, const W* w, int64_t ldw, int64_t c, int64_t k, T* dx,
              int64_t lddx) {
   constexpr int R = 24 / V;
   for (int64_t c0 = 0; c0 < c; c0 += 16 * V) {
     __mmask16 masks[4];
     panel_masks(std::min<int64_t>(16 * V, c - c0), masks);
-    int64_t r0 = 0;
-    for (; r0 + R <= rows; r0 += R) dx_tile<R, V>(g + r0 * ldg, ldg, w + c0, ldw, k, dx + r0 * lddx + c0, lddx, masks);
-    dx_tail<V, R - 1>(rows - r0, g + r0 * ldg, ldg, w + c0, ldw, k, dx + r0 * lddx + c0, lddx, masks);
+    each_tile<R>(rows, [&]<int kRows>(int64_t r0) {
+      dx_tile<kRows, V>(g + r0 * ldg, ldg, w + c0, ldw, k, dx + r0 * lddx + c0, lddx, masks);
+    });
   }
 }
 
@@ -530,20 +585,7 @@ void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tens
       }
     }
   });
-  float* out = dwt.data_ptr<float>();
-  float* out_db = db ? db->data_ptr<float>() : nullptr;
-  const int64_t total = db ? stride : c * k;
-  at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float sum = 0.f;
-      for (int t = 0; t < threads; ++t) sum += parts[t * stride + i];
-      if (i < c * k) {
-        out[i] = sum;
-      } else {
-        out_db[i - c * k] = sum;
-      }
-    }
-  });
+  sum_partials(parts, threads, c * k, dwt, db);
 }
 
 // rows_backward in bf16: the same pass, multiplying pairs with AVX512_BF16's dot product and summing in fp32. dW
@@ -551,8 +593,6 @@ void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tens
 // g[2i + 1, k]) side by side (a last odd row paired with zero); db is the dot product of those pairs with (1, 1).
 // dX reduces over grad's columns, already adjacent in a row; w is packed once into pairs of its rows.
 constexpr int64_t kPairBlock = kGradBlock / 2;
-
-using pair_bits = uint32_t;  // two bf16 side by side
 
 // Pairs of rows r0 = 2i and 2i + 1 of src (`rows` rows, `cols` columns, row stride ld) into dst[i, j], cols_pad
 // wide (zeros past cols).
@@ -584,11 +624,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void grad_tile_bf16(int64
                                                                           int64_t ldgp, float* acc_out, int64_t ld_acc,
                                                                           float* db, const __mmask16* masks) {
   __m512 acc[R][V], sums[V];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_maskz_loadu_ps(masks[v], acc_out + r * ld_acc + 16 * v);
-  }
+  load_tile<R, V>(acc, acc_out, ld_acc, masks);
 #pragma GCC unroll 4
   for (int v = 0; v < V; ++v) sums[v] = _mm512_setzero_ps();
   const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bf16 1.0
@@ -606,17 +642,8 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void grad_tile_bf16(int64
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(acc_out + r * ld_acc + 16 * v, masks[v], acc[r][v]);
-  }
-  if constexpr (kSum) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) {
-      _mm512_mask_storeu_ps(db + 16 * v, masks[v], _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], db + 16 * v), sums[v]));
-    }
-  }
+  store_tile<R, V>(acc, acc_out, ld_acc, masks);
+  if constexpr (kSum) add_sums<V>(db, sums, masks);
 }
 
 template <int R, int V>
@@ -632,78 +659,7 @@ void grad_tiles_bf16(int64_t pairs, const pair_bits* xp, int64_t ldxp, const pai
 template <int V>
 void grad_panel_bf16(int64_t pairs, const pair_bits* xp, int64_t ldxp, const pair_bits* gp, int64_t ldgp, float* part,
                      int64_t c, int64_t k, float* db, const __mmask16* masks) {
-  constexpr int R = 24 / V;
-  int64_t c0 = 0;
-  for (; c0 + R <= c; c0 += R) grad_tiles_bf16<R, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0);
-  switch (c - c0) {
-    case 7: grad_tiles_bf16<7, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
-    case 6: grad_tiles_bf16<6, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
-    case 5: grad_tiles_bf16<5, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
-    case 4: grad_tiles_bf16<4, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
-    case 3: grad_tiles_bf16<3, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
-    case 2: grad_tiles_bf16<2, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
-    case 1: grad_tiles_bf16<1, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); break;
-    default: break;
-  }
-}
-
-// dX rows in bf16: acc[r][v] += (g[r, j], g[r, j + 1]) . w pairs (rows j, j + 1; columns 16v ..), rounded once.
-template <int R, int V>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dx_tile_bf16(const bf16_bits* g, int64_t ldg,
-                                                                                 const pair_bits* wp, int64_t ldwp,
-                                                                                 int64_t k, bf16_bits* dx, int64_t lddx,
-                                                                                 const __mmask16* masks) {
-  __m512 acc[R][V];
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
-  for (int64_t j = 0; j < k; j += 2) {
-    __m512bh b[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(wp + (j / 2) * ldwp + 16 * v);
-#pragma GCC unroll 24
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, g + r * ldg + j, sizeof pair);
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
-    }
-  }
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) {
-      _mm256_mask_storeu_epi16(dx + r * lddx + 16 * v, masks[v], (__m256i)_mm512_cvtneps_pbh(acc[r][v]));
-    }
-  }
-}
-
-template <int V, int R>
-void dx_tail_bf16(int64_t rows, const bf16_bits* g, int64_t ldg, const pair_bits* wp, int64_t ldwp, int64_t k,
-                  bf16_bits* dx, int64_t lddx, const __mmask16* masks) {
-  if constexpr (R > 0) {
-    if (rows == R) {
-      dx_tile_bf16<R, V>(g, ldg, wp, ldwp, k, dx, lddx, masks);
-    } else {
-      dx_tail_bf16<V, R - 1>(rows, g, ldg, wp, ldwp, k, dx, lddx, masks);
-    }
-  }
-}
-
-template <int V>
-void dx_rows_bf16(int64_t rows, const bf16_bits* g, int64_t ldg, const pair_bits* wp, int64_t ldwp, int64_t c,
-                  int64_t k, bf16_bits* dx, int64_t lddx) {
-  constexpr int R = 24 / V;
-  for (int64_t c0 = 0; c0 < c; c0 += 16 * V) {
-    __mmask16 masks[4];
-    panel_masks(std::min<int64_t>(16 * V, c - c0), masks);
-    int64_t r0 = 0;
-    for (; r0 + R <= rows; r0 += R) dx_tile_bf16<R, V>(g + r0 * ldg, ldg, wp + c0, ldwp, k, dx + r0 * lddx + c0, lddx, masks);
-    dx_tail_bf16<V, R - 1>(rows - r0, g + r0 * ldg, ldg, wp + c0, ldwp, k, dx + r0 * lddx + c0, lddx, masks);
-  }
+  each_tile<24 / V>(c, [&]<int R>(int64_t c0) { grad_tiles_bf16<R, V>(pairs, xp, ldxp, gp, ldgp, part, k, db, masks, c0); });
 }
 
 void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dwt,
@@ -754,29 +710,16 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
           const bf16_bits* g = gp + m0 * ldg;
           bf16_bits* d = dxp + m0 * lddx;
           switch (dx_vectors) {
-            case 1: dx_rows_bf16<1>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
-            case 2: dx_rows_bf16<2>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
-            case 3: dx_rows_bf16<3>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
-            default: dx_rows_bf16<4>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
+            case 1: dx_rows<1>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
+            case 2: dx_rows<2>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
+            case 3: dx_rows<3>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
+            default: dx_rows<4>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
           }
         }
       }
     }
   });
-  float* out = dwt.data_ptr<float>();
-  float* out_db = db ? db->data_ptr<float>() : nullptr;
-  const int64_t total = db ? stride : c * k;
-  at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float sum = 0.f;
-      for (int t = 0; t < threads; ++t) sum += parts[t * stride + i];
-      if (i < c * k) {
-        out[i] = sum;
-      } else {
-        out_db[i - c * k] = sum;
-      }
-    }
-  });
+  sum_partials(parts, threads, c * k, dwt, db);
 }
 
 #endif  // __x86_64__
