@@ -136,6 +136,11 @@ def _native_matmul(*operands: Tensor) -> Callable[..., None] | None:
     return native.matmul_out()
 
 
+def _unit_columns(t: Tensor) -> Tensor:
+    """A 2-d ``t`` as convlab's AVX-512 kernels read it: itself when its columns lie adjacent, else a contiguous copy."""
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
 def _matmul_operand(t: Tensor) -> Tensor:
     """A 2-d ``t`` as the native product reads it without a copy: contiguous, or the transpose of a contiguous matrix."""
     if t.is_contiguous():
@@ -219,7 +224,7 @@ def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
         kernel = native.linear_out(rows.dtype)
         if kernel is not None:
             out = rows.new_empty(m, k)
-            kernel(rows if rows.stride(1) == 1 else rows.contiguous(), w2d, bias, out, native.STREAM_MIN_BYTES)
+            kernel(_unit_columns(rows), w2d, bias, out, native.STREAM_MIN_BYTES)
             return out
     return _rows_product(rows, w2d, bias)
 
@@ -388,9 +393,7 @@ def _kernel_backward(grad: Tensor, rows: Tensor, w2d: Tensor | None, with_bias: 
     grad_wt = rows.new_empty(c, k, dtype=torch.float32)  # the kernel sums in fp32; bf16 is rounded once, below
     grad_b = rows.new_empty(k, dtype=torch.float32) if with_bias else None
     grad_x = None if w2d is None else rows.new_empty(m, c)
-    w = None if w2d is None else w2d if w2d.stride(1) == 1 else w2d.contiguous()
-    grad, rows = (t if t.stride(1) == 1 else t.contiguous() for t in (grad, rows))
-    kernel(grad, rows, grad_wt, grad_b, w, grad_x)
+    kernel(_unit_columns(grad), _unit_columns(rows), grad_wt, grad_b, None if w2d is None else _unit_columns(w2d), grad_x)
     grad_w = grad_wt.t().to(rows.dtype, memory_format=torch.contiguous_format)
     return grad_x, grad_w, None if grad_b is None else grad_b.to(rows.dtype)
 

@@ -131,7 +131,8 @@ def matmul_out() -> Callable[..., None] | None:
     return op
 
 
-# linear_out writes outputs of at least this many bytes with non-temporal stores (see functional._forward_product).
+# linear_out and images_out write outputs of at least this many bytes with non-temporal stores (see
+# functional._forward_product).
 STREAM_MIN_BYTES = 4 << 20
 
 

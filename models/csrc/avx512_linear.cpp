@@ -1,16 +1,17 @@
-// convlab's CPU products with their bias, on AVX-512 register tiles: linear_out, out = x @ w^T + bias (fp32 and
-// bf16), for channels_last rows; images_out, out[n] = w @ x[n] + bias[:, None] (fp32), for NCHW images.
+// convlab's CPU kernels for 1x1 convolutions, on AVX-512 register tiles:
+//   linear_out     out = x @ w^T + bias (fp32 and bf16), the channels_last forward on the (N*H*W, C) rows;
+//   images_out     out[n] = w @ x[n] + bias[:, None] (fp32), NCHW images, the pixels as columns;
+//   rows_backward  dW, db and dX of the channels_last layer in one pass over dY (fp32 and bf16).
 //
-// On channels_last input a 1x1 convolution is that product on the (N*H*W, C) rows. oneDNN's matmul
-// (onednn_matmul.cpp) takes no bias, so the bias cost a second pass over the output, and oneDNN's inner
-// product, which adds it as it writes, ran at 0.84-0.94x torch's convolution on six fp32 layers on two
-// threads (benchmarks/README.md). Here each 6-row x 64-column tile of out is 24 vector accumulators that
-// start at the bias, run the reduction and are stored once. Outputs of at least `stream_min_bytes` are
-// written with non-temporal stores, which skip reading the lines into the cache first. bf16 operands are
-// multiplied in pairs (AVX512_BF16's dot product), accumulated in fp32 and rounded once, at the store, as
-// oneDNN does. On NCHW images the same tiles run with the pixels as columns: the panels are the images' own
-// channel rows, so the bias (one per output channel, a tile row) again costs no pass. Built by models/native.py; compiled for any x86-64 CPU, each dtype runs only where the CPU
-// reports its instructions (AVX-512F; for bf16 also AVX512_BF16).
+// oneDNN's matmul (onednn_matmul.cpp) takes no bias, so the bias cost a second pass over the output, and oneDNN's
+// inner product, which adds it as it writes, ran at 0.84-0.94x torch's convolution on six fp32 layers on two
+// threads (benchmarks/README.md). Here each 6-row x 64-column tile of out is 24 vector accumulators that start
+// at the bias, run the reduction and are stored once. Outputs of at least `stream_min_bytes` are written with
+// non-temporal stores, which skip reading the lines into the cache first. bf16 operands are multiplied in pairs
+// (AVX512_BF16's dot product), accumulated in fp32 and rounded once, at the store, as oneDNN does. On NCHW images
+// the panels are the images' own channel rows, so the bias (one per output channel, a tile row) again costs no
+// pass. Built by models/native.py; compiled for any x86-64 CPU, each dtype runs only where the CPU reports its
+// instructions (AVX-512F; for bf16 also AVX512_BF16).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -57,6 +58,50 @@ template <> struct Layout<bf16_bits> {
 
 #if defined(__x86_64__)
 
+// Stores a tile's R x V accumulators into out (rows ld apart), lanes masked.
+// (always inlined and fully unrolled, up to 24 rows: a loop left over the rows would put acc in memory)
+template <int R, int V>
+__attribute__((target("avx512f"), always_inline)) inline void store_tile(const __m512 (&acc)[R][V], float* out,
+                                                                         int64_t ld, const __mmask16* masks) {
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(out + r * ld + 16 * v, masks[v], acc[r][v]);
+  }
+}
+
+// Loads them back (masked lanes zero).
+template <int R, int V>
+__attribute__((target("avx512f"), always_inline)) inline void load_tile(__m512 (&acc)[R][V], const float* in,
+                                                                        int64_t ld, const __mmask16* masks) {
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_maskz_loadu_ps(masks[v], in + r * ld + 16 * v);
+  }
+}
+
+// acc[r][v] += a[r * lda] * b[v]: the rank-1 update at the heart of every fp32 tile here.
+template <int R, int V>
+__attribute__((target("avx512f"), always_inline)) inline void rank1(__m512 (&acc)[R][V], const float* a, int64_t lda,
+                                                                    const __m512 (&b)[V]) {
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+    const __m512 x = _mm512_set1_ps(a[r * lda]);
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
+  }
+}
+
+// db[0 : 16V) += sums, lanes masked.
+template <int V>
+__attribute__((target("avx512f"), always_inline)) inline void add_sums(float* db, const __m512 (&sums)[V], const __mmask16* masks) {
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+    _mm512_mask_storeu_ps(db + 16 * v, masks[v], _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], db + 16 * v), sums[v]));
+  }
+}
+
 // `count` tiles of R rows, one after another down the rows: c[0:R, 0:64) (columns masked) = start +
 // sum_k a[r, k] * panel[k, :], start being the bias (first reduction block) or what c holds (later ones).
 // The panel's rows lie `ldb` apart. kStream: non-temporal stores (full, aligned tiles of the last block only).
@@ -68,52 +113,37 @@ __attribute__((target("avx512f"))) void tiles(int64_t count, const float* a, int
                                                const __mmask16* masks) {
   for (int64_t t = 0; t < count; ++t, a += R * lda, c += R * ldc) {
     __m512 acc[R][4];  // the loops over r and v unroll fully (the pragmas), so acc lives in registers
+    if (!bias) {
+      load_tile<R, 4>(acc, c, ldc, masks);
+    } else {
 #pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
+      for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) {
-        if (!bias) {
-          acc[r][v] = _mm512_maskz_loadu_ps(masks[v], c + r * ldc + 16 * v);
-        } else if constexpr (kImages) {
-          acc[r][v] = _mm512_set1_ps(bias[t * R + r]);
-        } else {
-          acc[r][v] = _mm512_loadu_ps(bias + 16 * v);
-        }
+        for (int v = 0; v < 4; ++v) acc[r][v] = kImages ? _mm512_set1_ps(bias[t * R + r]) : _mm512_loadu_ps(bias + 16 * v);
       }
     }
     for (int64_t k = 0; k < depth; ++k) {
       const float* p = panel + k * ldb;
-      __m512 b0, b1, b2, b3;
-      if constexpr (kImages) {
-        if (t == 0) {  // the first tile fetches the next panel's row too: see images_task
-#pragma GCC unroll 4
-          for (int v = 0; v < 4; ++v) _mm_prefetch(reinterpret_cast<const char*>(p + kPanel + 16 * v), _MM_HINT_T0);
-        }
-        b0 = _mm512_maskz_loadu_ps(masks[0], p), b1 = _mm512_maskz_loadu_ps(masks[1], p + 16);
-        b2 = _mm512_maskz_loadu_ps(masks[2], p + 32), b3 = _mm512_maskz_loadu_ps(masks[3], p + 48);
-      } else {
-        b0 = _mm512_loadu_ps(p), b1 = _mm512_loadu_ps(p + 16);
-        b2 = _mm512_loadu_ps(p + 32), b3 = _mm512_loadu_ps(p + 48);
-      }
-#pragma GCC unroll 6
-      for (int r = 0; r < R; ++r) {
-        const __m512 x = _mm512_set1_ps(a[r * lda + k]);
-        acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
-        acc[r][2] = _mm512_fmadd_ps(x, b2, acc[r][2]);
-        acc[r][3] = _mm512_fmadd_ps(x, b3, acc[r][3]);
-      }
-    }
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
+      __m512 b[4];
 #pragma GCC unroll 4
       for (int v = 0; v < 4; ++v) {
-        if constexpr (kStream) {
-          _mm512_stream_ps(c + r * ldc + 16 * v, acc[r][v]);
+        if constexpr (kImages) {
+          if (t == 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPanel + 16 * v), _MM_HINT_T0);  // see images_task
+          b[v] = _mm512_maskz_loadu_ps(masks[v], p + 16 * v);
         } else {
-          _mm512_mask_storeu_ps(c + r * ldc + 16 * v, masks[v], acc[r][v]);
+          b[v] = _mm512_loadu_ps(p + 16 * v);
         }
       }
+      rank1<R, 4>(acc, a + k, lda, b);
+    }
+    if constexpr (kStream) {
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) _mm512_stream_ps(c + r * ldc + 16 * v, acc[r][v]);
+      }
+    } else {
+      store_tile<R, 4>(acc, c, ldc, masks);
     }
   }
 }
@@ -170,15 +200,16 @@ void panel_masks(int64_t cols, __mmask16* masks) {
   }
 }
 
-// `tile.template operator()<R>(start)` for the one tile of exactly `rest` (< kMax + 1) rows, the instantiation for
-// that many: how every kernel here finishes the rows (or channels) its whole tiles leave.
-template <int kMax, typename Tile>
-void rest_tile(int64_t rest, int64_t start, Tile&& tile) {
+// `f.template operator()<N>(start)` for the runtime count `n` in [1, kMax] (nothing for 0): the instantiation for
+// exactly that many. How every kernel here finishes the rows (or channels) its whole tiles leave, and picks its
+// vectors per panel.
+template <int kMax, typename F>
+void dispatch_count(int64_t n, int64_t start, F&& f) {
   if constexpr (kMax > 0) {
-    if (rest == kMax) {
-      tile.template operator()<kMax>(start);
+    if (n == kMax) {
+      f.template operator()<kMax>(start);
     } else {
-      rest_tile<kMax - 1>(rest, start, tile);
+      dispatch_count<kMax - 1>(n, start, f);
     }
   }
 }
@@ -188,7 +219,7 @@ template <int R, typename Tile>
 void each_tile(int64_t count, Tile&& tile) {
   int64_t start = 0;
   for (; start + R <= count; start += R) tile.template operator()<R>(start);
-  rest_tile<R - 1>(count - start, start, tile);
+  dispatch_count<R - 1>(count - start, start, tile);
 }
 
 // The rows of one panel: whole tiles (streamed when `stream`), then the rest in one short tile with plain stores
@@ -203,7 +234,7 @@ void panel_rows(int64_t rows, const T* a, int64_t lda, const T* panel, int64_t l
     tiles<kTileRows, false, kImages>(full, a, lda, panel, ldb, depth, bias, c, ldc, masks);
   }
   const float* rest_bias = kImages && bias ? bias + full * kTileRows : bias;
-  rest_tile<kTileRows - 1>(rows - full * kTileRows, 0, [&]<int R>(int64_t) {
+  dispatch_count<kTileRows - 1>(rows - full * kTileRows, 0, [&]<int R>(int64_t) {
     tiles<R, false, kImages>(1, a + full * kTileRows * lda, lda, panel, ldb, depth, rest_bias, c + full * kTileRows * ldc,
                              ldc, masks);
   });
@@ -224,48 +255,14 @@ void blocks_and_panels(int64_t total, int64_t block, int64_t width, int64_t p0, 
   }
 }
 
-// Stores a tile's R x V accumulators into out (rows ld apart), lanes masked.
-// (always inlined and fully unrolled, up to 24 rows: a loop left over the rows would put acc in memory)
-template <int R, int V>
-__attribute__((target("avx512f"), always_inline)) inline void store_tile(const __m512 (&acc)[R][V], float* out,
-                                                                         int64_t ld, const __mmask16* masks) {
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(out + r * ld + 16 * v, masks[v], acc[r][v]);
+// The bias as `size` fp32 values (zeros past it, and all zeros without one), whatever its dtype and stride.
+std::vector<float> bias_values(const std::optional<at::Tensor>& bias, int64_t size) {
+  std::vector<float> values(size, 0.f);
+  if (bias) {
+    const at::Tensor b = bias->to(at::kFloat);
+    for (int64_t j = 0; j < b.size(0); ++j) values[j] = b.const_data_ptr<float>()[j * b.stride(0)];
   }
-}
-
-// Loads them back (masked lanes zero).
-template <int R, int V>
-__attribute__((target("avx512f"), always_inline)) inline void load_tile(__m512 (&acc)[R][V], const float* in,
-                                                                        int64_t ld, const __mmask16* masks) {
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_maskz_loadu_ps(masks[v], in + r * ld + 16 * v);
-  }
-}
-
-// acc[r][v] += a[r * lda] * b[v]: the rank-1 update at the heart of the fp32 backward tiles.
-template <int R, int V>
-__attribute__((target("avx512f"), always_inline)) inline void rank1(__m512 (&acc)[R][V], const float* a, int64_t lda,
-                                                                    const __m512 (&b)[V]) {
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r) {
-    const __m512 x = _mm512_set1_ps(a[r * lda]);
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
-  }
-}
-
-// db[0 : 16V) += sums, lanes masked.
-template <int V>
-__attribute__((target("avx512f"), always_inline)) inline void add_sums(float* db, const __m512 (&sums)[V], const __mmask16* masks) {
-#pragma GCC unroll 4
-  for (int v = 0; v < V; ++v) {
-    _mm512_mask_storeu_ps(db + 16 * v, masks[v], _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], db + 16 * v), sums[v]));
-  }
+  return values;
 }
 
 template <typename T>
@@ -310,11 +307,7 @@ void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tenso
       }
     }
   });
-  std::vector<float> padded_bias(panels * kPanel, 0.f);
-  if (bias) {
-    const at::Tensor b = bias->to(at::kFloat);
-    for (int64_t j = 0; j < n; ++j) padded_bias[j] = b.const_data_ptr<float>()[j * b.stride(0)];
-  }
+  std::vector<float> padded_bias = bias_values(bias, panels * kPanel);
   T* o = static_cast<T*>(out.data_ptr());
   const int64_t ldo = out.stride(0);
   // Non-temporal stores need aligned rows: an output at a 64-byte address whose rows are whole cache lines.
@@ -362,10 +355,7 @@ void images_task(const Images& pr, int64_t n, int64_t r0, int64_t r1, int64_t q0
 void run_images(const at::Tensor& w, const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& out,
                 int64_t stream_min_bytes) {
   const int64_t n = x.size(0), c = x.size(1), p = x.size(2), k = w.size(0);
-  std::vector<float> row_bias(k, 0.f);
-  if (bias) {
-    for (int64_t j = 0; j < k; ++j) row_bias[j] = bias->const_data_ptr<float>()[j * bias->stride(0)];
-  }
+  std::vector<float> row_bias = bias_values(bias, k);
   float* o = out.data_ptr<float>();
   // Non-temporal stores need every row of every image on whole cache lines.
   const bool aligned = reinterpret_cast<uintptr_t>(o) % 64 == 0 && (out.stride(1) * 4) % 64 == 0 &&
@@ -407,11 +397,12 @@ void sum_partials(const std::vector<float>& parts, int threads, int64_t c_k, con
 }
 
 // rows_backward: dW^T = x^T @ grad, db = sum of grad's rows and dX = grad @ w, fp32: the three gradients of a
-// channels_last 1x1 convolution, x (M, C) and grad (M, K), in one pass over grad (dX per block, below). A tile of dW^T is R input channels x V 16-lane vectors of output
-// channels, 24 accumulators (8 x 3 or 6 x 4, whichever pads K less); for each row m it broadcasts x[m, c] and
-// multiplies grad[m, panel], the vectors the bias gradient sums too. Each thread reduces its blocks of rows into
-// its own partial sums, added up at the end; the tile of channel 0 prefetches the next block's rows into L2, which
-// the strided walk down grad's rows otherwise waits on (it doubled the speed on 32-channel layers).
+// channels_last 1x1 convolution, x (M, C) and grad (M, K), in one pass over grad (dX per block, below). A tile
+// of dW^T is R input channels x V 16-lane vectors of output channels, 24 accumulators (8 x 3 or 6 x 4, whichever
+// pads K less); for each row m it broadcasts x[m, c] and multiplies grad[m, panel], the vectors the bias gradient
+// sums too. Each thread reduces its blocks of rows into its own partial sums, added up at the end; the tile of
+// channel 0 prefetches the next block's rows into L2, which the strided walk down grad's rows otherwise waits on
+// (it doubled the speed on 32-channel layers).
 constexpr int64_t kGradBlock = 128;  // rows of grad a thread reduces before the next panel (kept in L1)
 
 template <int R, int V, bool kSum, bool kPrefetch>
@@ -531,6 +522,25 @@ void dx_rows(int64_t rows, const T* g, int64_t ldg, const W* w, int64_t ldw, int
   }
 }
 
+// Panels of 48 or 64 of grad's K columns, whichever leaves fewer empty lanes in the last one (64 on a tie).
+int64_t grad_panel_cols(int64_t k) { return (k + 47) / 48 * 48 < (k + 63) / 64 * 64 ? 48 : 64; }
+
+// dX's panels: as few 16-column vectors as cover C, at most four.
+int64_t dx_vector_count(int64_t c) { return std::min<int64_t>(4, (c + 15) / 16); }
+
+// f(chunk, begin, end) for one chunk of consecutive blocks [begin, end) per thread, in parallel. Each chunk
+// reduces into its own partial sums, indexed by chunk, not by the thread that runs it, so a call from inside
+// another parallel region stays correct.
+template <typename F>
+void block_chunks(int64_t blocks, int threads, F&& f) {
+  const int64_t per_chunk = (blocks + threads - 1) / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      f(chunk, chunk * per_chunk, std::min(blocks, (chunk + 1) * per_chunk));
+    }
+  });
+}
+
 void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dwt,
                      const std::optional<at::Tensor>& db, const std::optional<at::Tensor>& w,
                      const std::optional<at::Tensor>& dx) {
@@ -542,46 +552,32 @@ void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tens
   const int64_t stride = c * k + k;  // one thread's partial dW^T, then its partial db
   std::vector<float> parts(threads * stride, 0.f);
   const int64_t blocks = (m + kGradBlock - 1) / kGradBlock;
-  // Panels of 48 or 64 output channels, whichever leaves fewer empty lanes in the last one (64 on a tie).
-  const int64_t cols = (k + 47) / 48 * 48 < (k + 63) / 64 * 64 ? 48 : 64;
-  // dX's panels: as few 16-column vectors as cover C, at most four.
-  const int64_t dx_vectors = std::min<int64_t>(4, (c + 15) / 16);
+  const int64_t cols = grad_panel_cols(k);
   const float* wp = w ? w->const_data_ptr<float>() : nullptr;
   float* dxp = dx ? dx->data_ptr<float>() : nullptr;
   const int64_t ldw = w ? w->stride(0) : 0, lddx = dx ? dx->stride(0) : 0;
-  // One chunk of consecutive blocks per thread, each into its own partial sums (indexed by chunk, not by the
-  // thread that runs it, so a call from inside another parallel region stays correct).
-  const int64_t per_chunk = (blocks + threads - 1) / threads;
-  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
-    for (int64_t chunk = first; chunk < last; ++chunk) {
-      float* part = parts.data() + chunk * stride;
-      float* part_db = db ? part + c * k : nullptr;
-      const int64_t end = std::min(blocks, (chunk + 1) * per_chunk);
-      for (int64_t b = chunk * per_chunk; b < end; ++b) {
-        const int64_t m0 = b * kGradBlock, rows = std::min(kGradBlock, m - m0);
-        const int64_t ahead = b + 1 < end ? kGradBlock * ldg : 0;
-        for (int64_t k0 = 0; k0 < k; k0 += cols) {
-          __mmask16 masks[4];
-          panel_masks(std::min(cols, k - k0), masks);
-          const float* g = gp + m0 * ldg + k0;
-          const float* xr = xp + m0 * ldx;
-          float* dbk = part_db ? part_db + k0 : nullptr;
-          if (cols == 64) {
-            grad_panel<4>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
-          } else {
-            grad_panel<3>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
-          }
+  block_chunks(blocks, threads, [&](int64_t chunk, int64_t begin, int64_t end) {
+    float* part = parts.data() + chunk * stride;
+    float* part_db = db ? part + c * k : nullptr;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t m0 = b * kGradBlock, rows = std::min(kGradBlock, m - m0);
+      const int64_t ahead = b + 1 < end ? kGradBlock * ldg : 0;
+      for (int64_t k0 = 0; k0 < k; k0 += cols) {
+        __mmask16 masks[4];
+        panel_masks(std::min(cols, k - k0), masks);
+        const float* g = gp + m0 * ldg + k0;
+        const float* xr = xp + m0 * ldx;
+        float* dbk = part_db ? part_db + k0 : nullptr;
+        if (cols == 64) {
+          grad_panel<4>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
+        } else {
+          grad_panel<3>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
         }
-        if (dxp) {  // this block's grad rows are in cache now: their dX too
-          const float* g = gp + m0 * ldg;
-          float* d = dxp + m0 * lddx;
-          switch (dx_vectors) {
-            case 1: dx_rows<1>(rows, g, ldg, wp, ldw, c, k, d, lddx); break;
-            case 2: dx_rows<2>(rows, g, ldg, wp, ldw, c, k, d, lddx); break;
-            case 3: dx_rows<3>(rows, g, ldg, wp, ldw, c, k, d, lddx); break;
-            default: dx_rows<4>(rows, g, ldg, wp, ldw, c, k, d, lddx); break;
-          }
-        }
+      }
+      if (dxp) {  // this block's grad rows are in cache now: their dX too
+        dispatch_count<4>(dx_vector_count(c), 0, [&]<int V>(int64_t) {
+          dx_rows<V>(rows, gp + m0 * ldg, ldg, wp, ldw, c, k, dxp + m0 * lddx, lddx);
+        });
       }
     }
   });
@@ -673,10 +669,9 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
   const int64_t stride = c * k + k;
   std::vector<float> parts(threads * stride, 0.f);
   const int64_t blocks = (m + kGradBlock - 1) / kGradBlock;
-  const int64_t cols = (k + 47) / 48 * 48 < (k + 63) / 64 * 64 ? 48 : 64;
+  const int64_t cols = grad_panel_cols(k), dx_vectors = dx_vector_count(c);
   const int64_t k_pad = (k + cols - 1) / cols * cols, c_pad = (c + 31) / 32 * 32;
   // w (K, C) in pairs of rows, once: dX's panels, padded to whole panels of dx_vectors vectors.
-  const int64_t dx_vectors = std::min<int64_t>(4, (c + 15) / 16);
   const int64_t c_pad16 = (c + 16 * dx_vectors - 1) / (16 * dx_vectors) * (16 * dx_vectors);
   std::vector<pair_bits> w_pairs;
   if (w) {
@@ -685,37 +680,28 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
   }
   auto* dxp = dx ? static_cast<bf16_bits*>(dx->data_ptr()) : nullptr;
   const int64_t lddx = dx ? dx->stride(0) : 0;
-  const int64_t per_chunk = (blocks + threads - 1) / threads;
-  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+  block_chunks(blocks, threads, [&](int64_t chunk, int64_t begin, int64_t end) {
     std::vector<pair_bits> g_pairs(kPairBlock * k_pad), x_pairs(kPairBlock * c_pad);
-    for (int64_t chunk = first; chunk < last; ++chunk) {
-      float* part = parts.data() + chunk * stride;
-      float* part_db = db ? part + c * k : nullptr;
-      const int64_t end = std::min(blocks, (chunk + 1) * per_chunk);
-      for (int64_t b = chunk * per_chunk; b < end; ++b) {
-        const int64_t m0 = b * kGradBlock, rows = std::min(kGradBlock, m - m0), pairs = (rows + 1) / 2;
-        pack_row_pairs(gp + m0 * ldg, ldg, rows, k, k_pad, g_pairs.data());
-        pack_row_pairs(xp + m0 * ldx, ldx, rows, c, c_pad, x_pairs.data());
-        for (int64_t k0 = 0; k0 < k; k0 += cols) {
-          __mmask16 masks[4];
-          panel_masks(std::min(cols, k - k0), masks);
-          float* dbk = part_db ? part_db + k0 : nullptr;
-          if (cols == 64) {
-            grad_panel_bf16<4>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
-          } else {
-            grad_panel_bf16<3>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
-          }
+    float* part = parts.data() + chunk * stride;
+    float* part_db = db ? part + c * k : nullptr;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t m0 = b * kGradBlock, rows = std::min(kGradBlock, m - m0), pairs = (rows + 1) / 2;
+      pack_row_pairs(gp + m0 * ldg, ldg, rows, k, k_pad, g_pairs.data());
+      pack_row_pairs(xp + m0 * ldx, ldx, rows, c, c_pad, x_pairs.data());
+      for (int64_t k0 = 0; k0 < k; k0 += cols) {
+        __mmask16 masks[4];
+        panel_masks(std::min(cols, k - k0), masks);
+        float* dbk = part_db ? part_db + k0 : nullptr;
+        if (cols == 64) {
+          grad_panel_bf16<4>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
+        } else {
+          grad_panel_bf16<3>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
         }
-        if (dxp) {
-          const bf16_bits* g = gp + m0 * ldg;
-          bf16_bits* d = dxp + m0 * lddx;
-          switch (dx_vectors) {
-            case 1: dx_rows<1>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
-            case 2: dx_rows<2>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
-            case 3: dx_rows<3>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
-            default: dx_rows<4>(rows, g, ldg, w_pairs.data(), c_pad16, c, k, d, lddx); break;
-          }
-        }
+      }
+      if (dxp) {
+        dispatch_count<4>(dx_vectors, 0, [&]<int V>(int64_t) {
+          dx_rows<V>(rows, gp + m0 * ldg, ldg, w_pairs.data(), c_pad16, c, k, dxp + m0 * lddx, lddx);
+        });
       }
     }
   });
