@@ -583,6 +583,45 @@ def _images_weight_grad(grad: Tensor, x3: Tensor) -> Tensor:
     return grad_w
 
 
+# NCHW fp32 backwards of images of at least IMAGES_GRAD_MIN_PIXELS pixels with at most IMAGES_GRAD_MAX_IN input
+# channels and no fewer outputs run on convlab's one-pass kernel (see _images_backward).
+IMAGES_GRAD_MIN_PIXELS = 196
+IMAGES_GRAD_MAX_IN = 256
+
+
+def _images_backward(
+    grad: Tensor, x3: Tensor, w2d: Tensor, need_x: bool, with_bias: bool
+) -> tuple[Tensor | None, Tensor, Tensor | None] | None:
+    """dX, dW and db of the NCHW layer in one pass over ``grad`` ``(N, K, P)`` (canonical) on ``images_backward``,
+    or None outside the bounds it was measured faster in (then each gradient takes its own pass).
+
+    The kernel (``models/csrc/avx512_linear.cpp``) walks each image in 240-pixel chunks: it transposes x's slice
+    of the chunk, reduces dW from dY's channel rows as they lie, then computes dX's slice, summing db from the
+    vectors dX's first tile loads, while the chunk is still in L2. What it replaces reads dY three times: dX
+    (images_out or the native matmul), dW (the native matmul) and db (``grad.sum``). One-off A/Bs of the whole
+    forward + backward through pointwise_conv2d, 2 threads, N=8, the two paths alternating in one process
+    (``/tmp`` scripts, not kept):
+
+    * K >= C, C <= 256, from 14x14, 20 layers: 0.98-1.34x (32->256 @56 3.86 -> 3.47 ms, 32->512 @56 7.94 ->
+      7.33, 64->128 @28 1.06 -> 0.90, 256->512 @14 1.01-1.04x in three runs); under 1.0 only 128->128 @56
+      (0.98-1.00x) and 16->64 @112 (0.98-1.01x);
+    * 512 inputs at 14x14: 0.99-1.00x; at 7x7, chunks of 49 pixels: 0.73x and 0.93x (512->1024, 160->960);
+    * more inputs than outputs, where x's transpose is the larger part (an earlier build, db summed in its own
+      pass): 0.76-0.91x on 96->24 @112, 144->24 and 256->64 @56, 32->16 @112.
+    """
+    n, k, p = grad.shape
+    c = x3.shape[1]
+    if p < IMAGES_GRAD_MIN_PIXELS or c > IMAGES_GRAD_MAX_IN or k < c:
+        return None
+    if not _native_matmul(grad, x3, w2d) or (kernel := native.images_backward()) is None:
+        return None
+    grad_w = grad.new_empty(k, c)
+    grad_b = grad.new_empty(k) if with_bias else None
+    grad_x = grad.new_empty(n, c, p) if need_x else None
+    kernel(grad, x3, grad_w, grad_b, w2d.t().contiguous() if need_x else None, grad_x)
+    return grad_x, grad_w, grad_b
+
+
 class _ImagesPointwise(torch.autograd.Function):
     """NCHW fp32 1x1 convolution on CPU as oneDNN products: ``y[n] = W @ x[n] + b`` on ``x`` ``(N, C, P)``.
 
@@ -600,7 +639,9 @@ class _ImagesPointwise(torch.autograd.Function):
     of 12), hence the fold there. From 56x56 (``IMAGES_MIN_PIXELS``) the forward and the input gradient
     run instead on convlab's AVX-512 kernel (``images_out``), which adds the bias in its registers rather
     than in a pass over the output; at 28x28 the forward does too with few input channels (see
-    :func:`_images_kernel_fits`). The rest of this docstring is the lowering without the native op.
+    :func:`_images_kernel_fits`); from 14x14, with no more inputs than outputs and at most 256 of them, the
+    backward is one pass over dY on ``images_backward`` (see :func:`_images_backward`). The rest of this docstring
+    is the lowering without the native op.
 
     For fp32, aten's matrix products (``bmm``, ``mm``) run on MKL's ``sgemm``, which on a 2-core AMD
     EPYC (family 26) reaches about 200 GFLOP/s where oneDNN's product reaches 460, so the batched
@@ -627,13 +668,15 @@ class _ImagesPointwise(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x3, w2d = ctx.saved_tensors  # (N, C, P), (K, C)
         need_x, need_w, need_b = ctx.needs_input_grad
-        grad_x = grad_w = None
-        grad_b = grad.sum((0, 2)) if ctx.has_bias and need_b else None  # (K,), on every path below
+        with_bias = ctx.has_bias and need_b
         if torch.is_grad_enabled():  # the backward itself is differentiated: plain ops autograd can follow
             grad_x = torch.matmul(w2d.t(), grad) if need_x else None  # (C, K) @ (N, K, P) -> (N, C, P)
             grad_w = torch.matmul(grad, x3.transpose(1, 2)).sum(0) if need_w else None  # (K, C)
-            return grad_x, grad_w, grad_b
+            return grad_x, grad_w, grad.sum((0, 2)) if with_bias else None
         grad = _canonical(grad)  # (N, K, P)
+        if need_w and (fused := _images_backward(grad, x3, w2d, need_x, with_bias)) is not None:
+            return fused
+        grad_b = grad.sum((0, 2)) if with_bias else None  # (K,)
         grad_x = _images_input_grad(grad, w2d) if need_x else None
         grad_w = _images_weight_grad(grad, x3) if need_w else None
         return grad_x, grad_w, grad_b

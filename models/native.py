@@ -8,13 +8,14 @@ it reads 2-d or batched 3-d operands by their strides and writes ``out = beta * 
 a given tensor, so an NCHW image's product lands in place and transposed operands cost no copy.
 ``linear_out`` is convlab's own fp32 and bf16 kernel for ``x @ w^T + bias`` on AVX-512 CPUs
 (``csrc/avx512_linear.cpp``): it adds the bias in the registers, where oneDNN's matmul takes none.
-``images_out`` runs the same register tiles on NCHW images, ``w @ x[n] + bias`` per image, fp32, and
-``rows_backward`` computes a channels_last layer's three gradients in one pass over ``dY``, fp32 and bf16.
+``images_out`` runs the same register tiles on NCHW images, ``w @ x[n] + bias`` per image, fp32;
+``rows_backward`` computes a channels_last layer's three gradients in one pass over ``dY``, fp32 and bf16, and
+``images_backward`` an NCHW layer's, fp32.
 
 All are compiled into one library, once per torch build and sources, with the C++ compiler found as ``$CXX``,
 ``c++`` or ``g++`` (about 10 s), into ``$CONVLAB_CACHE`` (default ``~/.cache/convlab``)
 ``/native/<key>/``. With no compiler, a failed build or ``CONVLAB_NATIVE=0``, :func:`matmul_out`,
-:func:`linear_out`, :func:`images_out` and :func:`rows_backward` return None and pointwise_conv2d runs its
+:func:`linear_out`, :func:`images_out`, :func:`rows_backward` and :func:`images_backward` return None and pointwise_conv2d runs its
 pure-Python lowering instead (one warning says why); on a CPU without AVX-512F only the AVX-512 kernels are
 None (``linear_out`` for bf16 also without AVX512_BF16).
 """
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SOURCES", "build", "images_out", "linear_out", "matmul_out", "rows_backward", "status"]
+__all__ = ["SOURCES", "build", "images_backward", "images_out", "linear_out", "matmul_out", "rows_backward", "status"]
 
 SOURCES = (Path(__file__).parent / "csrc" / "onednn_matmul.cpp", Path(__file__).parent / "csrc" / "avx512_linear.cpp")
 _LIBRARY_NAME = "convlab_native.so"
@@ -172,6 +173,18 @@ def rows_backward(dtype: torch.dtype = torch.float32) -> Callable[..., None] | N
     tensors with unit column strides; in bf16 with ``dx``, K must be even. bf16 multiplies pairs and sums in fp32.
     """
     return torch.ops.convlab.rows_backward if linear_out(dtype) is not None else None
+
+
+def images_backward() -> Callable[..., None] | None:
+    """``torch.ops.convlab.images_backward(grad, x, dw, db, wt=None, dx=None)`` where :func:`linear_out` runs fp32
+    here (the library loaded, the CPU has AVX-512F), else None.
+
+    In one pass over ``grad`` ``(N, K, P)``, with ``x`` ``(N, C, P)``: writes ``sum_n grad[n] @ x[n]^T`` into ``dw``
+    ``(K, C)`` (contiguous); when ``db`` ``(K,)`` (contiguous) is given, the sums of ``grad``'s channel rows into it;
+    when ``wt`` ``(C, K)`` and ``dx`` ``(N, C, P)`` are given, ``wt @ grad[n]`` into ``dx[n]``. fp32 CPU tensors
+    with unit last strides (any other strides).
+    """
+    return torch.ops.convlab.images_backward if linear_out(torch.float32) is not None else None
 
 
 def status() -> str:

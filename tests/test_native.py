@@ -213,36 +213,151 @@ def test_images_out_refuses_what_it_cannot_compute(w, x, bias, out, match):
 
 
 @pytest.mark.parametrize(
-    "c, k, hw, bias, forward",
+    "c, k, hw, bias, forward, fused",
     [
-        (16, 32, (56, 56), False, 1),  # from IMAGES_MIN_PIXELS: the forward and dX, whatever the channels
-        (96, 24, (56, 56), True, 1),
-        (16, 32, (55, 56), True, 1),  # below it, from IMAGES_SMALL_MIN_PIXELS: the forward alone, few inputs
-        (64, 32, (28, 28), True, 1),  # IMAGES_SMALL_MAX_IN
-        (72, 72, (28, 28), True, 0),  # above it
-        (32, 16, (28, 28), False, 1),  # no bias: IMAGES_SMALL_MAX_IN_NOBIAS
-        (40, 16, (28, 28), False, 0),
-        (16, 32, (27, 28), True, 0),  # below IMAGES_SMALL_MIN_PIXELS
+        (16, 32, (56, 56), False, 1, 1),  # from IMAGES_MIN_PIXELS: the forward and dX, whatever the channels
+        (96, 24, (56, 56), True, 1, 0),  # more inputs than outputs: the backward in three passes
+        (16, 32, (55, 56), True, 1, 1),  # below it, from IMAGES_SMALL_MIN_PIXELS: the forward alone, few inputs
+        (64, 32, (28, 28), True, 1, 0),  # IMAGES_SMALL_MAX_IN
+        (72, 72, (28, 28), True, 0, 1),  # above it; as many outputs as inputs: the one-pass backward
+        (32, 16, (28, 28), False, 1, 0),  # no bias: IMAGES_SMALL_MAX_IN_NOBIAS
+        (40, 16, (28, 28), False, 0, 0),
+        (16, 32, (27, 28), True, 0, 1),  # below IMAGES_SMALL_MIN_PIXELS
+        (256, 256, (14, 14), True, 0, 1),  # IMAGES_GRAD_MAX_IN, at IMAGES_GRAD_MIN_PIXELS
+        (264, 264, (14, 14), True, 0, 0),  # above it
+        (32, 64, (13, 14), True, 0, 0),  # below IMAGES_GRAD_MIN_PIXELS
     ],
 )
-def test_nchw_takes_the_avx512_kernel_where_measured(c, k, hw, bias, forward):
-    """fp32 NCHW: the forward on images_out inside the measured bounds (else the native matmul), the input
-    gradient from IMAGES_MIN_PIXELS, the weight gradient where it was; all as F.conv2d's."""
+def test_nchw_takes_the_avx512_kernel_where_measured(c, k, hw, bias, forward, fused):
+    """fp32 NCHW: the forward on images_out inside the measured bounds (else the native matmul); the backward in
+    one pass on images_backward inside its bounds, else the input gradient on images_out from IMAGES_MIN_PIXELS,
+    the weight gradient on the native matmul where it was measured faster and db a sum; all as F.conv2d's."""
     from models import functional
 
     _needs_images()
     p = hw[0] * hw[1]
     assert functional._images_kernel_fits(c, p, torch.zeros(1) if bias else None) == bool(forward)
+    in_bounds = p >= functional.IMAGES_GRAD_MIN_PIXELS and c <= functional.IMAGES_GRAD_MAX_IN and k >= c
+    assert in_bounds == bool(fused)
     input_grad = p >= functional.IMAGES_MIN_PIXELS
     g = torch.Generator().manual_seed(c + k + p)
     x = torch.randn(2, c, *hw, generator=g)
     w, b = torch.randn(k, c, 1, 1, generator=g) / c**0.5, torch.randn(k, generator=g) if bias else None
-    names, ours = dispatch_and_compare(x, w, b, g, tol=(1e-5, 1e-4))
-    assert names.count("convlab.images_out") == forward + input_grad, names
-    # the forward unless on images_out, dX unless on it, dW from PER_IMAGE_MIN_PIXELS (below it on the inner product)
+    # dW sums 2 * P products in fp32 on both sides: F.conv2d's own error is about 1.5e-4 on 56x56 (against float64)
+    names, ours = dispatch_and_compare(x, w, b, g, tol=(1e-5, 1e-4), grad_tol=(1e-4, 1e-3))
+    assert names.count("convlab.images_backward") == fused, names
+    assert names.count("convlab.images_out") == forward + (input_grad and not fused), names
+    # the forward unless on images_out; unfused, dX unless on it and dW from PER_IMAGE_MIN_PIXELS (below it on the
+    # inner product)
     dw_native = p >= functional.PER_IMAGE_MIN_PIXELS
-    assert names.count("convlab.matmul_out") == (1 - forward) + (1 - input_grad) + dw_native, names
+    assert names.count("convlab.matmul_out") == (1 - forward) + (1 - fused) * ((1 - input_grad) + dw_native), names
+    # unfused: db a sum, and the native dW a sum of per-image products
+    assert names.count("aten.sum") == (1 - fused) * (bool(bias) + dw_native), names
     assert ours.is_contiguous()
+
+
+def test_nchw_backward_without_an_input_gradient():
+    """An NCHW input that needs no gradient (a network's first layer): images_backward computes dW and db alone
+    (db in a pass of its own over each chunk), and no product runs for dX."""
+    _needs_images()
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 16, 30, 30, generator=g)
+    w = (torch.randn(32, 16, 1, 1, generator=g) / 4).requires_grad_()
+    b = torch.randn(32, generator=g).requires_grad_()
+    upstream = torch.randn(2, 32, 30, 30, generator=g)
+    names = _op_names(lambda: torch.autograd.grad(pointwise_conv2d(x, w, b), (w, b), upstream))
+    assert names.count("convlab.images_backward") == 1 and "convlab.matmul_out" not in names, names
+    ours = torch.autograd.grad(pointwise_conv2d(x, w, b), (w, b), upstream)
+    for got, want in zip(ours, torch.autograd.grad(F.conv2d(x, w, b), (w, b), upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+# (N, C, K, P): input channels on one to four 16-lane vectors of dW's tiles and past one 64-channel panel (70, 130),
+# output-channel tails under each tile height (24, 12, 8, 6 rows), pixels under, at and over one 240-pixel chunk
+# (several chunks per thread, so the next chunk's prefetch runs, across images too) and under dX's 48-pixel panels
+# (tails of 1, 16, 32 and 47 pixels), one pixel, one channel.
+IMAGES_GRAD_SHAPES = [(1, 1, 1, 1), (2, 5, 7, 37), (3, 16, 50, 241), (2, 17, 33, 130), (2, 32, 256, 500),
+                      (4, 33, 13, 95), (2, 48, 20, 480), (1, 64, 7, 1000), (2, 70, 40, 200), (2, 130, 24, 129),
+                      (5, 3, 97, 64), (2, 8, 1, 256)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", IMAGES_GRAD_SHAPES, ids=lambda v: "x".join(map(str, v)))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_images_backward_matches_the_reductions(shape, threads):
+    """``sum_n grad[n] @ x[n]^T``, the channel sums of ``grad`` and ``wt @ grad[n]``, against float64: ``grad`` and
+    ``x`` contiguous and channel slices of wider images (larger image strides), ``wt`` contiguous and a column
+    slice, ``dx`` a channel slice of a wider output; with both, ``db`` alone and neither (then left alone); NaN in
+    the outputs beforehand, so every element must be written and none past them; one thread and two (each
+    reduces its chunks into its own partial sums)."""
+    _needs_images()
+    n, c, k, p = shape
+    gen = torch.Generator().manual_seed(n + c + k + p)
+    wide_g, wide_x = torch.randn(n, k + 2, p, generator=gen), torch.randn(n, c + 3, p, generator=gen)
+    wide_wt = torch.randn(c, k + 4, generator=gen)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for grad, x, wt in ((wide_g[:, :k].contiguous(), wide_x[:, :c].contiguous(), wide_wt[:, :k].contiguous()),
+                            (wide_g[:, 1 : 1 + k], wide_x[:, 2 : 2 + c], wide_wt[:, 3 : 3 + k])):  # fmt: skip
+            expected_dw = torch.einsum("nkp,ncp->kc", grad.double(), x.double()).float()
+            expected_db = grad.double().sum((0, 2)).float()
+            expected_dx = torch.einsum("ck,nkp->ncp", wt.double(), grad.double()).float()
+            dw, db = torch.full((k, c), float("nan")), torch.full((k,), float("nan"))
+            wide_dx = torch.full((n, c + 4, p), float("nan"))
+            native.images_backward()(grad, x, dw, db, wt, wide_dx[:, 1 : 1 + c])
+            torch.testing.assert_close(dw, expected_dw, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(db, expected_db, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(wide_dx[:, 1 : 1 + c], expected_dx, rtol=1e-5, atol=1e-4)
+            assert wide_dx[:, :1].isnan().all() and wide_dx[:, 1 + c :].isnan().all()
+            dw, db = torch.full((k, c), float("nan")), torch.full((k,), float("nan"))
+            native.images_backward()(grad, x, dw, db)  # no dX: db from a pass of its own
+            torch.testing.assert_close(dw, expected_dw, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(db, expected_db, rtol=1e-5, atol=1e-4)
+            dw, untouched = torch.full((k, c), float("nan")), torch.full((k,), float("nan"))
+            native.images_backward()(grad, x, dw, None)
+            torch.testing.assert_close(dw, expected_dw, rtol=1e-5, atol=1e-4)
+            assert untouched.isnan().all()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_images_backward_of_an_empty_batch_is_zero():
+    """No images or no pixels: nothing to sum, so dW, db and dX are zeros (not whatever the buffers held)."""
+    _needs_images()
+    for n, p in ((0, 50), (2, 0)):
+        dw, db, dx = torch.full((6, 4), float("nan")), torch.full((6,), float("nan")), torch.full((n, 4, p), float("nan"))
+        native.images_backward()(torch.randn(n, 6, p), torch.randn(n, 4, p), dw, db, torch.randn(4, 6), dx)
+        assert not dw.any() and not db.any() and not dx.any()
+
+
+@pytest.mark.parametrize(
+    "grad, x, dw, match",
+    [
+        ((2, 5, 9), (2, 3, 8), (5, 3), r"shapes \[2, 5, 9\] @ \[2, 3, 8\]\^T do not give \[5, 3\]"),
+        ((2, 5, 9), (2, 3, 9), (3, 5), r"do not give \[3, 5\]"),
+        ((2, 5, 9), (3, 3, 9), (5, 3), r"do not give \[5, 3\]"),
+        ((5, 9), (2, 3, 9), (5, 3), "grad and x must be 3-d, dw 2-d"),
+    ],
+)
+def test_images_backward_refuses_what_it_cannot_compute(grad, x, dw, match):
+    """Mismatched shapes, other dtypes, strided pixels, a strided dw, and a dx without its wt are RuntimeErrors that
+    name them."""
+    _needs_images()
+    op = native.images_backward()
+    with pytest.raises(RuntimeError, match=match):
+        op(torch.randn(grad), torch.randn(x), torch.empty(dw), None)
+    with pytest.raises(RuntimeError, match="every tensor must be float32, got grad Double"):
+        op(torch.randn(2, 5, 9).double(), torch.randn(2, 3, 9), torch.empty(5, 3), None)
+    with pytest.raises(RuntimeError, match="need unit pixel strides and dw must be contiguous"):
+        op(torch.randn(2, 9, 5).transpose(1, 2), torch.randn(2, 3, 9), torch.empty(5, 3), None)
+    with pytest.raises(RuntimeError, match="need unit pixel strides and dw must be contiguous"):
+        op(torch.randn(2, 5, 9), torch.randn(2, 3, 9), torch.empty(3, 5).t(), None)
+    with pytest.raises(RuntimeError, match=r"db must be a contiguous \[5\], got \[4\]"):
+        op(torch.randn(2, 5, 9), torch.randn(2, 3, 9), torch.empty(5, 3), torch.empty(4))
+    with pytest.raises(RuntimeError, match="wt and dx come together"):
+        op(torch.randn(2, 5, 9), torch.randn(2, 3, 9), torch.empty(5, 3), None, torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match=r"needs wt \[3, 5\] and dx \[2, 3, 9\], got \[5, 3\] and \[2, 3, 9\]"):
+        op(torch.randn(2, 5, 9), torch.randn(2, 3, 9), torch.empty(5, 3), None, torch.randn(5, 3), torch.empty(2, 3, 9))
 
 
 def _needs_rows_backward(dtype=torch.float32):
@@ -428,11 +543,14 @@ NATIVE_CASES = [
     (2, 16, 24, 5, 7, True, False, 3),
     (2, 16, 24, 5, 7, True, True, 2),  # a bias: the forward on the inner product, which adds it as it writes
     (2, 128, 24, 3, 5, True, True, 2),
-    (3, 12, 20, 29, 31, False, True, 3),  # NCHW, H*W >= PER_IMAGE_MIN_PIXELS: one batched product each way, the
-    (3, 72, 12, 29, 31, False, True, 3),  # forward on images_out with few input channels (see _images_kernel_fits)
+    # NCHW from IMAGES_GRAD_MIN_PIXELS with K >= C: the backward in one pass (images_backward); with K < C one
+    # batched product each way from PER_IMAGE_MIN_PIXELS; the forward on images_out with few input channels
+    (3, 12, 20, 29, 31, False, True, 2),
+    (3, 72, 12, 29, 31, False, True, 3),
     (2, 40, 24, 28, 28, False, False, 3),
-    (2, 8, 16, 56, 57, False, False, 3),  # from IMAGES_MIN_PIXELS: the forward and dX on images_out
-    (3, 24, 40, 14, 14, False, True, 2),  # H*W >= NATIVE_MIN_PIXELS: dW folds the batch, on the inner product
+    (2, 8, 16, 56, 57, False, False, 2),  # from IMAGES_MIN_PIXELS: the forward (and an unfused dX) on images_out
+    (2, 24, 8, 56, 57, False, False, 3),
+    (3, 40, 24, 14, 14, False, True, 2),  # H*W >= NATIVE_MIN_PIXELS: dW folds the batch, on the inner product
     (4, 16, 40, 7, 7, False, True, 2),  # smaller: the forward and dX fold the batch on the native product, dW as above
 ]
 
@@ -442,12 +560,22 @@ NATIVE_CASES = [
 )
 def test_pointwise_takes_the_native_product_and_matches_conv(case):
     """fp32 on CPU, the forward and both gradients run where the rules send them and equal F.conv2d."""
+    from models import functional
     from models.functional import IMAGES_MIN_PIXELS, NATIVE_MIN_PIXELS, PER_IMAGE_MIN_PIXELS, _images_kernel_fits
 
     _needs_native()
     n, c, k, h, w_, channels_last, bias, expected = case
+    fused = (
+        not channels_last
+        and native.images_backward() is not None
+        and h * w_ >= functional.IMAGES_GRAD_MIN_PIXELS
+        and c <= functional.IMAGES_GRAD_MAX_IN
+        and k >= c
+    )
     if channels_last:  # dX and dW always; the forward without a bias
         assert expected == 2 + (not bias)
+    elif fused:  # the forward, then the backward in one pass
+        assert expected == 2
     else:  # the forward and dX always (broadcast from NATIVE_MIN_PIXELS, folded below), dW from PER_IMAGE_MIN_PIXELS
         assert expected == 2 + (h * w_ >= PER_IMAGE_MIN_PIXELS)
     g = torch.Generator().manual_seed(sum(case))
@@ -456,12 +584,14 @@ def test_pointwise_takes_the_native_product_and_matches_conv(case):
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(k, c, 1, 1, generator=g) / c**0.5
     b = torch.randn(k, generator=g) if bias else None
-    names, ours = dispatch_and_compare(x, w, b, g, tol=(1e-5, 1e-4))
+    names, ours = dispatch_and_compare(x, w, b, g, tol=(1e-5, 1e-4), grad_tol=(1e-4, 1e-3))
     kernels = 0
-    if not channels_last and native.images_out() is not None:  # the forward and (from IMAGES_MIN_PIXELS) dX
-        kernels = _images_kernel_fits(c, h * w_, b) + (h * w_ >= IMAGES_MIN_PIXELS)
+    if not channels_last and native.images_out() is not None:  # the forward and (from IMAGES_MIN_PIXELS, unfused) dX
+        kernels = _images_kernel_fits(c, h * w_, b) + (h * w_ >= IMAGES_MIN_PIXELS and not fused)
     assert names.count("convlab.images_out") == kernels, names
-    assert names.count("convlab.matmul_out") + kernels == expected and "aten.convolution" not in names, names
+    assert names.count("convlab.images_backward") == fused, names
+    products = names.count("convlab.matmul_out") + kernels + fused
+    assert products == expected and "aten.convolution" not in names, names
     assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if not channels_last:  # images_out and the broadcast forward read x as it lies; the folded one copies it into (C, N*P) columns
         forward = _op_names(lambda: pointwise_conv2d(x.detach(), w.detach(), None if b is None else b.detach()))
@@ -513,7 +643,7 @@ def test_without_avx512_the_forward_stays_on_onednn(monkeypatch):
     x = torch.randn(2, 16, 23, 23).contiguous(memory_format=torch.channels_last)
     names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, x, torch.randn(64, 16, 1, 1), torch.randn(64)))
     assert "convlab.linear_out" not in names and "mkldnn._linear_pointwise" in names, names
-    assert native.images_out() is None and native.rows_backward() is None
+    assert native.images_out() is None and native.rows_backward() is None and native.images_backward() is None
     x = torch.randn(2, 16, 28, 28)  # NCHW inside images_out's bounds: the batched native product, as before it
     names = _op_names(lambda: _assert_matches_conv(pointwise_conv2d, x, torch.randn(32, 16, 1, 1), torch.randn(32)))
     assert "convlab.images_out" not in names and "convlab.matmul_out" in names, names

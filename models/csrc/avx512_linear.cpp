@@ -1,7 +1,8 @@
 // convlab's CPU kernels for 1x1 convolutions, on AVX-512 register tiles:
 //   linear_out     out = x @ w^T + bias (fp32 and bf16), the channels_last forward on the (N*H*W, C) rows;
 //   images_out     out[n] = w @ x[n] + bias[:, None] (fp32), NCHW images, the pixels as columns;
-//   rows_backward  dW, db and dX of the channels_last layer in one pass over dY (fp32 and bf16).
+//   rows_backward  dW, db and dX of the channels_last layer in one pass over dY (fp32 and bf16);
+//   images_backward  the same for NCHW images (fp32).
 //
 // oneDNN's matmul (onednn_matmul.cpp) takes no bias, so the bias cost a second pass over the output, and oneDNN's
 // inner product, which adds it as it writes, ran at 0.84-0.94x torch's convolution on six fp32 layers on two
@@ -456,9 +457,11 @@ void grad_panel(int64_t rows, const float* x, int64_t ldx, const float* g, int64
 
 // dX rows = grad rows @ w, for the rows of a block whose grad is still in cache: R rows x V vectors of dX's C
 // columns (24 accumulators), w (K, C) read in place, its rows being the panel's rows.
-template <int R, int V>
+// kSum (images_backward, where w's rows are dY's channel rows): also lanes[16j, 16j + 16) += the sum of row j's
+// vectors, the bias gradient of those pixels before its lanes are added up.
+template <int R, int V, bool kSum = false>
 __attribute__((target("avx512f"))) void dx_tile(const float* g, int64_t ldg, const float* w, int64_t ldw, int64_t k,
-                                                 float* dx, int64_t lddx, const __mmask16* masks) {
+                                                 float* dx, int64_t lddx, const __mmask16* masks, float* lanes = nullptr) {
   __m512 acc[R][V];
 #pragma GCC unroll 24
   for (int r = 0; r < R; ++r) {
@@ -469,6 +472,12 @@ __attribute__((target("avx512f"))) void dx_tile(const float* g, int64_t ldg, con
     __m512 b[V];
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) b[v] = _mm512_maskz_loadu_ps(masks[v], w + j * ldw + 16 * v);
+    if constexpr (kSum) {
+      __m512 sum = _mm512_loadu_ps(lanes + 16 * j);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) sum = _mm512_add_ps(sum, b[v]);
+      _mm512_storeu_ps(lanes + 16 * j, sum);
+    }
     rank1<R, V>(acc, g + j, ldg, b);
   }
   store_tile<R, V>(acc, dx, lddx, masks);
@@ -708,6 +717,167 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
   sum_partials(parts, threads, c * k, dwt, db);
 }
 
+// images_backward: dW = sum_n dY[n] @ x[n]^T, db = the sums of dY's channel rows and dX[n] = W^T @ dY[n], fp32:
+// the three gradients of an NCHW 1x1 convolution, dY (N, K, P) and x (N, C, P), in one pass over dY. The work
+// is chunks of kImagesChunk pixels of one image, each thread a run of them, summed into its own partial dW and
+// db. Per chunk:
+//   * x's (C, chunk) slice is transposed into pixel rows (16 x 16 blocks in registers);
+//   * dW: a tile is R output channels x V vectors of input channels (24 accumulators), broadcasting dY[k, p]
+//     from the channel rows as they lie and multiplying x^T's row p. The tiles fetch the next chunk's rows of
+//     dY ahead, one line a step: a walk down K channel rows 12.5 KiB apart is nothing the hardware prefetcher
+//     follows;
+//   * dX: wt @ the chunk, 8 input channels x 48 pixels a tile (dx_tile, dY's rows the vectors), while the chunk
+//     is in L2. The first tile also sums each row's vectors into 16 lanes of db, added up at the end (a pass of
+//     its own over the chunk, as row_sums does when no dX is asked for, added 5-17% to dW's time, one-off).
+// 240 pixels: five of dX's panels; the chunk's K rows and the next chunk's stay within L2 up to K = 512.
+constexpr int64_t kImagesChunk = 240;
+
+// The 16 x 16 transpose of rows r[0..15] in registers: within each 128-bit lane four 4 x 4 transposes (unpacks),
+// then the lanes regrouped across registers (two rounds of shuffle_f32x4). Row 4L + m of the result is column
+// 4L + m of the input.
+__attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);      // (a0 b0 a1 b1) per lane
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);  // (a2 b2 a3 b3)
+  }
+  __m512 s[4][4];  // s[a][m], lane L: rows 4a .. 4a + 3 at column 4L + m
+#pragma GCC unroll 4
+  for (int a = 0; a < 4; ++a) {
+    const __m512d lo0 = _mm512_castps_pd(t[4 * a]), hi0 = _mm512_castps_pd(t[4 * a + 2]);
+    const __m512d lo1 = _mm512_castps_pd(t[4 * a + 1]), hi1 = _mm512_castps_pd(t[4 * a + 3]);
+    s[a][0] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo0, hi0));
+    s[a][1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo0, hi0));
+    s[a][2] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo1, hi1));
+    s[a][3] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo1, hi1));
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; ++m) {
+    const __m512 even01 = _mm512_shuffle_f32x4(s[0][m], s[1][m], 0x88), odd01 = _mm512_shuffle_f32x4(s[0][m], s[1][m], 0xDD);
+    const __m512 even23 = _mm512_shuffle_f32x4(s[2][m], s[3][m], 0x88), odd23 = _mm512_shuffle_f32x4(s[2][m], s[3][m], 0xDD);
+    r[m] = _mm512_shuffle_f32x4(even01, even23, 0x88);       // lane 0 of each
+    r[8 + m] = _mm512_shuffle_f32x4(even01, even23, 0xDD);   // lane 2
+    r[4 + m] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);     // lane 1
+    r[12 + m] = _mm512_shuffle_f32x4(odd01, odd23, 0xDD);    // lane 3
+  }
+}
+
+// xt[i, j] = x[j, i] for `cols` pixels i and `c` channels j (rows ldx apart); xt's rows are ldt wide, a whole
+// number of vectors, zero past c.
+__attribute__((target("avx512f"))) void transpose_chunk(const float* x, int64_t ldx, int64_t c, int64_t cols,
+                                                        float* xt, int64_t ldt) {
+  for (int64_t j0 = 0; j0 < ldt; j0 += 16) {
+    for (int64_t i0 = 0; i0 < cols; i0 += 16) {
+      const int64_t left = std::min<int64_t>(16, cols - i0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1u);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) r[j] = j0 + j < c ? _mm512_maskz_loadu_ps(mask, x + (j0 + j) * ldx + i0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t i = 0; i < left; ++i) _mm512_storeu_ps(xt + (i0 + i) * ldt + j0, r[i]);
+    }
+  }
+}
+
+// dw[0:R, 0:16V) (rows lddw apart, columns masked) += sum over the chunk's `cols` pixels p of dY[r, p] * xt[p, :].
+// `next`: the same R rows of the next chunk, fetched into L2 one line a step (0: no next chunk).
+template <int R, int V>
+__attribute__((target("avx512f"))) void images_grad_tile(int64_t cols, const float* g, int64_t ldg, const float* xt,
+                                                          int64_t ldt, float* dw, int64_t lddw, const __mmask16* masks,
+                                                          const float* next) {
+  __m512 acc[R][V];  // the chunk's own sums, from zero (added to a running total they would lose its low bits)
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  constexpr int64_t kLines = kImagesChunk / 16;  // cache lines of one row of a chunk
+  for (int64_t i = 0; i < cols; ++i) {
+    if (next && i < R * kLines) _mm_prefetch(reinterpret_cast<const char*>(next + i / kLines * ldg + 16 * (i % kLines)), _MM_HINT_T1);
+    __m512 b[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(xt + i * ldt + 16 * v);
+    rank1<R, V>(acc, g + i, ldg, b);
+  }
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) add_sums<V>(dw + r * lddw, acc[r], masks);
+}
+
+// db[r] += the sum of row r's `cols` values, for `rows` rows ldg apart (the bias gradient without dX's pass).
+__attribute__((target("avx512f"))) void row_sums(int64_t rows, int64_t cols, const float* g, int64_t ldg, float* db) {
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < cols; i += 16) {
+      const int64_t left = std::min<int64_t>(16, cols - i);
+      sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << left) - 1u), g + r * ldg + i));
+    }
+    db[r] += _mm512_reduce_add_ps(sum);
+  }
+}
+
+// out[r] = the sum of sums[r]'s 16 lanes.
+__attribute__((target("avx512f"))) void lane_sums(int64_t rows, const float* sums, float* out) {
+  for (int64_t r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(_mm512_loadu_ps(sums + 16 * r));
+}
+
+void run_images_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dw,
+                         const std::optional<at::Tensor>& db, const std::optional<at::Tensor>& wt,
+                         const std::optional<at::Tensor>& dx) {
+  const int64_t n = grad.size(0), k = grad.size(1), p = grad.size(2), c = x.size(1);
+  const int64_t gs0 = grad.stride(0), ldg = grad.stride(1), xs0 = x.stride(0), ldx = x.stride(1);
+  const float* gp = grad.const_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  const float* wtp = wt ? wt->const_data_ptr<float>() : nullptr;
+  float* dxp = dx ? dx->data_ptr<float>() : nullptr;
+  const int64_t ldwt = wt ? wt->stride(0) : 0, ds0 = dx ? dx->stride(0) : 0, ldd = dx ? dx->stride(1) : 0;
+  const int threads = at::get_num_threads();
+  const int64_t stride = k * c + k;  // one thread's partial dW (K, C), then its partial db
+  std::vector<float> parts(threads * stride, 0.f);
+  const int64_t per_image = (p + kImagesChunk - 1) / kImagesChunk, ldt = (c + 15) / 16 * 16;
+  block_chunks(n * per_image, threads, [&](int64_t chunk, int64_t begin, int64_t end) {
+    std::vector<float> xt(kImagesChunk * ldt), db_lanes(db && dxp ? 16 * k : 0, 0.f);
+    float* part = parts.data() + chunk * stride;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t image = t / per_image, p0 = t % per_image * kImagesChunk, cols = std::min(kImagesChunk, p - p0);
+      const float* g = gp + image * gs0 + p0;
+      const float* next = nullptr;
+      if (t + 1 < end) next = gp + (t + 1) / per_image * gs0 + (t + 1) % per_image * kImagesChunk;
+      transpose_chunk(xp + image * xs0 + p0, ldx, c, cols, xt.data(), ldt);
+      for (int64_t c0 = 0; c0 < c; c0 += 64) {  // panels of up to four vectors of input channels
+        __mmask16 masks[4];
+        panel_masks(std::min<int64_t>(64, c - c0), masks);
+        dispatch_count<4>(std::min<int64_t>(4, (c - c0 + 15) / 16), 0, [&]<int V>(int64_t) {
+          each_tile<24 / V>(k, [&]<int R>(int64_t k0) {
+            images_grad_tile<R, V>(cols, g + k0 * ldg, ldg, xt.data() + c0, ldt, part + k0 * c + c0, c, masks,
+                                   next && c0 == 0 ? next + k0 * ldg : nullptr);
+          });
+        });
+      }
+      if (db && !dxp) row_sums(k, cols, g, ldg, part + k * c);
+      if (dxp) {
+        for (int64_t q = 0; q < cols; q += 48) {
+          const int64_t width = std::min<int64_t>(48, cols - q);
+          __mmask16 masks[4];
+          panel_masks(width, masks);
+          dispatch_count<3>((width + 15) / 16, 0, [&]<int V>(int64_t) {
+            each_tile<24 / V>(c, [&]<int R>(int64_t c0) {
+              float* out = dxp + image * ds0 + c0 * ldd + p0 + q;
+              if (db && c0 == 0) {  // the first tile sums db from the vectors it loads
+                dx_tile<R, V, true>(wtp + c0 * ldwt, ldwt, g + q, ldg, k, out, ldd, masks, db_lanes.data());
+              } else {
+                dx_tile<R, V>(wtp + c0 * ldwt, ldwt, g + q, ldg, k, out, ldd, masks);
+              }
+            });
+          });
+        }
+      }
+    }
+    if (db && dxp) lane_sums(k, db_lanes.data(), part + k * c);
+  });
+  sum_partials(parts, threads, k * c, dw, db);
+}
+
 #endif  // __x86_64__
 
 void linear_out(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const at::Tensor& out,
@@ -822,6 +992,49 @@ void rows_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
 #endif
 }
 
+void images_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dw, const std::optional<at::Tensor>& db,
+                     const std::optional<at::Tensor>& wt, const std::optional<at::Tensor>& dx) {
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && dw.scalar_type() == at::kFloat &&
+                  (!db || db->scalar_type() == at::kFloat) && (!wt || wt->scalar_type() == at::kFloat) &&
+                  (!dx || dx->scalar_type() == at::kFloat),
+              "convlab::images_backward: every tensor must be float32, got grad ", grad.scalar_type(), ", x ",
+              x.scalar_type(), " and dw ", dw.scalar_type());
+  TORCH_CHECK(cpu_supports(at::kFloat), "convlab::images_backward: this CPU lacks AVX-512F (ask convlab::linear_supported first)");
+  TORCH_CHECK(grad.dim() == 3 && x.dim() == 3 && dw.dim() == 2, "convlab::images_backward: grad and x must be 3-d, dw "
+              "2-d, got ", grad.dim(), ", ", x.dim(), " and ", dw.dim());
+  TORCH_CHECK(grad.device().is_cpu() && x.device().is_cpu() && dw.device().is_cpu() && (!db || db->device().is_cpu()) &&
+                  (!wt || wt->device().is_cpu()) && (!dx || dx->device().is_cpu()),
+              "convlab::images_backward: CPU tensors only");
+  const int64_t n = grad.size(0), k = grad.size(1), p = grad.size(2), c = x.size(1);
+  TORCH_CHECK(x.size(0) == n && x.size(2) == p && dw.size(0) == k && dw.size(1) == c, "convlab::images_backward: shapes ",
+              grad.sizes(), " @ ", x.sizes(), "^T do not give ", dw.sizes());
+  TORCH_CHECK((grad.stride(2) == 1 || p == 1) && (x.stride(2) == 1 || p == 1) && dw.is_contiguous(),
+              "convlab::images_backward: grad and x need unit pixel strides and dw must be contiguous, got ",
+              grad.strides(), ", ", x.strides(), " and ", dw.strides());
+  if (db) {
+    TORCH_CHECK(db->dim() == 1 && db->size(0) == k && db->is_contiguous(), "convlab::images_backward: db must be a "
+                "contiguous [", k, "], got ", db->sizes());
+  }
+  TORCH_CHECK(wt.has_value() == dx.has_value(), "convlab::images_backward: wt and dx come together (dx[n] = wt @ grad[n])");
+  if (wt) {
+    TORCH_CHECK(wt->dim() == 2 && wt->size(0) == c && wt->size(1) == k && dx->dim() == 3 && dx->size(0) == n &&
+                    dx->size(1) == c && dx->size(2) == p,
+                "convlab::images_backward: dx[n] = wt @ grad[n] needs wt [", c, ", ", k, "] and dx [", n, ", ", c, ", ",
+                p, "], got ", wt->sizes(), " and ", dx->sizes());
+    TORCH_CHECK((wt->stride(1) == 1 || k == 1) && (dx->stride(2) == 1 || p == 1),
+                "convlab::images_backward: wt and dx need unit last strides, got ", wt->strides(), " and ", dx->strides());
+  }
+  if (n == 0 || p == 0 || k == 0 || c == 0) {  // an empty sum: zero gradients
+    dw.zero_();
+    if (db) db->zero_();
+    if (dx) dx->zero_();
+    return;
+  }
+#if defined(__x86_64__)
+  run_images_backward(grad, x, dw, db, wt, dx);
+#endif
+}
+
 bool linear_supported(at::ScalarType dtype) { return cpu_supports(dtype); }
 
 }  // namespace
@@ -830,6 +1043,7 @@ TORCH_LIBRARY_FRAGMENT(convlab, m) {
   m.def("linear_out(Tensor x, Tensor w, Tensor? bias, Tensor(c!) out, int stream_min_bytes) -> ()");
   m.def("images_out(Tensor w, Tensor x, Tensor? bias, Tensor(c!) out, int stream_min_bytes) -> ()");
   m.def("rows_backward(Tensor grad, Tensor x, Tensor(a!) dwt, Tensor(b!)? db, Tensor? w=None, Tensor(c!)? dx=None) -> ()");
+  m.def("images_backward(Tensor grad, Tensor x, Tensor(a!) dw, Tensor(b!)? db, Tensor? wt=None, Tensor(c!)? dx=None) -> ()");
   m.def("linear_supported(ScalarType dtype) -> bool", &linear_supported);
 }
 
@@ -837,4 +1051,5 @@ TORCH_LIBRARY_IMPL(convlab, CPU, m) {
   m.impl("linear_out", linear_out);
   m.impl("images_out", images_out);
   m.impl("rows_backward", rows_backward);
+  m.impl("images_backward", images_backward);
 }
