@@ -256,22 +256,6 @@ def test_nchw_takes_the_avx512_kernel_where_measured(c, k, hw, bias, forward, fu
     assert ours.is_contiguous()
 
 
-def test_nchw_backward_without_an_input_gradient():
-    """An NCHW input that needs no gradient (a network's first layer): images_backward computes dW and db alone
-    (db in a pass of its own over each chunk), and no product runs for dX."""
-    _needs_images()
-    g = torch.Generator().manual_seed(13)
-    x = torch.randn(2, 16, 30, 30, generator=g)
-    w = (torch.randn(32, 16, 1, 1, generator=g) / 4).requires_grad_()
-    b = torch.randn(32, generator=g).requires_grad_()
-    upstream = torch.randn(2, 32, 30, 30, generator=g)
-    names = _op_names(lambda: torch.autograd.grad(pointwise_conv2d(x, w, b), (w, b), upstream))
-    assert names.count("convlab.images_backward") == 1 and "convlab.matmul_out" not in names, names
-    ours = torch.autograd.grad(pointwise_conv2d(x, w, b), (w, b), upstream)
-    for got, want in zip(ours, torch.autograd.grad(F.conv2d(x, w, b), (w, b), upstream)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
-
-
 # (N, C, K, P): input channels on one to four 16-lane vectors of dW's tiles and past one 64-channel panel (70, 130),
 # output-channel tails under each tile height (24, 12, 8, 6 rows), pixels under, at and over one 240-pixel chunk
 # (several chunks per thread, so the next chunk's prefetch runs, across images too) and under dX's 48-pixel panels
@@ -527,17 +511,22 @@ def test_bf16_channels_last_backward_takes_the_avx512_kernel_where_measured():
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-1)
 
 
-def test_rows_backward_without_an_input_gradient():
-    """An input that needs no gradient (a network's first layer, a frozen trunk): rows_backward computes dW and db
-    alone, and no product runs for dX."""
+@pytest.mark.parametrize(
+    "memory_format, hw, op",
+    [(torch.channels_last, (46, 46), "convlab.rows_backward"), (torch.contiguous_format, (30, 30), "convlab.images_backward")],
+)
+def test_backward_without_an_input_gradient(memory_format, hw, op):
+    """An input that needs no gradient (a network's first layer, a frozen trunk): the one-pass kernel computes dW and
+    db alone (images_backward: db in a pass of its own over each chunk), and no product runs for dX."""
     _needs_rows_backward()
+    _needs_images()
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 16, 46, 46, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, *hw, generator=g).contiguous(memory_format=memory_format)
     w = (torch.randn(32, 16, 1, 1, generator=g) / 4).requires_grad_()
     b = torch.randn(32, generator=g).requires_grad_()
-    upstream = torch.randn(2, 32, 46, 46, generator=g)
+    upstream = torch.randn(2, 32, *hw, generator=g)
     names = _op_names(lambda: torch.autograd.grad(pointwise_conv2d(x, w, b), (w, b), upstream))
-    assert names.count("convlab.rows_backward") == 1 and "convlab.matmul_out" not in names, names
+    assert names.count(op) == 1 and "convlab.matmul_out" not in names, names
     ours = torch.autograd.grad(pointwise_conv2d(x, w, b), (w, b), upstream)
     for got, want in zip(ours, torch.autograd.grad(F.conv2d(x, w, b), (w, b), upstream)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)

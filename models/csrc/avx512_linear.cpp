@@ -954,6 +954,14 @@ void images_out(const at::Tensor& w, const at::Tensor& x, const std::optional<at
 #endif
 }
 
+// The bias gradient, where asked for: a contiguous [k] (its dtype and device are checked with the other tensors).
+void check_bias_grad(const std::optional<at::Tensor>& db, int64_t k, const char* op) {
+  if (db) {
+    TORCH_CHECK(db->dim() == 1 && db->size(0) == k && db->is_contiguous(), "convlab::", op, ": db must be a contiguous [",
+                k, "], got ", db->sizes());
+  }
+}
+
 void rows_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dwt, const std::optional<at::Tensor>& db,
                    const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& dx) {
   const at::ScalarType dtype = grad.scalar_type();
@@ -973,10 +981,7 @@ void rows_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   TORCH_CHECK((grad.stride(1) == 1 || k == 1) && (x.stride(1) == 1 || c == 1) && dwt.is_contiguous(),
               "convlab::rows_backward: grad and x need unit column strides and dwt must be contiguous, got ",
               grad.strides(), ", ", x.strides(), " and ", dwt.strides());
-  if (db) {
-    TORCH_CHECK(db->dim() == 1 && db->size(0) == k && db->is_contiguous(), "convlab::rows_backward: db must be a "
-                "contiguous [", k, "], got ", db->sizes());
-  }
+  check_bias_grad(db, k, "rows_backward");
   TORCH_CHECK(w.has_value() == dx.has_value(), "convlab::rows_backward: w and dx come together (dx = grad @ w)");
   if (w) {
     TORCH_CHECK(w->scalar_type() == dtype && dx->scalar_type() == dtype && w->device().is_cpu() &&
@@ -1024,10 +1029,7 @@ void images_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tens
   TORCH_CHECK((grad.stride(2) == 1 || p == 1) && (x.stride(2) == 1 || p == 1) && dw.is_contiguous(),
               "convlab::images_backward: grad and x need unit pixel strides and dw must be contiguous, got ",
               grad.strides(), ", ", x.strides(), " and ", dw.strides());
-  if (db) {
-    TORCH_CHECK(db->dim() == 1 && db->size(0) == k && db->is_contiguous(), "convlab::images_backward: db must be a "
-                "contiguous [", k, "], got ", db->sizes());
-  }
+  check_bias_grad(db, k, "images_backward");
   TORCH_CHECK(wt.has_value() == dx.has_value(), "convlab::images_backward: wt and dx come together (dx[n] = wt @ grad[n])");
   if (wt) {
     TORCH_CHECK(wt->dim() == 2 && wt->size(0) == c && wt->size(1) == k && dx->dim() == 3 && dx->size(0) == n &&
