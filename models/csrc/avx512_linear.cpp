@@ -549,8 +549,13 @@ void dx_rows(int64_t rows, const T* g, int64_t ldg, const W* w, int64_t ldw, int
   }
 }
 
-// Panels of 48 or 64 of grad's K columns, whichever leaves fewer empty lanes in the last one (64 on a tie).
-int64_t grad_panel_cols(int64_t k) { return (k + 47) / 48 * 48 < (k + 63) / 64 * 64 ? 48 : 64; }
+// Panels of 48 or 64 of grad's K columns, whichever leaves fewer empty lanes in the last one (64 on a tie); fp32
+// takes up to 32 columns in one panel of 32 (12 x 2 tiles; one-off, 1.2-1.4x on four layers with 16-32 outputs,
+// where 48 left a third of each tile empty; bf16, whose cost there is the pairing, read 0.9-1.0x).
+int64_t grad_panel_cols(int64_t k, bool narrow) {
+  if (narrow && k <= 32) return 32;
+  return (k + 47) / 48 * 48 < (k + 63) / 64 * 64 ? 48 : 64;
+}
 
 // dX's panels: as few 16-column vectors as cover C, at most four.
 int64_t dx_vector_count(int64_t c) { return std::min<int64_t>(4, (c + 15) / 16); }
@@ -579,7 +584,7 @@ void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tens
   const int64_t stride = c * k + k;  // one thread's partial dW^T, then its partial db
   std::vector<float> parts(threads * stride, 0.f);
   const int64_t blocks = (m + kGradBlock - 1) / kGradBlock;
-  const int64_t cols = grad_panel_cols(k);
+  const int64_t cols = grad_panel_cols(k, true);
   const float* wp = w ? w->const_data_ptr<float>() : nullptr;
   float* dxp = dx ? dx->data_ptr<float>() : nullptr;
   const int64_t ldw = w ? w->stride(0) : 0, lddx = dx ? dx->stride(0) : 0;
@@ -595,11 +600,9 @@ void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tens
         const float* g = gp + m0 * ldg + k0;
         const float* xr = xp + m0 * ldx;
         float* dbk = part_db ? part_db + k0 : nullptr;
-        if (cols == 64) {
-          grad_panel<4>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
-        } else {
-          grad_panel<3>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
-        }
+        dispatch_count<4>(cols / 16, 0, [&]<int V>(int64_t) {
+          if constexpr (V >= 2) grad_panel<V>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
+        });
       }
       if (dxp) {  // this block's grad rows are in cache now: their dX too
         dispatch_count<4>(dx_vector_count(c), 0, [&]<int V>(int64_t) {
@@ -696,7 +699,7 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
   const int64_t stride = c * k + k;
   std::vector<float> parts(threads * stride, 0.f);
   const int64_t blocks = (m + kGradBlock - 1) / kGradBlock;
-  const int64_t cols = grad_panel_cols(k), dx_vectors = dx_vector_count(c);
+  const int64_t cols = grad_panel_cols(k, false), dx_vectors = dx_vector_count(c);
   const int64_t k_pad = (k + cols - 1) / cols * cols, c_pad = (c + 31) / 32 * 32;
   // w (K, C) in pairs of rows, once: dX's panels, padded to whole panels of dx_vectors vectors.
   const int64_t c_pad16 = (c + 16 * dx_vectors - 1) / (16 * dx_vectors) * (16 * dx_vectors);
@@ -719,11 +722,11 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
         __mmask16 masks[4];
         panel_masks(std::min(cols, k - k0), masks);
         float* dbk = part_db ? part_db + k0 : nullptr;
-        if (cols == 64) {
-          grad_panel_bf16<4>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
-        } else {
-          grad_panel_bf16<3>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
-        }
+        dispatch_count<4>(cols / 16, 0, [&]<int V>(int64_t) {
+          if constexpr (V >= 2) {
+            grad_panel_bf16<V>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
+          }
+        });
       }
       if (dxp) {
         dispatch_count<4>(dx_vectors, 0, [&]<int V>(int64_t) {
