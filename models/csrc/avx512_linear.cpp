@@ -426,7 +426,7 @@ void sum_partials(const std::vector<float>& parts, int threads, int64_t c_k, con
 // rows_backward: dW^T = x^T @ grad, db = sum of grad's rows and dX = grad @ w, fp32: the three gradients of a
 // channels_last 1x1 convolution, x (M, C) and grad (M, K), in one pass over grad (dX per block, below). A tile
 // of dW^T is R input channels x V 16-lane vectors of output channels, 24 accumulators (8 x 3 or 6 x 4, whichever
-// pads K less); for each row m it broadcasts x[m, c] and multiplies grad[m, panel], the vectors the bias gradient
+// pads K less; 12 x 2 for fp32 with K <= 32, see grad_panel_cols); for each row m it broadcasts x[m, c] and multiplies grad[m, panel], the vectors the bias gradient
 // sums too. Each thread reduces its blocks of rows into its own partial sums, added up at the end; the tile of
 // channel 0 prefetches the next block's rows into L2, which the strided walk down grad's rows otherwise waits on
 // (it doubled the speed on 32-channel layers).
