@@ -745,12 +745,13 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
 //   * x's (C, chunk) slice is transposed into pixel rows (16 x 16 blocks in registers);
 //   * dW: a tile is R output channels x V vectors of input channels (24 accumulators), broadcasting dY[k, p]
 //     from the channel rows as they lie and multiplying x^T's row p. The tiles fetch the next chunk's rows of
-//     dY ahead, one line a step: a walk down K channel rows 12.5 KiB apart is nothing the hardware prefetcher
-//     follows;
+//     dY ahead, one line a step: a walk down K channel rows an image apart (12.5 KiB at 56x56) is nothing the
+//     hardware prefetcher follows;
 //   * dX: wt @ the chunk, 8 input channels x 48 pixels a tile (dx_tile, dY's rows the vectors), while the chunk
 //     is in L2. The first tile also sums each row's vectors into 16 lanes of db, added up at the end (a pass of
 //     its own over the chunk, as row_sums does when no dX is asked for, added 5-17% to dW's time, one-off).
-// 240 pixels: five of dX's panels; the chunk's K rows and the next chunk's stay within L2 up to K = 512.
+// 240 pixels: five of dX's panels; the chunk's K rows and the next chunk's, about 1 MiB at K = 512, fit this
+// host's L2 (1 MiB a core) up to about there.
 constexpr int64_t kImagesChunk = 240;
 
 // The 16 x 16 transpose of rows r[0..15] in registers: within each 128-bit lane four 4 x 4 transposes (unpacks),
