@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -117,15 +118,6 @@ __attribute__((target("avx512f"), always_inline)) inline void rank1(__m512 (&acc
     const __m512 x = _mm512_set1_ps(a[r * lda]);
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
-  }
-}
-
-// db[0 : 16V) += sums, lanes masked.
-template <int V>
-__attribute__((target("avx512f"), always_inline)) inline void add_sums(float* db, const __m512 (&sums)[V], const __mmask16* masks) {
-#pragma GCC unroll 4
-  for (int v = 0; v < V; ++v) {
-    _mm512_mask_storeu_ps(db + 16 * v, masks[v], _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], db + 16 * v), sums[v]));
   }
 }
 
@@ -436,10 +428,9 @@ template <int R, int V, bool kSum, bool kPrefetch>
 __attribute__((target("avx512f"))) void grad_tile(int64_t rows, const float* x, int64_t ldx, const float* g,
                                                    int64_t ldg, float* acc_out, int64_t ld_acc, float* db,
                                                    const __mmask16* masks, int64_t ahead) {
-  __m512 acc[R][V], sums[V];
+  __m512 acc[R][V], sums[1][V];  // sums: db's slice of this panel, one tile row
   zero_tile<R, V>(acc);
-#pragma GCC unroll 4
-  for (int v = 0; v < V; ++v) sums[v] = _mm512_setzero_ps();
+  zero_tile<1, V>(sums);
   for (int64_t m = 0; m < rows; ++m) {
     const float* gp = g + m * ldg;
     __m512 b[V];
@@ -447,12 +438,12 @@ __attribute__((target("avx512f"))) void grad_tile(int64_t rows, const float* x, 
     for (int v = 0; v < V; ++v) {
       if constexpr (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(gp + ahead + 16 * v), _MM_HINT_T1);
       b[v] = _mm512_maskz_loadu_ps(masks[v], gp + 16 * v);
-      if constexpr (kSum) sums[v] = _mm512_add_ps(sums[v], b[v]);
+      if constexpr (kSum) sums[0][v] = _mm512_add_ps(sums[0][v], b[v]);
     }
     rank1<R, V>(acc, x + m * ldx, 1, b);
   }
   add_tile<R, V>(acc, acc_out, ld_acc, masks);
-  if constexpr (kSum) add_sums<V>(db, sums, masks);
+  if constexpr (kSum) add_tile<1, V>(sums, db, 0, masks);
 }
 
 // Tiles of R input channels from channel c0: the one of channel 0 also sums the bias gradient (db given) and
@@ -536,14 +527,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dx_tile(con
 }
 
 // dX for `rows` rows: panels of 16V columns, tiles of 24 / V rows (fp32: w as it lies; bf16: w in row pairs).
+// `lanes` (fp32, images_backward): the first tile of each panel also sums w's rows into them (see dx_tile).
 template <int V, typename T, typename W>
 void dx_rows(int64_t rows, const T* g, int64_t ldg, const W* w, int64_t ldw, int64_t c, int64_t k, T* dx,
-             int64_t lddx) {
+             int64_t lddx, float* lanes = nullptr) {
   constexpr int R = 24 / V;
   for (int64_t c0 = 0; c0 < c; c0 += 16 * V) {
     __mmask16 masks[4];
     panel_masks(std::min<int64_t>(16 * V, c - c0), masks);
     each_tile<R>(rows, [&]<int kRows>(int64_t r0) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (lanes && r0 == 0) {
+          dx_tile<kRows, V, true>(g, ldg, w + c0, ldw, k, dx + c0, lddx, masks, lanes);
+          return;
+        }
+      }
       dx_tile<kRows, V>(g + r0 * ldg, ldg, w + c0, ldw, k, dx + r0 * lddx + c0, lddx, masks);
     });
   }
@@ -557,8 +555,8 @@ int64_t grad_panel_cols(int64_t k, bool narrow) {
   return (k + 47) / 48 * 48 < (k + 63) / 64 * 64 ? 48 : 64;
 }
 
-// dX's panels: as few 16-column vectors as cover C, at most four.
-int64_t dx_vector_count(int64_t c) { return std::min<int64_t>(4, (c + 15) / 16); }
+// A panel over `cols` columns: as few 16-column vectors as cover them, at most four.
+int64_t vector_count(int64_t cols) { return std::min<int64_t>(4, (cols + 15) / 16); }
 
 // f(chunk, begin, end) for one chunk of consecutive blocks [begin, end) per thread, in parallel. Each chunk
 // reduces into its own partial sums, indexed by chunk, not by the thread that runs it, so a call from inside
@@ -605,7 +603,7 @@ void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tens
         });
       }
       if (dxp) {  // this block's grad rows are in cache now: their dX too
-        dispatch_count<4>(dx_vector_count(c), 0, [&]<int V>(int64_t) {
+        dispatch_count<4>(vector_count(c), 0, [&]<int V>(int64_t) {
           dx_rows<V>(rows, gp + m0 * ldg, ldg, wp, ldw, c, k, dxp + m0 * lddx, lddx);
         });
       }
@@ -649,17 +647,16 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void grad_tile_bf16(int64
                                                                           int64_t ldxp, const pair_bits* gp,
                                                                           int64_t ldgp, float* acc_out, int64_t ld_acc,
                                                                           float* db, const __mmask16* masks) {
-  __m512 acc[R][V], sums[V];
+  __m512 acc[R][V], sums[1][V];  // sums: db's slice of this panel, one tile row
   zero_tile<R, V>(acc);
-#pragma GCC unroll 4
-  for (int v = 0; v < V; ++v) sums[v] = _mm512_setzero_ps();
+  zero_tile<1, V>(sums);
   const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bf16 1.0
   for (int64_t i = 0; i < pairs; ++i) {
     __m512bh b[V];
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
       b[v] = (__m512bh)_mm512_loadu_si512(gp + i * ldgp + 16 * v);
-      if constexpr (kSum) sums[v] = _mm512_dpbf16_ps(sums[v], ones, b[v]);
+      if constexpr (kSum) sums[0][v] = _mm512_dpbf16_ps(sums[0][v], ones, b[v]);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -669,7 +666,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void grad_tile_bf16(int64
     }
   }
   add_tile<R, V>(acc, acc_out, ld_acc, masks);
-  if constexpr (kSum) add_sums<V>(db, sums, masks);
+  if constexpr (kSum) add_tile<1, V>(sums, db, 0, masks);
 }
 
 template <int R, int V>
@@ -699,7 +696,7 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
   const int64_t stride = c * k + k;
   std::vector<float> parts(threads * stride, 0.f);
   const int64_t blocks = (m + kGradBlock - 1) / kGradBlock;
-  const int64_t cols = grad_panel_cols(k, false), dx_vectors = dx_vector_count(c);
+  const int64_t cols = grad_panel_cols(k, false), dx_vectors = vector_count(c);
   const int64_t k_pad = (k + cols - 1) / cols * cols, c_pad = (c + 31) / 32 * 32;
   // w (K, C) in pairs of rows, once: dX's panels, padded to whole panels of dx_vectors vectors.
   const int64_t c_pad16 = (c + 16 * dx_vectors - 1) / (16 * dx_vectors) * (16 * dx_vectors);
@@ -747,7 +744,7 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
 //     from the channel rows as they lie and multiplying x^T's row p. The tiles fetch the next chunk's rows of
 //     dY ahead, one line a step: a walk down K channel rows an image apart (12.5 KiB at 56x56) is nothing the
 //     hardware prefetcher follows;
-//   * dX: wt @ the chunk, 8 input channels x 48 pixels a tile (dx_tile, dY's rows the vectors), while the chunk
+//   * dX: wt @ the chunk, 8 input channels x 48 pixels a tile (dx_rows<3>, dY's rows the vectors), while the chunk
 //     is in L2. The first tile also sums each row's vectors into 16 lanes of db, added up at the end (a pass of
 //     its own over the chunk, as row_sums does when no dX is asked for, added 5-17% to dW's time, one-off).
 // 240 pixels: five of dX's panels; the chunk's K rows and the next chunk's, about 1 MiB at K = 512, fit this
@@ -864,7 +861,7 @@ void run_images_backward(const at::Tensor& grad, const at::Tensor& x, const at::
       for (int64_t c0 = 0; c0 < c; c0 += 64) {  // panels of up to four vectors of input channels
         __mmask16 masks[4];
         panel_masks(std::min<int64_t>(64, c - c0), masks);
-        dispatch_count<4>(std::min<int64_t>(4, (c - c0 + 15) / 16), 0, [&]<int V>(int64_t) {
+        dispatch_count<4>(vector_count(c - c0), 0, [&]<int V>(int64_t) {
           each_tile<24 / V>(k, [&]<int R>(int64_t k0) {
             images_grad_tile<R, V>(cols, g + k0 * ldg, ldg, xt.data() + c0, ldt, part + k0 * c + c0, c, masks,
                                    next && c0 == 0 ? next + k0 * ldg : nullptr);
@@ -872,22 +869,8 @@ void run_images_backward(const at::Tensor& grad, const at::Tensor& x, const at::
         });
       }
       if (db && !dxp) row_sums(k, cols, g, ldg, part + k * c);
-      if (dxp) {
-        for (int64_t q = 0; q < cols; q += 48) {
-          const int64_t width = std::min<int64_t>(48, cols - q);
-          __mmask16 masks[4];
-          panel_masks(width, masks);
-          dispatch_count<3>((width + 15) / 16, 0, [&]<int V>(int64_t) {
-            each_tile<24 / V>(c, [&]<int R>(int64_t c0) {
-              float* out = dxp + image * ds0 + c0 * ldd + p0 + q;
-              if (db && c0 == 0) {  // the first tile sums db from the vectors it loads
-                dx_tile<R, V, true>(wtp + c0 * ldwt, ldwt, g + q, ldg, k, out, ldd, masks, db_lanes.data());
-              } else {
-                dx_tile<R, V>(wtp + c0 * ldwt, ldwt, g + q, ldg, k, out, ldd, masks);
-              }
-            });
-          });
-        }
+      if (dxp) {  // wt @ the chunk: wt's rows broadcast, the chunk's channel rows the vectors, 48 pixels a panel
+        dx_rows<3>(c, wtp, ldwt, g, ldg, cols, k, dxp + image * ds0 + p0, ldd, db ? db_lanes.data() : nullptr);
       }
     }
     if (db && dxp) lane_sums(k, db_lanes.data(), part + k * c);
