@@ -150,8 +150,9 @@ def _matmul_operand(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
-    """``rows @ w2d^T + bias`` for ``rows`` ``(M, C)``, ``w2d`` ``(K, C)``: one matrix product, no autograd.
+def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``rows @ w2d^T + bias`` for ``rows`` ``(M, C)``, ``w2d`` ``(K, C)``: one matrix product, no autograd,
+    written into ``out`` ``(M, K)`` with unit column stride when given (a copy on the paths that allocate their own).
 
     On CPU it runs oneDNN's matrix product where this torch has one for the dtype: for the tall,
     thin matrices of a 1x1 convolution (M = N*H*W rows, C and K in the tens) it is up to 1.7x faster
@@ -171,15 +172,17 @@ def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     m = rows.shape[0]
     mm = _native_matmul(rows, w2d) if bias is None else None
     if mm is not None:
-        out = rows.new_empty(m, w2d.shape[0])
+        out = rows.new_empty(m, w2d.shape[0]) if out is None else out
         mm(_matmul_operand(rows), _matmul_operand(w2d).t(), out, 0.0)  # (M, C) @ (C, K)
         return out
     if rows.device.type == "cpu" and m and rows.dtype in _onednn_linear_dtypes() and w2d.dtype == rows.dtype:
         # A sliced or expanded bias read as it lies gave wrong values, and oneDNN refuses overlapping
         # strides: every operand goes in with a contiguous tensor's strides.
         bias = None if bias is None else _canonical(bias)
-        return torch.ops.mkldnn._linear_pointwise(_canonical(rows), _weight_operand(w2d, rows.shape[0]), bias, "none", [], "")
-    return F.linear(rows, w2d, bias)
+        result = torch.ops.mkldnn._linear_pointwise(_canonical(rows), _weight_operand(w2d, rows.shape[0]), bias, "none", [], "")
+    else:
+        result = F.linear(rows, w2d, bias)
+    return result if out is None else out.copy_(result)
 
 
 # convlab's AVX-512 kernel runs the channels_last forward of products with a multiple of LINEAR_COLUMNS output
@@ -191,9 +194,9 @@ LINEAR_BF16_MIN_ROWS = 4096
 LINEAR_BF16_MAX_IN = 256
 
 
-def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
-    """The channels_last forward ``rows @ w2d^T + bias``: convlab's AVX-512 kernel where measured faster, else
-    :func:`_rows_product`.
+def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """The channels_last forward ``out = rows @ w2d^T + bias`` (``out`` ``(M, K)``, unit column stride): convlab's
+    AVX-512 kernel where measured faster, else :func:`_rows_product`.
 
     The kernel (``models/csrc/avx512_linear.cpp``) starts its register tiles at the bias, so the bias costs no
     pass, and streams outputs of at least ``native.STREAM_MIN_BYTES`` past the cache. Its tiles are 64 columns
@@ -223,10 +226,9 @@ def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
     if fits and k % LINEAR_COLUMNS == 0 and _native_matmul(*((rows, w2d) if bias is None else (rows, w2d, bias))):
         kernel = native.linear_out(rows.dtype)
         if kernel is not None:
-            out = rows.new_empty(m, k)
             kernel(_unit_columns(rows), w2d, bias, out, native.STREAM_MIN_BYTES)
-            return out
-    return _rows_product(rows, w2d, bias)
+            return
+    _rows_product(rows, w2d, bias, out)
 
 
 # fp32 weights ``(K, C)`` go to oneDNN's product in another layout than they lie in only for products of at
@@ -360,7 +362,9 @@ GRAD_KERNEL_MAX_IN = 128
 
 def _kernel_backward(grad: Tensor, rows: Tensor, w2d: Tensor | None, with_bias: bool) -> tuple[Tensor | None, Tensor, Tensor | None] | None:
     """``(dX, dW, db)`` on ``rows_backward`` where measured faster, else None: ``dX = dY W`` when ``w2d`` is
-    given (else None), ``dW = dY^T X``, ``db = sum dY`` when ``with_bias`` (else None).
+    given (else None), ``dW = dY^T X``, ``db = sum dY`` when ``with_bias`` (else None). ``dW`` and ``db`` are the
+    kernel's fp32 sums, whatever the operands' dtype (``dW`` as the transposed view of a ``(C, K)`` tensor): the
+    caller rounds them once, to its parameters' dtypes.
 
     fp32 or bf16. The kernel (``models/csrc/avx512_linear.cpp``) walks ``dY`` once, in blocks of 128 rows: it
     reduces each block into per-thread 8x48 or 6x64 tiles of ``dW^T``, sums ``db`` from the ``dY`` vectors it
@@ -390,16 +394,41 @@ def _kernel_backward(grad: Tensor, rows: Tensor, w2d: Tensor | None, with_bias: 
     operands = (grad, rows) if w2d is None else (grad, rows, w2d)
     if _native_matmul(*operands) is None or (kernel := native.rows_backward(rows.dtype)) is None:
         return None
-    grad_wt = rows.new_empty(c, k, dtype=torch.float32)  # the kernel sums in fp32; bf16 is rounded once, below
+    grad_wt = rows.new_empty(c, k, dtype=torch.float32)  # the kernel sums in fp32
     grad_b = rows.new_empty(k, dtype=torch.float32) if with_bias else None
     grad_x = None if w2d is None else rows.new_empty(m, c)
     kernel(_unit_columns(grad), _unit_columns(rows), grad_wt, grad_b, None if w2d is None else _unit_columns(w2d), grad_x)
-    grad_w = grad_wt.t().to(rows.dtype, memory_format=torch.contiguous_format)
-    return grad_x, grad_w, None if grad_b is None else grad_b.to(rows.dtype)
+    return grad_x, grad_wt.t(), grad_b
+
+
+def _rows_operands(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The product's operands for a channels_last ``x``: its ``(N*H*W, C)`` rows (a free view), the weight as
+    ``(K, C)``, and the bias; all cast to autocast's ``dtype`` when given, as autocast would cast ``F.linear``'s
+    (floating tensors other than float64; this product is not an op autocast knows)."""
+    rows = x.permute(0, 2, 3, 1).flatten(0, 2)  # flatten: a jit trace records no size arithmetic
+    w2d = weight.flatten(1)
+    if dtype is None:
+        return rows, w2d, bias
+    return _autocast_operand(rows, dtype), _autocast_operand(w2d, dtype), _autocast_operand(bias, dtype)
+
+
+def _rows_forward(rows: Tensor, w2d: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    """``F.conv2d``'s output for the operands of :func:`_rows_operands`: ``(N, K, H, W)`` in channels_last memory,
+    whose ``(N*H*W, K)`` rows the product writes in place."""
+    n, _, h, w = x.shape
+    out = torch.empty((n, w2d.shape[0], h, w), dtype=rows.dtype, device=rows.device, memory_format=torch.channels_last)
+    _forward_product(rows, w2d, bias, out.permute(0, 2, 3, 1).flatten(0, 2))
+    return out
 
 
 class _RowsPointwise(torch.autograd.Function):
     """Channels-last 1x1 convolution as ``Y = X W^T + b`` on the ``(N*H*W, C)`` rows: one product each way.
+
+    It takes the 4-d input and weight and makes the rows, the ``(K, C)`` weight and autocast's casts itself, so
+    autograd records one node where it recorded up to six (views and casts), and under autocast the weight's and
+    the bias's gradients stay the kernel's fp32 sums: rounded to bf16 for the cast's backward, as F.conv2d's are,
+    they were about 2e-3 off. (Speed: the same within noise, one-off in-process A/B on separable's five layer
+    shapes at batch 128.) The output is a tensor of its own, written in place, so in-place ops may follow it.
 
     Backward: ``dX = dY W`` (again a tall, thin product, so the same fast path), ``dW = dY^T X``
     (a long reduction over rows, see :func:`_weight_grad`), ``db = sum dY``; within
@@ -409,28 +438,42 @@ class _RowsPointwise(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(rows, w2d)
-        ctx.has_bias = bias is not None
-        return _forward_product(rows, w2d, bias)
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None) -> Tensor:
+        rows, w2d, cast_bias = _rows_operands(x, weight, bias, dtype)
+        # x and weight for a double backward, the product's operands for the backward (freed after it)
+        ctx.save_for_backward(x, weight, rows, w2d)
+        ctx.dtype = dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _rows_forward(rows, w2d, cast_bias, x)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        rows, w2d = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        differentiable = torch.is_grad_enabled()
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, weight, rows, w2d = ctx.saved_tensors
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        need_b = need_b and ctx.bias_dtype is not None
+        n, c, h, w = x.shape
+        g = grad.permute(0, 2, 3, 1).flatten(0, 2)  # (M, K): a view when dY is channels_last, else a copy
         grad_x = grad_w = grad_b = None
-        if need_w and not differentiable:
-            fused = _kernel_backward(grad, rows, w2d if need_x else None, ctx.has_bias and need_b)
+        if torch.is_grad_enabled():  # a double backward: the operands again, with ops autograd records
+            rows, w2d, _ = _rows_operands(x, weight, None, ctx.dtype)
+            grad_x = g @ w2d if need_x else None
+            grad_w = g.t() @ rows if need_w else None
+            grad_b = g.sum(0) if need_b else None
+        else:
+            fused = _kernel_backward(g, rows, w2d if need_x else None, need_b) if need_w else None
             if fused is not None:
-                return fused  # (M, C) or None, (K, C), (K,) or None
-        if need_x:
-            grad_x = grad @ w2d if differentiable else _rows_product(grad, w2d.t(), None)  # (M, C)
-        if need_w:
-            grad_w = grad.t() @ rows if differentiable else _weight_grad(grad.contiguous(), rows)  # (K, C)
-        if ctx.has_bias and need_b:
-            grad_b = grad.sum(0)
-        return grad_x, grad_w, grad_b
+                grad_x, grad_w, grad_b = fused
+            else:
+                grad_x = _rows_product(g, w2d.t(), None) if need_x else None  # (M, C)
+                grad_w = _weight_grad(g.contiguous(), rows) if need_w else None  # (K, C)
+                grad_b = g.sum(0) if need_b else None
+        if grad_x is not None:
+            grad_x = grad_x.view(n, h, w, c).permute(0, 3, 1, 2).to(x.dtype)  # channels_last, as x
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype, memory_format=torch.contiguous_format).view(weight.shape)
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None
 
 
 # NCHW fp32 images with at least this many pixels run one oneDNN product per image on the input as it
@@ -864,24 +907,19 @@ def pointwise_conv2d(
         # rows, so the output keeps the input's memory format as F.conv2d's does.
         x = x.contiguous(memory_format=torch.channels_last)
     h, w = x.shape[2:]
-    w2d = weight.reshape(k, c // groups)  # (K, C/G)
 
     if groups == 1 and channels_last:
         # (N, C, H, W) stored as (N, H, W, C): a free view as (N*H*W, C), one GEMM, no copy.
-        rows = x.permute(0, 2, 3, 1).flatten(0, 2)  # flatten: a jit trace records no size arithmetic
         if plain or torch.compiler.is_compiling():
             # A jit trace records aten::linear, which fvcore's cost model counts; torch.compile lowers
             # it with its own kernels (inductor cannot lower oneDNN's op on a weight that trains).
-            out = F.linear(rows, w2d, bias)
-        else:
-            if autocast_dtype is not None:
-                # Autocast lowers F.linear's operands; this product is not an op autocast knows, so cast
-                # here as autocast would: floating tensors other than float64 go to the autocast dtype.
-                rows, w2d, bias = (_autocast_operand(t, autocast_dtype) for t in (rows, w2d, bias))
-            # No gradient to track (inference, torch.no_grad()): the product alone, without the Function's bookkeeping.
-            product = _RowsPointwise.apply if _tracks_grad(rows, w2d, bias) else _forward_product
-            out = product(rows, w2d, bias)  # (N*H*W, K)
-        return out.view(n, h, w, k).permute(0, 3, 1, 2)  # channels_last (N, K, H, W)
+            out = F.linear(*_rows_operands(x, weight, bias, None))  # (N*H*W, K)
+            return out.view(n, h, w, k).permute(0, 3, 1, 2)  # channels_last (N, K, H, W)
+        if _tracks_grad(x, weight, bias):
+            return _RowsPointwise.apply(x, weight, bias, autocast_dtype)
+        # No gradient to track (inference, torch.no_grad()): the product alone, without the Function's bookkeeping.
+        return _rows_forward(*_rows_operands(x, weight, bias, autocast_dtype), x)
+    w2d = weight.reshape(k, c // groups)  # (K, C/G)
     if groups == 1 and plain:
         # The plain product (the same numbers), whose aten::matmul fvcore's cost model counts.
         out = torch.matmul(w2d, x.flatten(2))  # (N, K, H*W)

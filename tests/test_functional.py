@@ -563,6 +563,49 @@ def test_channels_last_under_autocast_matches_conv():
     assert all(got.dtype == want.dtype == torch.float32 for got, want in grads)
 
 
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_parameter_gradients_keep_the_fp32_sums(input_dtype):
+    """Under bf16 autocast on a layer the one-pass backward kernel takes (channels_last, 4096+ rows): dW and db are
+    its fp32 sums, not rounded to bf16 first (F.conv2d's are: about 2e-3 off); dX comes back in the input's dtype
+    and memory format, whichever autocast cast from."""
+    from models import native
+
+    if native.rows_backward(torch.bfloat16) is None:
+        pytest.skip(f"native kernels {native.status()}")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 32, 32, 32, generator=g).to(input_dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = (torch.randn(64, 32, 1, 1, generator=g) / 6).requires_grad_(), torch.randn(64, generator=g).requires_grad_()
+    upstream = torch.randn(4, 64, 32, 32, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pointwise_conv2d(x, w, b)
+    grad_x, grad_w, grad_b = torch.autograd.grad(out, (x, w, b), upstream)
+    assert grad_w.dtype == grad_b.dtype == torch.float32 and grad_x.dtype == input_dtype
+    assert grad_x.is_contiguous(memory_format=torch.channels_last)
+    rows = x.detach().bfloat16().permute(0, 2, 3, 1).reshape(-1, 32).double()  # the bf16 operands the product saw
+    dy = upstream.permute(0, 2, 3, 1).reshape(-1, 64).double()
+    for got, want in ((grad_w.view(64, 32), dy.t() @ rows), (grad_b, dy.sum(0))):
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    want_x = (dy @ w.detach().view(64, 32).bfloat16().double()).view(4, 32, 32, 32).permute(0, 3, 1, 2)  # (N, H, W, C) rows
+    torch.testing.assert_close(grad_x.double(), want_x, rtol=2**-7, atol=1e-2)  # rounded to bf16 once
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_channels_last_output_takes_in_place_ops(grad_mode):
+    """The channels_last output is a tensor of its own, not a view made inside the autograd Function: an in-place
+    activation after it works and back-propagates as after F.conv2d."""
+    x, w, b = _case()
+    if not grad_mode:
+        with torch.no_grad():
+            torch.testing.assert_close(pointwise_conv2d(x, w, b).relu_(), F.conv2d(x, w, b).relu_())
+        return
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    upstream = torch.randn(4, 24, 6, 5)
+    ours = torch.autograd.grad(pointwise_conv2d(x, w, b).relu_(), leaves, upstream)
+    theirs = torch.autograd.grad(F.conv2d(x, w, b).relu_(), leaves, upstream)
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(("channels_last", "size"), [(False, 5), (False, 11), (True, 5)])
 def test_double_backward_matches_conv(channels_last, size):
     """A gradient penalty differentiates the backward pass itself: the folded NCHW path (6x5 pixels),
