@@ -6,10 +6,11 @@
 //
 // oneDNN's matmul (onednn_matmul.cpp) takes no bias, so the bias cost a second pass over the output, and oneDNN's
 // inner product, which adds it as it writes, ran at 0.84-0.94x torch's convolution on six fp32 layers on two
-// threads (benchmarks/README.md). Here each 6-row x 64-column tile of out is 24 vector accumulators that start
-// at the bias, run the reduction and are stored once. Outputs of at least `stream_min_bytes` are written with
-// non-temporal stores, which skip reading the lines into the cache first. bf16 operands are multiplied in pairs
-// (AVX512_BF16's dot product), accumulated in fp32 and rounded once, at the store, as oneDNN does. On NCHW images
+// threads (benchmarks/README.md). Here each 6-row x 64-column tile of out (12 x 32 or 24 x 16 on narrow outputs,
+// see linear_vectors) is 24 vector accumulators that start at the bias, run the reduction and are stored once.
+// Outputs of at least `stream_min_bytes` are written with non-temporal stores, which skip reading the lines into
+// the cache first. bf16 operands are multiplied in pairs (AVX512_BF16's dot product), accumulated in fp32 and
+// rounded once, at the store, as oneDNN does. On NCHW images
 // the panels are the images' own channel rows, so the bias (one per output channel, a tile row) again costs no
 // pass. Built by models/native.py; compiled for any x86-64 CPU, each dtype runs only where the CPU reports its
 // instructions (AVX-512F; for bf16 also AVX512_BF16).
@@ -31,8 +32,8 @@
 
 namespace {
 
-constexpr int64_t kTileRows = 6;    // MR: 6 rows x 4 vectors = 24 of the 32 zmm registers accumulate
-constexpr int64_t kPanel = 64;      // NR: columns of w^T packed together, four 16-lane vectors
+constexpr int64_t kPanel = 64;      // NR: columns of w^T packed together, at most four 16-lane vectors
+constexpr int kTileAcc = 24;        // a tile of R rows x V vectors, R = 24 / V: 24 of the 32 zmm registers accumulate
 constexpr int64_t kTaskRows = 48;   // rows of one parallel task
 constexpr int64_t kTaskPanels = 2;  // panels of one parallel task
 
@@ -121,85 +122,84 @@ __attribute__((target("avx512f"), always_inline)) inline void rank1(__m512 (&acc
   }
 }
 
-// `count` tiles of R rows, one after another down the rows: c[0:R, 0:64) (columns masked) = start +
+// `count` tiles of R rows, one after another down the rows: c[0:R, 0:16V) (columns masked) = start +
 // sum_k a[r, k] * panel[k, :], start being the bias (first reduction block) or what c holds (later ones).
 // The panel's rows lie `ldb` apart. kStream: non-temporal stores (full, aligned tiles of the last block only).
 // kImages (images_out): the bias is one value per row, not per column, and the panel is the input itself, not
 // a zero-padded copy, so its loads are masked too (a last, partial panel must not read past the tensor).
-template <int R, bool kStream, bool kImages = false>
+template <int R, int V, bool kStream, bool kImages = false>
 __attribute__((target("avx512f"))) void tiles(int64_t count, const float* a, int64_t lda, const float* panel,
                                                int64_t ldb, int64_t depth, const float* bias, float* c, int64_t ldc,
                                                const __mmask16* masks) {
   for (int64_t t = 0; t < count; ++t, a += R * lda, c += R * ldc) {
-    __m512 acc[R][4];  // the loops over r and v unroll fully (the pragmas), so acc lives in registers
+    __m512 acc[R][V];  // the loops over r and v unroll fully (the pragmas), so acc lives in registers
     if (!bias) {
-      load_tile<R, 4>(acc, c, ldc, masks);
+      load_tile<R, V>(acc, c, ldc, masks);
     } else {
-#pragma GCC unroll 6
+#pragma GCC unroll 24
       for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-        for (int v = 0; v < 4; ++v) acc[r][v] = kImages ? _mm512_set1_ps(bias[t * R + r]) : _mm512_loadu_ps(bias + 16 * v);
+        for (int v = 0; v < V; ++v) acc[r][v] = kImages ? _mm512_set1_ps(bias[t * R + r]) : _mm512_loadu_ps(bias + 16 * v);
       }
     }
     for (int64_t k = 0; k < depth; ++k) {
       const float* p = panel + k * ldb;
-      __m512 b[4];
+      __m512 b[V];
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) {
+      for (int v = 0; v < V; ++v) {
         if constexpr (kImages) {
-          if (t == 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPanel + 16 * v), _MM_HINT_T0);  // see images_task
+          if (t == 0) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * V + 16 * v), _MM_HINT_T0);  // see images_task
           b[v] = _mm512_maskz_loadu_ps(masks[v], p + 16 * v);
         } else {
           b[v] = _mm512_loadu_ps(p + 16 * v);
         }
       }
-      rank1<R, 4>(acc, a + k, lda, b);
+      rank1<R, V>(acc, a + k, lda, b);
     }
     if constexpr (kStream) {
-#pragma GCC unroll 6
+#pragma GCC unroll 24
       for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-        for (int v = 0; v < 4; ++v) _mm512_stream_ps(c + r * ldc + 16 * v, acc[r][v]);
+        for (int v = 0; v < V; ++v) _mm512_stream_ps(c + r * ldc + 16 * v, acc[r][v]);
       }
     } else {
-      store_tile<R, 4>(acc, c, ldc, masks);
+      store_tile<R, V>(acc, c, ldc, masks);
     }
   }
 }
 
 // The same for bf16: the panel holds pairs (w[j, 2i], w[j, 2i + 1]) side by side, `depth` is even, and the
 // bias (fp32) is always given.
-template <int R, bool kStream, bool kImages = false>
+template <int R, int V, bool kStream, bool kImages = false>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void tiles(
     int64_t count, const bf16_bits* a, int64_t lda, const bf16_bits* panel, int64_t ldb, int64_t depth,
     const float* bias, bf16_bits* c, int64_t ldc, const __mmask16* masks) {
   static_assert(!kImages, "images_out is fp32 only");
   for (int64_t t = 0; t < count; ++t, a += R * lda, c += R * ldc) {
-    __m512 acc[R][4];
-#pragma GCC unroll 6
+    __m512 acc[R][V];
+#pragma GCC unroll 24
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_loadu_ps(bias + 16 * v);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_loadu_ps(bias + 16 * v);
     }
     for (int64_t k = 0; k < depth; k += 2) {
-      const bf16_bits* p = panel + k * ldb;  // pairs: ldb is kPanel, elements per pair row
-      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(p), b1 = (__m512bh)_mm512_loadu_si512(p + 32);
-      const __m512bh b2 = (__m512bh)_mm512_loadu_si512(p + 64), b3 = (__m512bh)_mm512_loadu_si512(p + 96);
-#pragma GCC unroll 6
+      const bf16_bits* p = panel + k * ldb;  // pairs: ldb is the panel's width, elements per pair row
+      __m512bh b[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(p + 32 * v);
+#pragma GCC unroll 24
       for (int r = 0; r < R; ++r) {
         int32_t pair;  // a[r, k] and a[r, k + 1], broadcast to all 16 lanes
         std::memcpy(&pair, a + r * lda + k, sizeof pair);
         const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
-        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
-        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
-        acc[r][2] = _mm512_dpbf16_ps(acc[r][2], x, b2);
-        acc[r][3] = _mm512_dpbf16_ps(acc[r][3], x, b3);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, b[v]);
       }
     }
-#pragma GCC unroll 6
+#pragma GCC unroll 24
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) {
+      for (int v = 0; v < V; ++v) {
         const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(acc[r][v]);  // round to nearest even
         if constexpr (kStream) {
           _mm256_stream_si256(reinterpret_cast<__m256i*>(c + r * ldc + 16 * v), rounded);
@@ -241,35 +241,38 @@ void each_tile(int64_t count, Tile&& tile) {
   dispatch_count<R - 1>(count - start, start, tile);
 }
 
-// The rows of one panel: whole tiles (streamed when `stream`), then the rest in one short tile with plain stores
-// (its lines are few). kImages: the bias is one value per row, so the short tile's starts `full` rows on.
-template <bool kImages, typename T>
+// The rows of one panel of V vectors: whole tiles of 24 / V rows (streamed when `stream`), then the rest in one
+// short tile with plain stores (its lines are few). kImages: the bias is one value per row, so the short tile's
+// starts `full` rows on.
+template <bool kImages, int V, typename T>
 void panel_rows(int64_t rows, const T* a, int64_t lda, const T* panel, int64_t ldb, int64_t depth, const float* bias,
                 T* c, int64_t ldc, const __mmask16* masks, bool stream) {
-  const int64_t full = rows / kTileRows;
+  constexpr int kRows = kTileAcc / V;
+  const int64_t full = rows / kRows;
   if (stream) {
-    tiles<kTileRows, true, kImages>(full, a, lda, panel, ldb, depth, bias, c, ldc, masks);
+    tiles<kRows, V, true, kImages>(full, a, lda, panel, ldb, depth, bias, c, ldc, masks);
   } else {
-    tiles<kTileRows, false, kImages>(full, a, lda, panel, ldb, depth, bias, c, ldc, masks);
+    tiles<kRows, V, false, kImages>(full, a, lda, panel, ldb, depth, bias, c, ldc, masks);
   }
-  const float* rest_bias = kImages && bias ? bias + full * kTileRows : bias;
-  dispatch_count<kTileRows - 1>(rows - full * kTileRows, 0, [&]<int R>(int64_t) {
-    tiles<R, false, kImages>(1, a + full * kTileRows * lda, lda, panel, ldb, depth, rest_bias, c + full * kTileRows * ldc,
-                             ldc, masks);
+  const float* rest_bias = kImages && bias ? bias + full * kRows : bias;
+  dispatch_count<kRows - 1>(rows - full * kRows, 0, [&]<int R>(int64_t) {
+    tiles<R, V, false, kImages>(1, a + full * kRows * lda, lda, panel, ldb, depth, rest_bias, c + full * kRows * ldc,
+                                ldc, masks);
   });
 }
 
 // f(k0, depth, p, masks, stream_ok) for each reduction block [k0, k0 + depth) of `total`, `block` deep, and each
-// panel p in [p0, p1) of a `width`-column output; stream_ok: the last block of a full panel.
+// panel p in [p0, p1) of a `width`-column output cut into panels `panel` columns wide; stream_ok: the last block
+// of a full panel.
 template <typename F>
-void blocks_and_panels(int64_t total, int64_t block, int64_t width, int64_t p0, int64_t p1, F&& f) {
+void blocks_and_panels(int64_t total, int64_t block, int64_t width, int64_t panel, int64_t p0, int64_t p1, F&& f) {
   for (int64_t k0 = 0, depth; k0 < total; k0 += depth) {
     depth = std::min(block, total - k0);
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t cols = std::min(kPanel, width - p * kPanel);
+      const int64_t cols = std::min(panel, width - p * panel);
       __mmask16 masks[4];
       panel_masks(cols, masks);
-      f(k0, depth, p, masks, k0 + depth == total && cols == kPanel);
+      f(k0, depth, p, masks, k0 + depth == total && cols == panel);
     }
   }
 }
@@ -288,7 +291,7 @@ template <typename T>
 struct Problem {
   const T* x;
   int64_t ldx;
-  const T* packed;     // w^T in panels: panel p holds rows k of columns [64p, 64p + 64), zero-padded
+  const T* packed;     // w^T in panels of 16V columns: panel p holds rows k of columns [16Vp, 16V(p + 1)), zero-padded
   const float* bias;   // padded to whole panels, zeros without a bias
   T* out;
   int64_t ldo, k, n;
@@ -296,37 +299,49 @@ struct Problem {
 };
 
 // Rows [m0, m1) x panels [p0, p1) of out, reduction block by block.
-template <typename T>
+template <typename T, int V>
 void run_task(const Problem<T>& pr, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  blocks_and_panels(pr.k, Layout<T>::kDepth, pr.n, p0, p1, [&](int64_t k0, int64_t depth, int64_t p, const __mmask16* masks, bool full) {
-    panel_rows<false>(m1 - m0, pr.x + m0 * pr.ldx + k0, pr.ldx, pr.packed + p * pr.k * kPanel + k0 * kPanel, kPanel,
-                      depth, k0 == 0 ? pr.bias + p * kPanel : nullptr, pr.out + m0 * pr.ldo + p * kPanel, pr.ldo, masks,
-                      pr.stream && full);
+  constexpr int64_t width = 16 * V;
+  blocks_and_panels(pr.k, Layout<T>::kDepth, pr.n, width, p0, p1, [&](int64_t k0, int64_t depth, int64_t p, const __mmask16* masks, bool full) {
+    panel_rows<false, V>(m1 - m0, pr.x + m0 * pr.ldx + k0, pr.ldx, pr.packed + p * pr.k * width + k0 * width, width,
+                         depth, k0 == 0 ? pr.bias + p * width : nullptr, pr.out + m0 * pr.ldo + p * width, pr.ldo, masks,
+                         pr.stream && full);
   });
 }
 
-// Packs w (N, K), any strides, into panels of w^T and runs the tiles over all threads.
-template <typename T>
+// Vectors per panel of linear_out for n output columns: one (tiles of 24 x 1 accumulators) for at most 16, two
+// (12 x 2) for at most 32, and above that four (6 x 4) unless two leave fewer empty lanes (96, 144, 160 columns).
+// A 64-column panel on 16 or 32 outputs would be three quarters or half padding. One-off A/Bs (2 threads, 17
+// layers with 8-160 outputs at batch 8 and 128): one vector on 48-144 outputs lost up to 0.43x, each panel
+// reading the rows again.
+int linear_vectors(int64_t n) {
+  if (n <= 16) return 1;
+  if (n <= 32) return 2;
+  return (n + 31) / 32 * 32 < (n + 63) / 64 * 64 ? 2 : 4;
+}
+
+// Packs w (N, K), any strides, into panels of w^T 16V columns wide and runs the tiles over all threads.
+template <typename T, int V>
 void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const at::Tensor& out,
          int64_t stream_min_bytes) {
-  constexpr int64_t pack = Layout<T>::kPack;
+  constexpr int64_t pack = Layout<T>::kPack, width = 16 * V;
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  const int64_t panels = (n + kPanel - 1) / kPanel;
-  at::Tensor packed = at::empty({panels * k * kPanel}, w.options());
+  const int64_t panels = (n + width - 1) / width;
+  at::Tensor packed = at::empty({panels * k * width}, w.options());
   T* pk = static_cast<T*>(packed.data_ptr());
   const T* wp = static_cast<const T*>(w.const_data_ptr());
   const int64_t ws0 = w.stride(0), ws1 = w.stride(1);
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      T* dst = pk + p * k * kPanel;
-      const int64_t cols = std::min(kPanel, n - p * kPanel);
-      for (int64_t j = 0; j < kPanel; ++j) {  // element (i, j) of the panel at step i / pack, lane j, slot i % pack
-        const T* src = wp + (p * kPanel + j) * ws0;
-        for (int64_t i = 0; i < k; ++i) dst[(i - i % pack) * kPanel + j * pack + i % pack] = j < cols ? src[i * ws1] : T(0);
+      T* dst = pk + p * k * width;
+      const int64_t cols = std::min(width, n - p * width);
+      for (int64_t j = 0; j < width; ++j) {  // element (i, j) of the panel at step i / pack, lane j, slot i % pack
+        const T* src = wp + (p * width + j) * ws0;
+        for (int64_t i = 0; i < k; ++i) dst[(i - i % pack) * width + j * pack + i % pack] = j < cols ? src[i * ws1] : T(0);
       }
     }
   });
-  std::vector<float> padded_bias = bias_values(bias, panels * kPanel);
+  std::vector<float> padded_bias = bias_values(bias, panels * width);
   T* o = static_cast<T*>(out.data_ptr());
   const int64_t ldo = out.stride(0);
   // Non-temporal stores need aligned rows: an output at a 64-byte address whose rows are whole cache lines.
@@ -337,8 +352,8 @@ void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tenso
   at::parallel_for(0, row_tasks * panel_tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t rt = t / panel_tasks, pt = t % panel_tasks;
-      run_task(pr, rt * kTaskRows, std::min(m, (rt + 1) * kTaskRows), pt * kTaskPanels,
-               std::min(panels, (pt + 1) * kTaskPanels));
+      run_task<T, V>(pr, rt * kTaskRows, std::min(m, (rt + 1) * kTaskRows), pt * kTaskPanels,
+                     std::min(panels, (pt + 1) * kTaskPanels));
     }
     _mm_sfence();  // this thread's non-temporal stores are visible before the caller reads out
   });
@@ -364,8 +379,8 @@ struct Images {
 // next panel is fetched ahead, which the first tile of each panel does (one-off: dX of 32->512 @56, a
 // 512-deep reduction, ran 0.51x the native matmul without it, 1.08-1.10x with it).
 void images_task(const Images& pr, int64_t n, int64_t r0, int64_t r1, int64_t q0, int64_t q1) {
-  blocks_and_panels(pr.c, Layout<float>::kDepth, pr.p, q0, q1, [&](int64_t c0, int64_t depth, int64_t q, const __mmask16* masks, bool full) {
-    panel_rows<true>(r1 - r0, pr.w + r0 * pr.ldw + c0, pr.ldw, pr.x + n * pr.xs0 + c0 * pr.xs1 + q * kPanel, pr.xs1,
+  blocks_and_panels(pr.c, Layout<float>::kDepth, pr.p, kPanel, q0, q1, [&](int64_t c0, int64_t depth, int64_t q, const __mmask16* masks, bool full) {
+    panel_rows<true, 4>(r1 - r0, pr.w + r0 * pr.ldw + c0, pr.ldw, pr.x + n * pr.xs0 + c0 * pr.xs1 + q * kPanel, pr.xs1,
                      depth, c0 == 0 ? pr.bias + r0 : nullptr, pr.out + n * pr.os0 + r0 * pr.os1 + q * kPanel, pr.os1,
                      masks, pr.stream && full);
   });
@@ -906,10 +921,17 @@ void linear_out(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   }
   if (m == 0 || n == 0) return;
 #if defined(__x86_64__)
+  const auto run_panels = [&]<typename T>() {
+    switch (linear_vectors(n)) {
+      case 4: return run<T, 4>(x, w, bias, out, stream_min_bytes);
+      case 2: return run<T, 2>(x, w, bias, out, stream_min_bytes);
+      default: return run<T, 1>(x, w, bias, out, stream_min_bytes);
+    }
+  };
   if (dtype == at::kFloat) {
-    run<float>(x, w, bias, out, stream_min_bytes);
+    run_panels.template operator()<float>();
   } else {
-    run<bf16_bits>(x, w, bias, out, stream_min_bytes);
+    run_panels.template operator()<bf16_bits>();
   }
 #endif
 }
