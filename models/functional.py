@@ -185,9 +185,9 @@ def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None, out: Tensor | 
     return result if out is None else out.copy_(result)
 
 
-# convlab's AVX-512 kernel runs the channels_last forward of products with at most LINEAR_NARROW_OUT output channels
-# or a multiple of LINEAR_COLUMNS and, in fp32, at least LINEAR_MIN_ROWS rows; in bf16 at least LINEAR_BF16_MIN_ROWS
-# rows and at most LINEAR_BF16_MAX_IN input channels (see _forward_product).
+# convlab's AVX-512 kernel runs the channels_last forward of products with a bias, or with at most LINEAR_NARROW_OUT
+# output channels or a multiple of LINEAR_COLUMNS, and, in fp32, at least LINEAR_MIN_ROWS rows; in bf16 at least
+# LINEAR_BF16_MIN_ROWS rows and at most LINEAR_BF16_MAX_IN input channels (see _forward_product).
 LINEAR_NARROW_OUT = 32
 LINEAR_COLUMNS = 32
 LINEAR_MIN_ROWS = 1024
@@ -201,8 +201,9 @@ def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None, out: Tensor
 
     The kernel (``models/csrc/avx512_linear.cpp``) starts its register tiles at the bias, so the bias costs no
     pass, and streams outputs of at least ``native.STREAM_MIN_BYTES`` past the cache. Its panels are 64 columns
-    wide, or 16 or 32 for up to 16 or 32 outputs and 32 where that pads less (96, 160), and each product packs
-    the weight first. One-off A/Bs, 2 threads, N=8, against torch's convolution (``/tmp`` scripts, not kept):
+    wide, or 16 or 32 for up to 16 or 32 outputs, and 32 or 48 where that pads less (96, 160; 48, 144), and each
+    product packs the weight first. One-off A/Bs, 2 threads, N=8, against torch's convolution (``/tmp`` scripts,
+    not kept):
 
     * fp32, the pointwise suite's 12 layers with a bias: 1.00-1.11x where the inner product read 0.91-1.02x,
       from 14x14 up; at 7x7 (392 rows) 1.00-1.02x against 1.29-1.32x. Without a bias 1.00-1.10x against the
@@ -213,8 +214,10 @@ def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None, out: Tensor
       read 0.33-0.74x): 2 threads, fp32 and bf16, with and without a bias, against the path they would take
       otherwise (the native matmul, or oneDNN's inner product with a bias), on 19 layers with 8-32 outputs
       or 96 or 160 (CIFAR sizes at batch 128, MobileNet v2's at batch 8): 1.03-2.63x, and 0.91-1.51x torch's
-      convolution; 32->32 @28 at batch 128 in bf16 (separable) 1.47x, 1.10x torch's. With 40-144 other
-      outputs (24->144, 64->48, 32->80) 0.71-1.17x, so those keep the other path.
+      convolution; 32->32 @28 at batch 128 in bf16 (separable) 1.47x, 1.10x torch's. Other widths, on
+      48-column panels where they pad least (40, 48, 80, 144 outputs): with a bias 1.17-3.4x the inner product;
+      without one 0.73-1.35x the native matmul (32->80 fp32 0.73x, 24->144 bf16 at batch 128 0.75x), which
+      keeps those.
     * bf16 (it reduces in one block, see the source): with a bias 1.01-1.25x against the inner product's
       0.91-1.06x on the eight layers from 28x28 up with at most 256 input channels; 0.92-0.94x against
       1.01-1.03x on 256->512 and 512->512 @14, 0.75-0.88x against 1.30-1.40x at 7x7. Without a bias 1.00-1.10x
@@ -228,7 +231,7 @@ def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None, out: Tensor
         fits = m >= LINEAR_BF16_MIN_ROWS and c <= LINEAR_BF16_MAX_IN and c % 2 == 0
     else:
         fits = False
-    fits = fits and (k <= LINEAR_NARROW_OUT or k % LINEAR_COLUMNS == 0)
+    fits = fits and (bias is not None or k <= LINEAR_NARROW_OUT or k % LINEAR_COLUMNS == 0)
     # _native_matmul's checks (eager, CPU, non-empty, one dtype; the library loaded) hold for both native ops.
     if fits and _native_matmul(*((rows, w2d) if bias is None else (rows, w2d, bias))):
         kernel = native.linear_out(rows.dtype)

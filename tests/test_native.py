@@ -74,12 +74,11 @@ def _needs_linear(dtype=torch.float32):
         pytest.skip(f"native product {native.status()}")
 
 
-# (M, K, N): panels of one, two and four vectors (N up to 16, up to 32 and 70, 96 or 130 as 32-column panels, the
-# rest as 64-column ones), whole tiles of 24, 12 and 6 rows and every kind of row tail under them, column tails
-# in each panel width, fp32 reductions over more than one 256-deep block, many parallel tasks. bf16 takes the
-# even K.
+# (M, K, N): panels of one, two, three and four vectors (N up to 16; up to 32, 70 and 96; 40, 130 and 144; the rest),
+# whole tiles of 24, 12, 8 and 6 rows and every kind of row tail under them, column tails in each panel width, fp32
+# reductions over more than one 256-deep block, many parallel tasks. bf16 takes the even K.
 LINEAR_SHAPES = [(1, 2, 1), (37, 8, 1), (7, 4, 64), (50, 300, 70), (97, 258, 130), (13, 64, 16), (149, 512, 128), (200, 40, 192),
-                 (75, 18, 12), (59, 32, 32), (30, 6, 24), (100, 40, 96)]  # fmt: skip
+                 (75, 18, 12), (59, 32, 32), (30, 6, 24), (100, 40, 96), (61, 24, 144), (23, 10, 40)]  # fmt: skip
 LINEAR_SHAPES_FP32 = [(1, 1, 1), (50, 1, 70), (7, 3, 64), (97, 257, 130)]
 
 
@@ -536,17 +535,28 @@ def test_backward_without_an_input_gradient(memory_format, hw, op):
 
 
 @pytest.mark.parametrize(
-    "k, bias, expected", [(64, True, 1), (128, False, 1), (96, True, 1), (32, False, 1), (16, True, 1), (48, True, 0), (40, False, 0)]
+    "k, bias, expected",
+    [
+        (64, True, 1),
+        (128, False, 1),
+        (96, False, 1),
+        (32, False, 1),
+        (16, False, 1),
+        (48, True, 1),
+        (144, True, 1),
+        (48, False, 0),
+        (40, False, 0),
+    ],
 )
 def test_channels_last_forward_takes_the_avx512_kernel_where_measured(k, bias, expected):
-    """fp32 channels_last with at least LINEAR_MIN_ROWS rows: the forward on linear_out when there are at most
-    LINEAR_NARROW_OUT output channels or a multiple of LINEAR_COLUMNS (else as before), dX and dW on matmul_out;
-    all three as F.conv2d's."""
+    """fp32 channels_last with at least LINEAR_MIN_ROWS rows: the forward on linear_out with a bias, or with at
+    most LINEAR_NARROW_OUT output channels or a multiple of LINEAR_COLUMNS (else as before), dX and dW on
+    matmul_out; all three as F.conv2d's."""
     from models.functional import LINEAR_COLUMNS, LINEAR_MIN_ROWS, LINEAR_NARROW_OUT
 
     _needs_linear()
     n, c, h = 2, 24, 23
-    assert n * h * h >= LINEAR_MIN_ROWS and (k <= LINEAR_NARROW_OUT or k % LINEAR_COLUMNS == 0) == bool(expected)
+    assert n * h * h >= LINEAR_MIN_ROWS and (bias or k <= LINEAR_NARROW_OUT or k % LINEAR_COLUMNS == 0) == bool(expected)
     g = torch.Generator().manual_seed(k)
     x = torch.randn(n, c, h, h, generator=g).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(k, c, 1, 1, generator=g) / c**0.5, torch.randn(k, generator=g) if bias else None

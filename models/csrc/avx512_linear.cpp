@@ -310,14 +310,20 @@ void run_task(const Problem<T>& pr, int64_t m0, int64_t m1, int64_t p0, int64_t 
 }
 
 // Vectors per panel of linear_out for n output columns: one (tiles of 24 x 1 accumulators) for at most 16, two
-// (12 x 2) for at most 32, and above that four (6 x 4) unless two leave fewer empty lanes (96, 144, 160 columns).
-// A 64-column panel on 16 or 32 outputs would be three quarters or half padding. One-off A/Bs (2 threads, 17
-// layers with 8-160 outputs at batch 8 and 128): one vector on 48-144 outputs lost up to 0.43x, each panel
-// reading the rows again.
+// (12 x 2) for at most 32; above that four (6 x 4), two or three (8 x 3), whichever pads the last panel least, in
+// that order on a tie (96 and 160 take two, 48 and 144 three). A 64-column panel on 16 or 32 outputs would be three
+// quarters or half padding. One-off in-process A/Bs of the widths (2 threads, fp32 and bf16, nine layers with 40-192
+// outputs): the least padding was the fastest or within 5% of it, except 16->96, where two read 1.02-1.08x
+// torch's convolution in bf16 and three 0.98-1.02x; one vector on 48-144 outputs lost up to 0.43x.
 int linear_vectors(int64_t n) {
   if (n <= 16) return 1;
   if (n <= 32) return 2;
-  return (n + 31) / 32 * 32 < (n + 63) / 64 * 64 ? 2 : 4;
+  const auto padded = [n](int v) { return (n + 16 * v - 1) / (16 * v) * (16 * v); };
+  int best = 4;
+  for (const int v : {2, 3}) {
+    if (padded(v) < padded(best)) best = v;
+  }
+  return best;
 }
 
 // Packs w (N, K), any strides, into panels of w^T 16V columns wide and runs the tiles over all threads.
@@ -924,6 +930,7 @@ void linear_out(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   const auto run_panels = [&]<typename T>() {
     switch (linear_vectors(n)) {
       case 4: return run<T, 4>(x, w, bias, out, stream_min_bytes);
+      case 3: return run<T, 3>(x, w, bias, out, stream_min_bytes);
       case 2: return run<T, 2>(x, w, bias, out, stream_min_bytes);
       default: return run<T, 1>(x, w, bias, out, stream_min_bytes);
     }
