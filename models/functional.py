@@ -363,11 +363,14 @@ def _weight_grad(grad: Tensor, rows: Tensor) -> Tensor:
     return slabs.sum(0).t().contiguous()  # (K, C)
 
 
-# fp32 and bf16 channels_last backwards of at least GRAD_KERNEL_MIN_ROWS rows, with at most GRAD_KERNEL_MAX_IN input
-# channels and no fewer outputs than inputs, run on convlab's AVX-512 kernel: dW, db and dX in one pass over dY
-# (see _kernel_backward).
+# fp32 and bf16 channels_last backwards of at least GRAD_KERNEL_MIN_ROWS rows run on convlab's AVX-512 kernel, dW, db
+# and dX in one pass over dY (see _kernel_backward): with no fewer outputs than inputs, up to GRAD_KERNEL_MAX_IN
+# input channels; with fewer (a projection), from GRAD_KERNEL_NARROW_MIN_OUT outputs up to GRAD_KERNEL_NARROW_MAX_IN
+# inputs.
 GRAD_KERNEL_MIN_ROWS = 4096
 GRAD_KERNEL_MAX_IN = 128
+GRAD_KERNEL_NARROW_MIN_OUT = 32
+GRAD_KERNEL_NARROW_MAX_IN = 512
 
 
 def _kernel_backward(grad: Tensor, rows: Tensor, w2d: Tensor | None, with_bias: bool) -> tuple[Tensor | None, Tensor, Tensor | None] | None:
@@ -394,10 +397,19 @@ def _kernel_backward(grad: Tensor, rows: Tensor, w2d: Tensor | None, with_bias: 
     * bf16 (pairs of rows multiplied with AVX512_BF16's dot product for ``dW``, pairs of columns for ``dX``,
       summed in fp32, ``dW`` and ``db`` rounded once): all three against today's matmuls and sum, 1.02-2.01x
       on 15 layers inside the bounds (32->64 @112 1.93 -> 1.37 ms, 32->512 @56 4.34 -> 2.89 ms); 0.97x on
-      256->256 @28, outside them. dX in bf16 multiplies pairs of dY's columns, so K must be even.
+      256->256 @28, outside them. dX in bf16 multiplies pairs of dY's columns, so K must be even;
+    * fewer outputs than inputs (MobileNet v2's and ResNet-50's projections, at batch 8 and 128), all three
+      against the paths above, in-process and interleaved, with torch's backward as the yardstick: from 32
+      outputs and up to 512 inputs, on the 13 layers with 6272 rows or more (144->32 and 192->32 @28, 256->64
+      @56, 512->128 and 512->256 @28, 96->48 @56, ...) fp32 1.03-1.50x torch's where the old paths read
+      0.80-1.29x (one tie, 320->160 @28: 1.08x against 1.11x), bf16 1.04-1.58x against 0.68-1.00x. With 16 or
+      24 outputs (a 32-column panel a quarter to half empty) 0.55-1.39x against 0.66-1.93x, and below 4096 rows
+      (14x14 and 7x7 at batch 8) mixed, 0.79-1.58x against 0.99-1.86x: those keep the old paths.
     """
     (m, c), k = rows.shape, grad.shape[1]
-    if m < GRAD_KERNEL_MIN_ROWS or c > GRAD_KERNEL_MAX_IN or k < c:
+    if m < GRAD_KERNEL_MIN_ROWS:
+        return None
+    if (c > GRAD_KERNEL_MAX_IN) if k >= c else (k < GRAD_KERNEL_NARROW_MIN_OUT or c > GRAD_KERNEL_NARROW_MAX_IN):
         return None
     if rows.dtype == torch.bfloat16 and w2d is not None and k % 2:  # bf16 dX multiplies pairs of dY's columns
         return None

@@ -461,7 +461,10 @@ def test_rows_backward_refuses_what_it_cannot_compute(grad, x, dwt, db, match):
         (24, 64, (45, 45), True, 0),  # 4050 rows: below it
         (128, 128, (46, 46), True, 1),  # GRAD_KERNEL_MAX_IN
         (136, 136, (46, 46), True, 0),  # above it
-        (64, 32, (46, 46), True, 0),  # fewer outputs than inputs
+        (64, 32, (46, 46), True, 1),  # fewer outputs than inputs: from GRAD_KERNEL_NARROW_MIN_OUT outputs
+        (64, 24, (46, 46), True, 0),  # below it
+        (512, 32, (46, 46), False, 1),  # up to GRAD_KERNEL_NARROW_MAX_IN inputs
+        (520, 32, (46, 46), True, 0),  # above it
     ],
 )
 def test_channels_last_backward_takes_the_avx512_kernel_where_measured(c, k, hw, bias, expected):
@@ -471,7 +474,12 @@ def test_channels_last_backward_takes_the_avx512_kernel_where_measured(c, k, hw,
 
     _needs_rows_backward()
     n = 2
-    assert (n * hw[0] * hw[1] >= functional.GRAD_KERNEL_MIN_ROWS and c <= functional.GRAD_KERNEL_MAX_IN and k >= c) == bool(expected)
+    in_bounds = (
+        c <= functional.GRAD_KERNEL_MAX_IN
+        if k >= c
+        else k >= functional.GRAD_KERNEL_NARROW_MIN_OUT and c <= functional.GRAD_KERNEL_NARROW_MAX_IN
+    )
+    assert (n * hw[0] * hw[1] >= functional.GRAD_KERNEL_MIN_ROWS and in_bounds) == bool(expected)
     g = torch.Generator().manual_seed(c + k + hw[0])
     x = torch.randn(n, c, *hw, generator=g).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(k, c, 1, 1, generator=g) / c**0.5, torch.randn(k, generator=g) if bias else None
