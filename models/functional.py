@@ -150,9 +150,8 @@ def _matmul_operand(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
-    """``rows @ w2d^T + bias`` for ``rows`` ``(M, C)``, ``w2d`` ``(K, C)``: one matrix product, no autograd,
-    written into ``out`` ``(M, K)`` with unit column stride when given (a copy on the paths that allocate their own).
+def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
+    """``rows @ w2d^T + bias`` for ``rows`` ``(M, C)``, ``w2d`` ``(K, C)``: one matrix product, no autograd.
 
     On CPU it runs oneDNN's matrix product where this torch has one for the dtype: for the tall,
     thin matrices of a 1x1 convolution (M = N*H*W rows, C and K in the tens) it is up to 1.7x faster
@@ -172,17 +171,15 @@ def _rows_product(rows: Tensor, w2d: Tensor, bias: Tensor | None, out: Tensor | 
     m = rows.shape[0]
     mm = _native_matmul(rows, w2d) if bias is None else None
     if mm is not None:
-        out = rows.new_empty(m, w2d.shape[0]) if out is None else out
+        out = rows.new_empty(m, w2d.shape[0])
         mm(_matmul_operand(rows), _matmul_operand(w2d).t(), out, 0.0)  # (M, C) @ (C, K)
         return out
     if rows.device.type == "cpu" and m and rows.dtype in _onednn_linear_dtypes() and w2d.dtype == rows.dtype:
         # A sliced or expanded bias read as it lies gave wrong values, and oneDNN refuses overlapping
         # strides: every operand goes in with a contiguous tensor's strides.
         bias = None if bias is None else _canonical(bias)
-        result = torch.ops.mkldnn._linear_pointwise(_canonical(rows), _weight_operand(w2d, rows.shape[0]), bias, "none", [], "")
-    else:
-        result = F.linear(rows, w2d, bias)
-    return result if out is None else out.copy_(result)
+        return torch.ops.mkldnn._linear_pointwise(_canonical(rows), _weight_operand(w2d, rows.shape[0]), bias, "none", [], "")
+    return F.linear(rows, w2d, bias)
 
 
 # convlab's AVX-512 kernel runs the channels_last forward of products with a bias, or with at most LINEAR_NARROW_OUT
@@ -195,9 +192,9 @@ LINEAR_BF16_MIN_ROWS = 4096
 LINEAR_BF16_MAX_IN = 256
 
 
-def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None, out: Tensor) -> None:
-    """The channels_last forward ``out = rows @ w2d^T + bias`` (``out`` ``(M, K)``, unit column stride): convlab's
-    AVX-512 kernel where measured faster, else :func:`_rows_product`.
+def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
+    """The channels_last forward ``rows @ w2d^T + bias``, a new ``(M, K)`` tensor: convlab's AVX-512 kernel where
+    measured faster, else :func:`_rows_product`.
 
     The kernel (``models/csrc/avx512_linear.cpp``) starts its register tiles at the bias, so the bias costs no
     pass, and streams outputs of at least ``native.STREAM_MIN_BYTES`` past the cache. Its panels are 64 columns
@@ -236,9 +233,10 @@ def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None, out: Tensor
     if fits and _native_matmul(*((rows, w2d) if bias is None else (rows, w2d, bias))):
         kernel = native.linear_out(rows.dtype)
         if kernel is not None:
+            out = rows.new_empty(m, k)
             kernel(_unit_columns(rows), w2d, bias, out, native.STREAM_MIN_BYTES)
-            return
-    _rows_product(rows, w2d, bias, out)
+            return out
+    return _rows_product(rows, w2d, bias)
 
 
 # fp32 weights ``(K, C)`` go to oneDNN's product in another layout than they lie in only for products of at
@@ -435,12 +433,13 @@ def _rows_operands(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.
 
 
 def _rows_forward(rows: Tensor, w2d: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
-    """``F.conv2d``'s output for the operands of :func:`_rows_operands`: ``(N, K, H, W)`` in channels_last memory,
-    whose ``(N*H*W, K)`` rows the product writes in place."""
+    """``F.conv2d``'s output for the operands of :func:`_rows_operands`: the product's ``(N*H*W, K)`` rows read as
+    ``(N, K, H, W)`` in channels_last memory, through a tensor of its own on their storage (``set_``), not a view of
+    them: a view made inside an autograd Function may not be modified in place, and a copy would cost a pass."""
     n, _, h, w = x.shape
-    out = torch.empty((n, w2d.shape[0], h, w), dtype=rows.dtype, device=rows.device, memory_format=torch.channels_last)
-    _forward_product(rows, w2d, bias, out.permute(0, 2, 3, 1).flatten(0, 2))
-    return out
+    out = _forward_product(rows, w2d, bias)  # (N*H*W, K), rows contiguous
+    k = out.shape[1]
+    return out.new_empty(0).set_(out.untyped_storage(), out.storage_offset(), (n, k, h, w), (h * w * k, 1, w * k, k))
 
 
 class _RowsPointwise(torch.autograd.Function):
@@ -450,7 +449,7 @@ class _RowsPointwise(torch.autograd.Function):
     autograd records one node where it recorded up to six (views and casts), and under autocast the weight's and
     the bias's gradients stay the kernel's fp32 sums: rounded to bf16 for the cast's backward, as F.conv2d's are,
     they were about 2e-3 off. (Speed: the same within noise, one-off in-process A/B on separable's five layer
-    shapes at batch 128.) The output is a tensor of its own, written in place, so in-place ops may follow it.
+    shapes at batch 128.) The output is a tensor of its own (see :func:`_rows_forward`), so in-place ops may follow it.
 
     Backward: ``dX = dY W`` (again a tall, thin product, so the same fast path), ``dW = dY^T X``
     (a long reduction over rows, see :func:`_weight_grad`), ``db = sum dY``; within
