@@ -542,7 +542,9 @@ def bytes_moved(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 # Suite: pointwise
 
 
-# (group, label, N, C_in, C_out, H=W). MobileNet v1 at 224: every distinct 1x1 layer, batch 8.
+# (group, label, N, C_in, C_out, H=W), batch 8. MobileNet v1 at 224: every distinct 1x1 layer. MobileNet v2 at 224:
+# at each resolution one expansion and one projection (of its 19 distinct 1x1 layers), whose narrow and uneven
+# widths (16, 24, 96, 144 channels) the v1 layers, all multiples of 64, do not have.
 POINTWISE_SHAPES: dict[str, list[tuple[str, str, int, int, int, int]]] = {
     "full": [
         ("small output", "32->64 @56", 8, 32, 64, 56),
@@ -560,6 +562,21 @@ POINTWISE_SHAPES: dict[str, list[tuple[str, str, int, int, int, int]]] = {
                 (512, 512, 14),
                 (512, 1024, 7),
                 (1024, 1024, 7),
+            ]
+        ),
+        *(
+            ("mobilenet_v2", f"{c_in}->{c_out} @{hw}", 8, c_in, c_out, hw)
+            for c_in, c_out, hw in [
+                (16, 96, 112),
+                (32, 16, 112),
+                (24, 144, 56),
+                (96, 24, 56),
+                (32, 192, 28),
+                (144, 32, 28),
+                (96, 576, 14),
+                (384, 96, 14),
+                (160, 960, 7),
+                (960, 320, 7),
             ]
         ),
     ],
@@ -704,8 +721,8 @@ def _rate_row(ctx: BenchContext, dtype: str, macs: int, pass_name: str, timings:
 
 
 def _is_large(row: dict[str, Any]) -> bool:
-    """The shapes the %-of-peak goal is about: the large-output group and MobileNet's 512- and 1024-channel layers."""
-    return row["group"] in LARGE_GROUPS or row["c_in"] >= 512
+    """The shapes the %-of-peak goal is about: the large-output group and MobileNet v1's 512- and 1024-channel layers."""
+    return row["group"] in LARGE_GROUPS or (row["group"] == "mobilenet_v1" and row["c_in"] >= 512)
 
 
 def _pointwise_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -797,7 +814,7 @@ POINTWISE_NOTES = [
     "speed ours/torch = torch median time / ours median time: above 1 means ours is faster.",
     "FLOPs = 2 x MACs for a forward pass and 6 x MACs for forward + backward (input gradient + weight gradient); "
     "% peak = achieved GFLOP/s / this run's median square-matmul GFLOP/s in the same dtype x 100.",
-    "Large shapes: the 'large output' group and the MobileNet layers with C_in >= 512. 'worst by min times' uses each contender's "
+    "Large shapes: the 'large output' group and the MobileNet v1 layers with C_in >= 512. 'worst by min times' uses each contender's "
     "fastest call instead of its median, a view less sensitive to other processes' load.",
     "The peak is the faster of torch.matmul's square product (MKL for fp32 on CPU, cuBLAS on GPU) and, on CPU, oneDNN's "
     "(its inner product, which pointwise_conv2d's channels_last path runs on); the Machine limits line gives both.",
