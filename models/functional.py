@@ -364,11 +364,13 @@ def _weight_grad(grad: Tensor, rows: Tensor) -> Tensor:
 # fp32 and bf16 channels_last backwards of at least GRAD_KERNEL_MIN_ROWS rows run on convlab's AVX-512 kernel, dW, db
 # and dX in one pass over dY (see _kernel_backward): with no fewer outputs than inputs, up to GRAD_KERNEL_MAX_IN
 # input channels; with fewer (a projection), from GRAD_KERNEL_NARROW_MIN_OUT outputs up to GRAD_KERNEL_NARROW_MAX_IN
-# inputs.
+# inputs, or up to GRAD_KERNEL_NARROWEST_MAX_OUT outputs (one 16-column panel) up to GRAD_KERNEL_NARROWEST_MAX_IN.
 GRAD_KERNEL_MIN_ROWS = 4096
 GRAD_KERNEL_MAX_IN = 128
 GRAD_KERNEL_NARROW_MIN_OUT = 32
 GRAD_KERNEL_NARROW_MAX_IN = 512
+GRAD_KERNEL_NARROWEST_MAX_OUT = 16
+GRAD_KERNEL_NARROWEST_MAX_IN = 64
 
 
 def _kernel_backward(grad: Tensor, rows: Tensor, w2d: Tensor | None, with_bias: bool) -> tuple[Tensor | None, Tensor, Tensor | None] | None:
@@ -400,14 +402,23 @@ def _kernel_backward(grad: Tensor, rows: Tensor, w2d: Tensor | None, with_bias: 
       against the paths above, in-process and interleaved, with torch's backward as the yardstick: from 32
       outputs and up to 512 inputs, on the 13 layers with 6272 rows or more (144->32 and 192->32 @28, 256->64
       @56, 512->128 and 512->256 @28, 96->48 @56, ...) fp32 1.03-1.50x torch's where the old paths read
-      0.80-1.29x (one tie, 320->160 @28: 1.08x against 1.11x), bf16 1.04-1.58x against 0.68-1.00x. With 16 or
-      24 outputs (a 32-column panel a quarter to half empty) 0.55-1.39x against 0.66-1.93x, and below 4096 rows
-      (14x14 and 7x7 at batch 8) mixed, 0.79-1.58x against 0.99-1.86x: those keep the old paths.
+      0.80-1.29x (one tie, 320->160 @28: 1.08x against 1.11x), bf16 1.04-1.58x against 0.68-1.00x. With 16
+      outputs, on one 16-column panel (24 x 1 tiles; a 32-column one left half of each tile empty): up to 64
+      inputs (32->16 @112, 64->16 @56, 48->16 and 32->16 at batch 128) fp32 1.29-1.49x against 1.03-1.20x,
+      bf16 0.72-0.95x against 0.62-0.83x (48->16: 0.72x against 0.78x); from 96 inputs 1.04-1.35x against
+      1.39-1.53x in fp32, so those keep the old paths, as do 24 outputs (0.91-0.99x against 0.86-1.19x) and
+      layers under 4096 rows (14x14 and 7x7 at batch 8: mixed, 0.79-1.58x against 0.99-1.86x).
     """
     (m, c), k = rows.shape, grad.shape[1]
     if m < GRAD_KERNEL_MIN_ROWS:
         return None
-    if (c > GRAD_KERNEL_MAX_IN) if k >= c else (k < GRAD_KERNEL_NARROW_MIN_OUT or c > GRAD_KERNEL_NARROW_MAX_IN):
+    if k >= c:
+        fits = c <= GRAD_KERNEL_MAX_IN
+    else:
+        fits = (k >= GRAD_KERNEL_NARROW_MIN_OUT and c <= GRAD_KERNEL_NARROW_MAX_IN) or (
+            k <= GRAD_KERNEL_NARROWEST_MAX_OUT and c <= GRAD_KERNEL_NARROWEST_MAX_IN
+        )
+    if not fits:
         return None
     if rows.dtype == torch.bfloat16 and w2d is not None and k % 2:  # bf16 dX multiplies pairs of dY's columns
         return None

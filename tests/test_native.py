@@ -377,12 +377,13 @@ def _needs_rows_backward(dtype=torch.float32):
         pytest.skip(f"native product {native.status()}")
 
 
-# (M, C, K): channel tails under the 8- and 6-channel tiles of dW^T, K on 48-wide panels (48, 96, 100) and 64-wide
-# ones (64, 128, 130), a last partial panel, one row and one channel, row counts under, at and over the 128-row
-# block (several blocks per thread, so the prefetch of the next block runs, and a partial last block); for dX,
-# C on one to four 16-column vectors and over one 64-column panel (130), row tails under each tile height.
+# (M, C, K): channel tails under the 24-, 12-, 8- and 6-channel tiles of dW^T, K on one 16-wide panel (up to 16),
+# 48-wide panels (48, 96, 100) and 64-wide ones (64, 128, 130), fp32's 32-wide one (30, 44 -> 48 in bf16), a last
+# partial panel, one row and one channel, row counts under, at and over the 128-row block (several blocks per
+# thread, so the prefetch of the next block runs, and a partial last block); for dX, C on one to four 16-column
+# vectors and over one 64-column panel (130), row tails under each tile height.
 GRAD_SHAPES = [(1, 1, 1), (5, 3, 7), (127, 8, 48), (128, 13, 64), (300, 33, 100), (1000, 8, 96), (257, 64, 130),
-               (700, 6, 128), (2000, 21, 5), (389, 40, 44), (301, 130, 140), (150, 17, 30)]  # fmt: skip
+               (700, 6, 128), (2000, 21, 5), (389, 40, 44), (301, 130, 140), (150, 17, 30), (600, 50, 16)]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda v: "x".join(map(str, v)))
@@ -465,6 +466,9 @@ def test_rows_backward_refuses_what_it_cannot_compute(grad, x, dwt, db, match):
         (64, 24, (46, 46), True, 0),  # below it
         (512, 32, (46, 46), False, 1),  # up to GRAD_KERNEL_NARROW_MAX_IN inputs
         (520, 32, (46, 46), True, 0),  # above it
+        (64, 16, (46, 46), True, 1),  # up to GRAD_KERNEL_NARROWEST_MAX_OUT outputs, one 16-column panel
+        (72, 16, (46, 46), True, 0),  # above GRAD_KERNEL_NARROWEST_MAX_IN inputs
+        (16, 12, (46, 46), False, 1),
     ],
 )
 def test_channels_last_backward_takes_the_avx512_kernel_where_measured(c, k, hw, bias, expected):
@@ -474,11 +478,9 @@ def test_channels_last_backward_takes_the_avx512_kernel_where_measured(c, k, hw,
 
     _needs_rows_backward()
     n = 2
-    in_bounds = (
-        c <= functional.GRAD_KERNEL_MAX_IN
-        if k >= c
-        else k >= functional.GRAD_KERNEL_NARROW_MIN_OUT and c <= functional.GRAD_KERNEL_NARROW_MAX_IN
-    )
+    narrow = k >= functional.GRAD_KERNEL_NARROW_MIN_OUT and c <= functional.GRAD_KERNEL_NARROW_MAX_IN
+    narrowest = k <= functional.GRAD_KERNEL_NARROWEST_MAX_OUT and c <= functional.GRAD_KERNEL_NARROWEST_MAX_IN
+    in_bounds = c <= functional.GRAD_KERNEL_MAX_IN if k >= c else narrow or narrowest
     assert (n * hw[0] * hw[1] >= functional.GRAD_KERNEL_MIN_ROWS and in_bounds) == bool(expected)
     g = torch.Generator().manual_seed(c + k + hw[0])
     x = torch.randn(n, c, *hw, generator=g).contiguous(memory_format=torch.channels_last)

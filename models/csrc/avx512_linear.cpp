@@ -439,8 +439,8 @@ void sum_partials(const std::vector<float>& parts, int threads, int64_t c_k, con
 // rows_backward: dW^T = x^T @ grad, db = sum of grad's rows and dX = grad @ w, fp32: the three gradients of a
 // channels_last 1x1 convolution, x (M, C) and grad (M, K), in one pass over grad (dX per block, below). A tile
 // of dW^T is R input channels x V 16-lane vectors of output channels, 24 accumulators (8 x 3 or 6 x 4, whichever
-// pads K less; 12 x 2 for fp32 with K <= 32, see grad_panel_cols); for each row m it broadcasts x[m, c] and multiplies grad[m, panel], the vectors the bias gradient
-// sums too. Each thread reduces its blocks of rows into its own partial sums, added up at the end; the tile of
+// pads K less; 24 x 1 with K <= 16, 12 x 2 for fp32 with K <= 32, see grad_panel_cols); for each row m it
+// broadcasts x[m, c] and multiplies grad[m, panel], the vectors the bias gradient sums too. Each thread reduces its blocks of rows into its own partial sums, added up at the end; the tile of
 // channel 0 prefetches the next block's rows into L2, which the strided walk down grad's rows otherwise waits on
 // (it doubled the speed on 32-channel layers).
 constexpr int64_t kGradBlock = 128;  // rows of grad a thread reduces before the next panel (kept in L1)
@@ -568,10 +568,12 @@ void dx_rows(int64_t rows, const T* g, int64_t ldg, const W* w, int64_t ldw, int
   }
 }
 
-// Panels of 48 or 64 of grad's K columns, whichever leaves fewer empty lanes in the last one (64 on a tie); fp32
-// takes up to 32 columns in one panel of 32 (12 x 2 tiles; one-off, 1.2-1.4x on four layers with 16-32 outputs,
-// where 48 left a third of each tile empty; bf16, whose cost there is the pairing, read 0.9-1.0x).
+// Panels of 48 or 64 of grad's K columns, whichever leaves fewer empty lanes in the last one (64 on a tie); up to 16
+// columns one panel of 16 (24 x 1 tiles; one-off, five 16-output layers against torch's backward in two runs, before
+// and after: fp32 0.97-1.33x, bf16 1.08-1.25x the 32- and 48-column panels); fp32 takes up to 32 columns in one panel of 32 (12 x 2 tiles; one-off, 1.2-1.4x on four layers
+// with 16-32 outputs, where 48 left a third of each tile empty; bf16, whose cost there is the pairing, read 0.9-1.0x).
 int64_t grad_panel_cols(int64_t k, bool narrow) {
+  if (k <= 16) return 16;
   if (narrow && k <= 32) return 32;
   return (k + 47) / 48 * 48 < (k + 63) / 64 * 64 ? 48 : 64;
 }
@@ -620,7 +622,7 @@ void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tens
         const float* xr = xp + m0 * ldx;
         float* dbk = part_db ? part_db + k0 : nullptr;
         dispatch_count<4>(cols / 16, 0, [&]<int V>(int64_t) {
-          if constexpr (V >= 2) grad_panel<V>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
+          grad_panel<V>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
         });
       }
       if (dxp) {  // this block's grad rows are in cache now: their dX too
@@ -741,9 +743,7 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
         panel_masks(std::min(cols, k - k0), masks);
         float* dbk = part_db ? part_db + k0 : nullptr;
         dispatch_count<4>(cols / 16, 0, [&]<int V>(int64_t) {
-          if constexpr (V >= 2) {
-            grad_panel_bf16<V>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
-          }
+          grad_panel_bf16<V>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
         });
       }
       if (dxp) {
