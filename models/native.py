@@ -13,7 +13,7 @@ a given tensor, so an NCHW image's product lands in place and transposed operand
 ``images_backward`` an NCHW layer's, fp32.
 
 All are compiled into one library, once per torch build and sources, with the C++ compiler found as ``$CXX``,
-``c++`` or ``g++`` (about 10 s), into ``$CONVLAB_CACHE`` (default ``~/.cache/convlab``)
+``c++`` or ``g++`` (about 20 s), into ``$CONVLAB_CACHE`` (default ``~/.cache/convlab``)
 ``/native/<key>/``. With no compiler, a failed build or ``CONVLAB_NATIVE=0``, :func:`matmul_out`,
 :func:`linear_out`, :func:`images_out`, :func:`rows_backward` and :func:`images_backward` return None and pointwise_conv2d runs its
 pure-Python lowering instead (one warning says why); on a CPU without AVX-512F only the AVX-512 kernels are
