@@ -542,43 +542,26 @@ def bytes_moved(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 # Suite: pointwise
 
 
-# (group, label, N, C_in, C_out, H=W), batch 8. MobileNet v1 at 224: every distinct 1x1 layer. MobileNet v2 at 224:
-# at each resolution one expansion and one projection (of its 19 distinct 1x1 layers), whose narrow and uneven
-# widths (16, 24, 96, 144 channels) the v1 layers, all multiples of 64, do not have.
+def _batch8(group: str, layers: list[tuple[int, int, int]]) -> list[tuple[str, str, int, int, int, int]]:
+    """``(group, label, N, C_in, C_out, H=W)`` rows at batch 8 for ``(C_in, C_out, H=W)`` layers."""
+    return [(group, f"{c_in}->{c_out} @{hw}", 8, c_in, c_out, hw) for c_in, c_out, hw in layers]
+
+
+# (C_in, C_out, H=W). MobileNet v1 at 224: every distinct 1x1 layer. MobileNet v2 at 224: at each resolution one
+# expansion and one projection (of its 19 distinct 1x1 layers), whose narrow and uneven widths (16, 24, 96, 144
+# channels) the v1 layers, all multiples of 64, do not have.
+MOBILENET_V1_1X1 = [(32, 64, 112), (64, 128, 56), (128, 128, 56), (128, 256, 28), (256, 256, 28), (256, 512, 14),
+                    (512, 512, 14), (512, 1024, 7), (1024, 1024, 7)]  # fmt: skip
+MOBILENET_V2_1X1 = [(16, 96, 112), (32, 16, 112), (24, 144, 56), (96, 24, 56), (32, 192, 28), (144, 32, 28),
+                    (96, 576, 14), (384, 96, 14), (160, 960, 7), (960, 320, 7)]  # fmt: skip
+
+# (group, label, N, C_in, C_out, H=W): the guide's shapes and the MobileNets' layers at batch 8.
 POINTWISE_SHAPES: dict[str, list[tuple[str, str, int, int, int, int]]] = {
     "full": [
-        ("small output", "32->64 @56", 8, 32, 64, 56),
-        ("large output", "32->256 @56", 8, 32, 256, 56),
-        ("large output", "32->512 @56", 8, 32, 512, 56),
-        *(
-            ("mobilenet_v1", f"{c_in}->{c_out} @{hw}", 8, c_in, c_out, hw)
-            for c_in, c_out, hw in [
-                (32, 64, 112),
-                (64, 128, 56),
-                (128, 128, 56),
-                (128, 256, 28),
-                (256, 256, 28),
-                (256, 512, 14),
-                (512, 512, 14),
-                (512, 1024, 7),
-                (1024, 1024, 7),
-            ]
-        ),
-        *(
-            ("mobilenet_v2", f"{c_in}->{c_out} @{hw}", 8, c_in, c_out, hw)
-            for c_in, c_out, hw in [
-                (16, 96, 112),
-                (32, 16, 112),
-                (24, 144, 56),
-                (96, 24, 56),
-                (32, 192, 28),
-                (144, 32, 28),
-                (96, 576, 14),
-                (384, 96, 14),
-                (160, 960, 7),
-                (960, 320, 7),
-            ]
-        ),
+        *_batch8("small output", [(32, 64, 56)]),
+        *_batch8("large output", [(32, 256, 56), (32, 512, 56)]),
+        *_batch8("mobilenet_v1", MOBILENET_V1_1X1),
+        *_batch8("mobilenet_v2", MOBILENET_V2_1X1),
     ],
     "tiny": [("small output", "8->16 @6", 2, 8, 16, 6), ("large output", "16->48 @4", 2, 16, 48, 4)],
 }
