@@ -211,8 +211,8 @@ def _forward_product(rows: Tensor, w2d: Tensor, bias: Tensor | None) -> Tensor:
       read 0.33-0.74x): 2 threads, fp32 and bf16, with and without a bias, against the path they would take
       otherwise (the native matmul, or oneDNN's inner product with a bias), on 19 layers with 8-32 outputs
       or 96 or 160 (CIFAR sizes at batch 128, MobileNet v2's at batch 8): 1.03-2.63x, and 0.91-1.51x torch's
-      convolution; 32->32 @28 at batch 128 in bf16 (separable) 1.47x, 1.10x torch's. Other widths, on
-      48-column panels where they pad least (40, 48, 80, 144 outputs): with a bias 1.17-3.4x the inner product;
+      convolution; 32->32 @28 at batch 128 in bf16 (separable) 1.47x, 1.10x torch's. Other widths (40, 48
+      and 144 outputs on 48-column panels, 80 on 32-column ones): with a bias 1.17-3.4x the inner product;
       without one 0.73-1.35x the native matmul (32->80 fp32 0.73x, 24->144 bf16 at batch 128 0.75x), which
       keeps those.
     * bf16 (it reduces in one block, see the source): with a bias 1.01-1.25x against the inner product's

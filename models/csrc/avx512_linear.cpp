@@ -6,11 +6,11 @@
 //
 // oneDNN's matmul (onednn_matmul.cpp) takes no bias, so the bias cost a second pass over the output, and oneDNN's
 // inner product, which adds it as it writes, ran at 0.84-0.94x torch's convolution on six fp32 layers on two
-// threads (benchmarks/README.md). Here each 6-row x 64-column tile of out (12 x 32 or 24 x 16 on narrow outputs,
-// see linear_vectors) is 24 vector accumulators that start at the bias, run the reduction and are stored once.
-// Outputs of at least `stream_min_bytes` are written with non-temporal stores, which skip reading the lines into
-// the cache first. bf16 operands are multiplied in pairs (AVX512_BF16's dot product), accumulated in fp32 and
-// rounded once, at the store, as oneDNN does. On NCHW images
+// threads (benchmarks/README.md). Here each 6-row x 64-column tile of out (8 x 48, 12 x 32 or 24 x 16 on
+// narrower outputs, see linear_vectors) is 24 vector accumulators that start at the bias, run the reduction and
+// are stored once. Outputs of at least `stream_min_bytes` are written with non-temporal stores, which skip reading
+// the lines into the cache first. bf16 operands are multiplied in pairs (AVX512_BF16's dot product), accumulated
+// in fp32 and rounded once, at the store, as oneDNN does. On NCHW images
 // the panels are the images' own channel rows, so the bias (one per output channel, a tile row) again costs no
 // pass. Built by models/native.py; compiled for any x86-64 CPU, each dtype runs only where the CPU reports its
 // instructions (AVX-512F; for bf16 also AVX512_BF16).
@@ -440,9 +440,10 @@ void sum_partials(const std::vector<float>& parts, int threads, int64_t c_k, con
 // channels_last 1x1 convolution, x (M, C) and grad (M, K), in one pass over grad (dX per block, below). A tile
 // of dW^T is R input channels x V 16-lane vectors of output channels, 24 accumulators (8 x 3 or 6 x 4, whichever
 // pads K less; 24 x 1 with K <= 16, 12 x 2 for fp32 with K <= 32, see grad_panel_cols); for each row m it
-// broadcasts x[m, c] and multiplies grad[m, panel], the vectors the bias gradient sums too. Each thread reduces its blocks of rows into its own partial sums, added up at the end; the tile of
-// channel 0 prefetches the next block's rows into L2, which the strided walk down grad's rows otherwise waits on
-// (it doubled the speed on 32-channel layers).
+// broadcasts x[m, c] and multiplies grad[m, panel], the vectors the bias gradient sums too. Each thread reduces
+// its blocks of rows into its own partial sums, added up at the end; the tile of channel 0 prefetches the next
+// block's rows into L2, which the strided walk down grad's rows otherwise waits on (it doubled the speed on
+// 32-channel layers).
 constexpr int64_t kGradBlock = 128;  // rows of grad a thread reduces before the next panel (kept in L1)
 
 template <int R, int V, bool kSum, bool kPrefetch>
