@@ -104,6 +104,17 @@ def build(cache: Path | None = None, compiler: str | None = None) -> Path:
 _STATUS = {"state": "not loaded"}
 
 
+def _ops_registered() -> bool:
+    """Whether this process has loaded a convlab library already. Its ops register once per process: loading a
+    second one (built from edited sources after :func:`matmul_out`'s cache was cleared) would register them again,
+    which aborts the process, so the first one stays."""
+    try:
+        torch.ops.convlab.matmul_out  # noqa: B018 (the lookup raises when no library registered the op)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 @functools.cache
 def matmul_out() -> Callable[..., None] | None:
     """``torch.ops.convlab.matmul_out(a, b, out, beta=0.0)`` when it builds and loads here, else None.
@@ -122,7 +133,8 @@ def matmul_out() -> Callable[..., None] | None:
         return None
     try:
         library = build()
-        torch.ops.load_library(str(library))
+        if not _ops_registered():
+            torch.ops.load_library(str(library))
         op = torch.ops.convlab.matmul_out
     except (RuntimeError, OSError, AttributeError) as error:
         _STATUS["state"] = f"unavailable ({error})"

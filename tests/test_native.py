@@ -722,6 +722,24 @@ def test_absent_native_op_falls_back_with_one_warning(monkeypatch):
         native.linear_out.cache_clear()
 
 
+def test_a_second_load_in_one_process_keeps_the_first_library(monkeypatch):
+    """After matmul_out's cache is cleared (a test, a notebook), the next call builds, and loads nothing more when a
+    convlab library is loaded already: a second one, built from edited sources, would register the ops twice and
+    abort the process (seen when the C++ changed under a running test session)."""
+    _needs_native()
+
+    def no_second_load(path):
+        raise AssertionError(f"loaded a second library: {path}")
+
+    monkeypatch.setattr(torch.ops, "load_library", no_second_load)
+    native.matmul_out.cache_clear()
+    try:
+        assert native.matmul_out() is torch.ops.convlab.matmul_out
+        assert native.status().startswith("loaded")
+    finally:
+        native.matmul_out.cache_clear()
+
+
 @contextlib.contextmanager
 def warnings_as_errors():
     import warnings
