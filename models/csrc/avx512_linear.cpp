@@ -59,6 +59,9 @@ template <> struct Layout<bf16_bits> {
   static constexpr int64_t kPack = 2, kDepth = std::numeric_limits<int64_t>::max();
 };
 
+// n rounded up to a whole number of `step`s: a width padded to whole panels or vectors.
+constexpr int64_t round_up(int64_t n, int64_t step) { return (n + step - 1) / step * step; }
+
 #if defined(__x86_64__)
 
 // Stores a tile's R x V accumulators into out (rows ld apart), lanes masked.
@@ -318,10 +321,9 @@ void run_task(const Problem<T>& pr, int64_t m0, int64_t m1, int64_t p0, int64_t 
 int linear_vectors(int64_t n) {
   if (n <= 16) return 1;
   if (n <= 32) return 2;
-  const auto padded = [n](int v) { return (n + 16 * v - 1) / (16 * v) * (16 * v); };
   int best = 4;
   for (const int v : {2, 3}) {
-    if (padded(v) < padded(best)) best = v;
+    if (round_up(n, 16 * v) < round_up(n, 16 * best)) best = v;
   }
   return best;
 }
@@ -576,7 +578,7 @@ void dx_rows(int64_t rows, const T* g, int64_t ldg, const W* w, int64_t ldw, int
 int64_t grad_panel_cols(int64_t k, bool narrow) {
   if (k <= 16) return 16;
   if (narrow && k <= 32) return 32;
-  return (k + 47) / 48 * 48 < (k + 63) / 64 * 64 ? 48 : 64;
+  return round_up(k, 48) < round_up(k, 64) ? 48 : 64;
 }
 
 // A panel over `cols` columns: as few 16-column vectors as cover them, at most four.
@@ -721,9 +723,9 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
   std::vector<float> parts(threads * stride, 0.f);
   const int64_t blocks = (m + kGradBlock - 1) / kGradBlock;
   const int64_t cols = grad_panel_cols(k, false), dx_vectors = vector_count(c);
-  const int64_t k_pad = (k + cols - 1) / cols * cols, c_pad = (c + 31) / 32 * 32;
+  const int64_t k_pad = round_up(k, cols), c_pad = round_up(c, 32);
   // w (K, C) in pairs of rows, once: dX's panels, padded to whole panels of dx_vectors vectors.
-  const int64_t c_pad16 = (c + 16 * dx_vectors - 1) / (16 * dx_vectors) * (16 * dx_vectors);
+  const int64_t c_pad16 = round_up(c, 16 * dx_vectors);
   std::vector<pair_bits> w_pairs;
   if (w) {
     w_pairs.assign((k + 1) / 2 * c_pad16, 0);
@@ -870,7 +872,7 @@ void run_images_backward(const at::Tensor& grad, const at::Tensor& x, const at::
   const int threads = at::get_num_threads();
   const int64_t stride = k * c + k;  // one thread's partial dW (K, C), then its partial db
   std::vector<float> parts(threads * stride, 0.f);
-  const int64_t per_image = (p + kImagesChunk - 1) / kImagesChunk, ldt = (c + 15) / 16 * 16;
+  const int64_t per_image = (p + kImagesChunk - 1) / kImagesChunk, ldt = round_up(c, 16);
   block_chunks(n * per_image, threads, [&](int64_t chunk, int64_t begin, int64_t end) {
     std::vector<float> xt(kImagesChunk * ldt), db_lanes(db && dxp ? 16 * k : 0, 0.f);
     float* part = parts.data() + chunk * stride;
