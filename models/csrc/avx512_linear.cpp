@@ -445,18 +445,27 @@ void sum_partials(const std::vector<float>& parts, int threads, int64_t c_k, con
 // broadcasts x[m, c] and multiplies grad[m, panel], the vectors the bias gradient sums too. Each thread reduces
 // its blocks of rows into its own partial sums, added up at the end; the tile of channel 0 prefetches the next
 // block's rows into L2, which the strided walk down grad's rows otherwise waits on (it doubled the speed on
-// 32-channel layers).
+// 32-channel layers): its panel of grad's, and in the first panel all of x's lines. x's rows, read a few channels
+// at a time by each tile, had waited on memory once they left the cache: with their prefetch, one-off A/Bs, old and
+// new library alternating in processes (2 threads, /tmp, not kept), the kernel alone 0.99-1.19x on 18 layers
+// (144->32 @56 1.19x, 32->512 @56 1.13x, 256->64 @56 1.11x), the whole layer timed in rotation with torch's as the
+// benchmark does 1.00-1.14x on 9 (32->256 @56 3.94 -> 3.77 ms).
 constexpr int64_t kGradBlock = 128;  // rows of grad a thread reduces before the next panel (kept in L1)
 
 template <int R, int V, bool kSum, bool kPrefetch>
 __attribute__((target("avx512f"))) void grad_tile(int64_t rows, const float* x, int64_t ldx, const float* g,
                                                    int64_t ldg, float* acc_out, int64_t ld_acc, float* db,
-                                                   const __mmask16* masks, int64_t ahead) {
+                                                   const __mmask16* masks, int64_t ahead, int64_t x_ahead = 0,
+                                                   int64_t x_lines = 0) {
   __m512 acc[R][V], sums[1][V];  // sums: db's slice of this panel, one tile row
   zero_tile<R, V>(acc);
   zero_tile<1, V>(sums);
   for (int64_t m = 0; m < rows; ++m) {
     const float* gp = g + m * ldg;
+    if constexpr (kPrefetch) {
+      const char* next_x = reinterpret_cast<const char*>(x + m * ldx + x_ahead);
+      for (int64_t l = 0; l < x_lines; ++l) _mm_prefetch(next_x + 64 * l, _MM_HINT_T1);
+    }
     __m512 b[V];
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
@@ -474,13 +483,13 @@ __attribute__((target("avx512f"))) void grad_tile(int64_t rows, const float* x, 
 // prefetches the next block's rows (`ahead` elements on; 0: no next block).
 template <int R, int V>
 void grad_tiles(int64_t rows, const float* x, int64_t ldx, const float* g, int64_t ldg, float* part, int64_t k,
-                float* db, const __mmask16* masks, int64_t c0, int64_t ahead) {
+                float* db, const __mmask16* masks, int64_t c0, int64_t ahead, int64_t x_ahead, int64_t x_lines) {
   x += c0, part += c0 * k;
   if (c0 == 0 && ahead) {
     if (db) {
-      grad_tile<R, V, true, true>(rows, x, ldx, g, ldg, part, k, db, masks, ahead);
+      grad_tile<R, V, true, true>(rows, x, ldx, g, ldg, part, k, db, masks, ahead, x_ahead, x_lines);
     } else {
-      grad_tile<R, V, false, true>(rows, x, ldx, g, ldg, part, k, nullptr, masks, ahead);
+      grad_tile<R, V, false, true>(rows, x, ldx, g, ldg, part, k, nullptr, masks, ahead, x_ahead, x_lines);
     }
   } else if (db && c0 == 0) {
     grad_tile<R, V, true, false>(rows, x, ldx, g, ldg, part, k, db, masks, 0);
@@ -492,8 +501,11 @@ void grad_tiles(int64_t rows, const float* x, int64_t ldx, const float* g, int64
 // All C input channels of one panel of V vectors: whole tiles of R = 24 / V channels, then the rest.
 template <int V>
 void grad_panel(int64_t rows, const float* x, int64_t ldx, const float* g, int64_t ldg, float* part, int64_t c,
-                int64_t k, float* db, const __mmask16* masks, int64_t ahead) {
-  each_tile<24 / V>(c, [&]<int R>(int64_t c0) { grad_tiles<R, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead); });
+                int64_t k, float* db, const __mmask16* masks, int64_t ahead, int64_t x_ahead = 0,
+                int64_t x_lines = 0) {
+  each_tile<24 / V>(c, [&]<int R>(int64_t c0) {
+    grad_tiles<R, V>(rows, x, ldx, g, ldg, part, k, db, masks, c0, ahead, x_ahead, x_lines);
+  });
 }
 
 // dX rows = grad rows @ w, for the rows of a block whose grad is still in cache: R rows x V vectors of dX's C
@@ -617,7 +629,7 @@ void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tens
     float* part_db = db ? part + c * k : nullptr;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t m0 = b * kGradBlock, rows = std::min(kGradBlock, m - m0);
-      const int64_t ahead = b + 1 < end ? kGradBlock * ldg : 0;
+      const int64_t ahead = b + 1 < end ? kGradBlock * ldg : 0, x_ahead = b + 1 < end ? kGradBlock * ldx : 0;
       for (int64_t k0 = 0; k0 < k; k0 += cols) {
         __mmask16 masks[4];
         panel_masks(std::min(cols, k - k0), masks);
@@ -625,7 +637,8 @@ void run_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tens
         const float* xr = xp + m0 * ldx;
         float* dbk = part_db ? part_db + k0 : nullptr;
         dispatch_count<4>(cols / 16, 0, [&]<int V>(int64_t) {
-          grad_panel<V>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead);
+          const int64_t x_lines = k0 == 0 ? (c + 15) / 16 : 0;  // x's next rows once, with the first panel
+          grad_panel<V>(rows, xr, ldx, g, ldg, part + k0, c, k, dbk, masks, ahead, x_ahead, x_lines);
         });
       }
       if (dxp) {  // this block's grad rows are in cache now: their dX too
