@@ -832,9 +832,9 @@ constexpr int64_t kImagesChunk = 240;
 
 // The tiles fetch the next chunk's x too, for at most this many input channels and where an image spans chunks.
 // One-off A/B of the kernel, old and new library alternating in processes (2 threads, /tmp, not kept): 1.05-1.21x
-// on 32-128 inputs at 56x56 and 112x112 (32->64 @112 2.71 -> 2.23 ms); 0.94-1.00x with 256 inputs at 28x28, whose
-// chunk and its x^T already fill most of L2. A smaller image's (C, P) block is one run of memory, which the hardware
-// prefetcher follows into the next image.
+// on 32-128 inputs at 56x56 and 112x112 (32->64 @112 2.71 -> 2.23 ms); with 256 inputs (28x28, 56x56) a tie,
+// 0.97-1.02x: their chunk and its x^T already fill much of L2. A smaller image's (C, P) block is one run of memory,
+// which the hardware prefetcher follows into the next image.
 constexpr int64_t kImagesPrefetchMaxIn = 128;
 
 // The 16 x 16 transpose of rows r[0..15] in registers: within each 128-bit lane four 4 x 4 transposes (unpacks),
