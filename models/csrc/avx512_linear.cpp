@@ -449,7 +449,7 @@ void sum_partials(const std::vector<float>& parts, int threads, int64_t c_k, con
 // at a time by each tile, had waited on memory once they left the cache: with their prefetch, one-off A/Bs, old and
 // new library alternating in processes (2 threads, /tmp, not kept), the kernel alone 0.99-1.19x on 18 layers
 // (144->32 @56 1.19x, 32->512 @56 1.13x, 256->64 @56 1.11x), the whole layer timed in rotation with torch's as the
-// benchmark does 1.00-1.14x on 9 (32->256 @56 3.94 -> 3.77 ms).
+// benchmark does 0.93-1.14x on 9 (32->256 @56 3.94 -> 3.77 ms; the 0.93x, 144->32 @28, read 1.00x in a second run).
 constexpr int64_t kGradBlock = 128;  // rows of grad a thread reduces before the next panel (kept in L1)
 
 template <int R, int V, bool kSum, bool kPrefetch>
@@ -684,7 +684,7 @@ __attribute__((target("avx512f,avx512bw"))) void widen_rows(const bf16_bits* src
 // Pairs of rows r0 = 2i and 2i + 1 of src (`rows` rows, `cols` columns, row stride ld) into dst[i, j], cols_pad
 // wide (zeros past cols). `ahead` (elements; 0: none): each line read also fetches the line that far on into L2.
 // rows_backward fetches x's next block so (one-off A/B, old and new library alternating in processes, 2 threads,
-// /tmp, not kept: dW alone 1.2-1.4x at 401408 rows, out of the cache, 0.93-1.0x on rows still in it; the whole
+// /tmp, not kept: dW alone 1.05-1.40x at 401408 rows, out of the cache, 0.92-1.04x on rows still in it; the whole
 // layer in rotation with torch's 0.94-1.09x on 9 layers, 1.03-1.04x on most); grad's next block too read mixed.
 __attribute__((target("avx512f,avx512bw"))) void pack_row_pairs(const bf16_bits* src, int64_t ld, int64_t rows,
                                                                 int64_t cols, int64_t cols_pad, pair_bits* dst,
