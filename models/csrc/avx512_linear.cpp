@@ -661,7 +661,7 @@ constexpr int64_t kPairBlock = kGradBlock / 2;
 // bf16 dW with at most this many outputs (one 16-column panel) widens the block's grad and x rows to fp32 and
 // runs the fp32 tiles (24 x 1): with 16 outputs each row feeds few multiply-adds, so interleaving rows in pairs
 // cost about as much as the products, and widening (a shift) costs less. One-off A/B of the kernel, old and new
-// library alternating in three processes each (2 threads, /tmp, not kept): dW 1.06-1.25x on 16, 48 and 64 inputs
+// library alternating in three processes each (2 threads, /tmp, not kept): dW 1.04-1.25x on 16, 48 and 64 inputs
 // with 16 outputs and on 24->8 and 64->12, all three gradients 1.03-1.17x; a tie on 32 inputs (32->16 at 100352
 // and 131072 rows: dW 0.97-0.99x, all three 0.94-1.00x), which stays at 0.8x torch's backward in bf16.
 constexpr int64_t kWidenMaxOut = 16;
@@ -831,9 +831,9 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
 constexpr int64_t kImagesChunk = 240;
 
 // The tiles fetch the next chunk's x too, for at most this many input channels and where an image spans chunks.
-// One-off A/B of the kernel, old and new library alternating in processes (2 threads, /tmp, not kept): 1.05-1.21x
-// on 32-128 inputs at 56x56 and 112x112 (32->64 @112 2.71 -> 2.23 ms); with 256 inputs (28x28, 56x56) a tie,
-// 0.97-1.02x: their chunk and its x^T already fill much of L2. A smaller image's (C, P) block is one run of memory,
+// One-off A/B of the kernel, old and new library alternating in processes (2 threads, /tmp, not kept): 0.99-1.21x
+// on 7 layers with 16-128 inputs from 28x28 to 112x112 (32->64 @112 2.60 -> 2.15 ms); with 256 inputs (28x28,
+// 56x56) a tie, 0.97-1.02x: their chunk and its x^T already fill much of L2. A smaller image's (C, P) block is one run of memory,
 // which the hardware prefetcher follows into the next image.
 constexpr int64_t kImagesPrefetchMaxIn = 128;
 
