@@ -406,9 +406,10 @@ def _kernel_backward(grad: Tensor, rows: Tensor, w2d: Tensor | None, with_bias: 
       outputs, on one 16-column panel (24 x 1 tiles; a 32-column one left half of each tile empty): up to 64
       inputs (32->16 @112, 64->16 @56, 48->16 and 32->16 at batch 128) fp32 1.29-1.49x against 1.03-1.20x,
       bf16 0.72-0.95x against 0.62-0.83x (48->16: 0.72x against 0.78x; bf16 dW there now runs fp32 tiles on rows
-      widened per block, 1.04-1.25x the pairs except on 32 inputs, a tie: see ``kWidenMaxOut`` in the source); from 96 inputs 1.04-1.35x against
-      1.39-1.53x in fp32, so those keep the old paths, as do 24 outputs (0.91-0.99x against 0.86-1.19x) and
-      layers under 4096 rows (14x14 and 7x7 at batch 8: mixed, 0.79-1.58x against 0.99-1.86x).
+      widened per block, 1.04-1.25x the pairs except on 32 inputs, a tie: see ``kWidenMaxOut`` in the source);
+      from 96 inputs 1.04-1.35x against 1.39-1.53x in fp32, so those keep the old paths, as do 24 outputs
+      (0.91-0.99x against 0.86-1.19x) and layers under 4096 rows (14x14 and 7x7 at batch 8: mixed, 0.79-1.58x
+      against 0.99-1.86x).
     """
     (m, c), k = rows.shape, grad.shape[1]
     if m < GRAD_KERNEL_MIN_ROWS:

@@ -785,24 +785,25 @@ void run_backward_bf16(const at::Tensor& grad, const at::Tensor& x, const at::Te
     float* part = parts.data() + chunk * stride;
     float* part_db = db ? part + c * k : nullptr;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t m0 = b * kGradBlock, rows = std::min(kGradBlock, m - m0), pairs = (rows + 1) / 2;
-      if (!widen) {
-        pack_row_pairs(gp + m0 * ldg, ldg, rows, k, k_pad, g_pairs.data());
-        pack_row_pairs(xp + m0 * ldx, ldx, rows, c, c_pad, x_pairs.data(), b + 1 < end ? kGradBlock * ldx : 0);
-      } else {  // one 16-column panel: fp32 tiles on the widened rows
+      const int64_t m0 = b * kGradBlock, rows = std::min(kGradBlock, m - m0);
+      if (widen) {  // one 16-column panel: fp32 tiles on the widened rows
         widen_rows(gp + m0 * ldg, ldg, rows, k, g_wide.data());
         widen_rows(xp + m0 * ldx, ldx, rows, c, x_wide.data());
         __mmask16 masks[4];
         panel_masks(k, masks);
         grad_panel<1>(rows, x_wide.data(), c, g_wide.data(), k, part, c, k, part_db, masks, 0);
-      }
-      for (int64_t k0 = 0; k0 < k && !widen; k0 += cols) {
-        __mmask16 masks[4];
-        panel_masks(std::min(cols, k - k0), masks);
-        float* dbk = part_db ? part_db + k0 : nullptr;
-        dispatch_count<4>(cols / 16, 0, [&]<int V>(int64_t) {
-          grad_panel_bf16<V>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
-        });
+      } else {
+        pack_row_pairs(gp + m0 * ldg, ldg, rows, k, k_pad, g_pairs.data());
+        pack_row_pairs(xp + m0 * ldx, ldx, rows, c, c_pad, x_pairs.data(), b + 1 < end ? kGradBlock * ldx : 0);
+        const int64_t pairs = (rows + 1) / 2;
+        for (int64_t k0 = 0; k0 < k; k0 += cols) {
+          __mmask16 masks[4];
+          panel_masks(std::min(cols, k - k0), masks);
+          float* dbk = part_db ? part_db + k0 : nullptr;
+          dispatch_count<4>(cols / 16, 0, [&]<int V>(int64_t) {
+            grad_panel_bf16<V>(pairs, x_pairs.data(), c_pad, g_pairs.data() + k0, k_pad, part + k0, c, k, dbk, masks);
+          });
+        }
       }
       if (dxp) {
         dispatch_count<4>(dx_vectors, 0, [&]<int V>(int64_t) {
